@@ -1,0 +1,1 @@
+"""YAML attribute catalogs, one per lesion type, installed as package data."""

@@ -1,0 +1,1 @@
+"""nnU-Net v2 integration: trainer variants, sample store wiring, extTrainer shim folder."""

@@ -1,0 +1,1 @@
+"""Pretraining of VQ-GAN, LMNet and LINet from a user dataset (installed as lesiondiffusion.pretrain)."""

@@ -1,0 +1,1 @@
+"""Model building blocks (MONAI networks + presets); networks compute, they do not train."""
