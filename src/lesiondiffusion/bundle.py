@@ -1,0 +1,406 @@
+"""Model bundle: one folder with config.yaml, the three networks' weights (safetensors) and the text
+embedding cache. ``Bundle.init`` builds a randomly initialised bundle from a preset; ``Bundle.load``
+checks the version and every tensor shape and explains any mismatch (file, key, expected, found, fix).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from .errors import BundleError, LesionDiffusionError
+from .io import atomic_path, write_yaml
+from .models import linet as linet_mod
+from .models import lmnet as lmnet_mod
+from .models import vqgan as vqgan_mod
+from .sampling import ScheduleConfig
+from .text import EmbeddingCache, TextEncoder, make_encoder
+
+log = logging.getLogger(__name__)
+
+BUNDLE_VERSION = 1
+NETWORKS = ("vqgan", "lmnet", "linet")
+CONFIG_FILE = "config.yaml"
+EMBEDDINGS_DIR = "text_embeddings"
+
+
+@dataclass
+class CropConfig:
+    """Crop geometry at the bundle spacing (voxels); crops grow past these sizes for big lesions."""
+
+    lmnet_size: tuple[int, int, int]  # LMNet's crop around the box (minimum)
+    linet_size: tuple[int, int, int]  # LINet's image crop (minimum), its latent is half this
+    mask_margin_mm: float  # free space around the box inside LMNet's crop
+    context_margin_mm: float  # extra anatomy around LMNet's crop inside LINet's crop
+
+
+# Presets as data. `tiny` runs on a 2-core CPU in seconds (tests, smoke runs); `paper` matches the
+# method's scale: 128^3 image patches -> 4 x 64^3 latents for LINet, LMNet at a 64^3 lesion crop.
+PRESETS: dict[str, dict[str, Any]] = {
+    "tiny": {
+        "hu_window": [-1000.0, 1000.0],
+        "spacing_mm": [3.0, 3.0, 3.0],
+        "crop": {"lmnet_size": [16, 16, 16], "linet_size": [32, 32, 32], "mask_margin_mm": 6.0, "context_margin_mm": 12.0},
+        "schedule": {"ddim_steps": 10},
+    },
+    "paper": {
+        "hu_window": [-1000.0, 1000.0],
+        "spacing_mm": [1.0, 1.0, 1.0],
+        "crop": {"lmnet_size": [64, 64, 64], "linet_size": [128, 128, 128], "mask_margin_mm": 8.0, "context_margin_mm": 24.0},
+        "schedule": {"ddim_steps": 50},
+    },
+}
+
+
+@dataclass
+class BundleConfig:
+    """Everything config.yaml holds; network sections are MONAI constructor kwargs."""
+
+    preset: str
+    hu_window: tuple[float, float]
+    spacing_mm: tuple[float, float, float]
+    crop: CropConfig
+    encoder: dict[str, Any]  # {"id": ..., "spec": ..., "dim": ...}
+    schedule: ScheduleConfig
+    vqgan: dict[str, Any]
+    lmnet: dict[str, Any]
+    linet: dict[str, Any]
+    version: int = BUNDLE_VERSION
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vqgan["embedding_dim"])
+
+    @property
+    def vq_factor(self) -> int:
+        return vqgan_mod.downsample_factor(self.vqgan)
+
+    @property
+    def text_dim(self) -> int:
+        return int(self.encoder["dim"])
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": self.version,
+            "preset": self.preset,
+            "hu_window": [float(v) for v in self.hu_window],
+            "spacing_mm": [float(v) for v in self.spacing_mm],
+            "crop": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self.crop).items()},
+            "encoder": dict(self.encoder),
+            "schedule": self.schedule.to_dict(),
+            "vqgan": copy.deepcopy(self.vqgan),
+            "lmnet": copy.deepcopy(self.lmnet),
+            "linet": copy.deepcopy(self.linet),
+            "notes": dict(self.notes),
+        }
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str) -> "BundleConfig":
+        if not isinstance(data, dict):
+            raise BundleError(f"{source} must be a YAML mapping, found {type(data).__name__}. Recreate it with `lesiondiffusion bundle init`.")
+        if "version" not in data:
+            raise BundleError(f"{source} has no 'version' key; it is not a lesiondiffusion bundle config (expected version {BUNDLE_VERSION}).")
+        version = data["version"]
+        if version != BUNDLE_VERSION:
+            newer = isinstance(version, int) and version > BUNDLE_VERSION
+            fix = "upgrade lesiondiffusion-nnunet" if newer else "re-create the bundle with this version (`lesiondiffusion bundle init`) and retrain"
+            raise BundleError(f"{source}: bundle version {version!r} is not supported (this package reads version {BUNDLE_VERSION}); {fix}.")
+        required = ("preset", "hu_window", "spacing_mm", "crop", "encoder", "schedule", "vqgan", "lmnet", "linet")
+        missing = [k for k in required if k not in data]
+        if missing:
+            raise BundleError(f"{source} is missing key(s) {missing}; compare with a fresh `lesiondiffusion bundle init` config.")
+        unknown = sorted(set(data) - set(required) - {"version", "notes"})
+        if unknown:
+            raise BundleError(f"{source} has unknown key(s) {unknown}; allowed: {sorted(required) + ['notes', 'version']}.")
+        try:
+            crop_fields = {f.name for f in fields(CropConfig)}
+            if set(data["crop"]) != crop_fields:
+                raise BundleError(f"{source}: 'crop' needs exactly the keys {sorted(crop_fields)}, found {sorted(data['crop'])}.")
+            crop = CropConfig(**{k: (tuple(int(x) for x in v) if k.endswith("_size") else float(v)) for k, v in data["crop"].items()})
+            hu = tuple(float(v) for v in data["hu_window"])
+            spacing = tuple(float(v) for v in data["spacing_mm"])
+        except (TypeError, ValueError) as exc:
+            raise BundleError(f"{source}: bad value in hu_window/spacing_mm/crop ({exc}); they are numbers/lists of numbers.") from exc
+        if len(hu) != 2 or hu[0] >= hu[1]:
+            raise BundleError(f"{source}: hu_window={list(hu)} must be [low, high] with low < high, e.g. [-1000, 1000].")
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise BundleError(f"{source}: spacing_mm={list(spacing)} must be three positive numbers (mm).")
+        enc = data["encoder"]
+        if not isinstance(enc, dict) or not {"id", "dim"} <= set(enc):
+            raise BundleError(f"{source}: 'encoder' must be a mapping with keys id, dim (and spec), found {enc!r}.")
+        cfg = cls(
+            preset=str(data["preset"]),
+            hu_window=hu,  # type: ignore[arg-type]
+            spacing_mm=spacing,  # type: ignore[arg-type]
+            crop=crop,
+            encoder=dict(enc),
+            schedule=ScheduleConfig.from_dict(dict(data["schedule"] or {}), source),
+            vqgan=dict(data["vqgan"]),
+            lmnet=dict(data["lmnet"]),
+            linet=dict(data["linet"]),
+            version=int(version),
+            notes=dict(data.get("notes") or {}),
+        )
+        cfg.check(source)
+        return cfg
+
+    def check(self, source: str) -> None:
+        """Cross-section consistency: channel counts and text width must agree."""
+        c, d = self.latent_channels, self.text_dim
+        expect = {
+            ("lmnet", "in_channels"): len(lmnet_mod.LMNET_CHANNELS),
+            ("lmnet", "out_channels"): 1,
+            ("lmnet", "cross_attention_dim"): d,
+            ("linet", "in_channels"): c + 1,
+            ("linet", "out_channels"): c,
+            ("linet", "cross_attention_dim"): d,
+        }
+        for (section, key), value in expect.items():
+            found = getattr(self, section).get(key)
+            if found != value:
+                raise BundleError(
+                    f"{source}: {section}.{key} = {found!r} but it must be {value} (vqgan.embedding_dim={c}, "
+                    f"encoder.dim={d}). Edit config.yaml or re-create the bundle from a preset."
+                )
+
+
+def preset_config(preset: str, encoder_id: str, encoder_spec: str, dim: int) -> BundleConfig:
+    if preset not in PRESETS:
+        raise BundleError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    p = PRESETS[preset]
+    vq = vqgan_mod.preset(preset)
+    return BundleConfig(
+        preset=preset,
+        hu_window=tuple(p["hu_window"]),  # type: ignore[arg-type]
+        spacing_mm=tuple(p["spacing_mm"]),  # type: ignore[arg-type]
+        crop=CropConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in p["crop"].items()}),
+        encoder={"id": encoder_id, "spec": encoder_spec, "dim": int(dim)},
+        schedule=ScheduleConfig.from_dict(p["schedule"], f"preset {preset}"),
+        vqgan=vq,
+        lmnet=lmnet_mod.preset(preset, dim),
+        linet=linet_mod.preset(preset, int(vq["embedding_dim"]), dim),
+    )
+
+
+def default_phrases() -> list[str]:
+    """Every phrase the report vocabulary and the shipped catalogs can emit (the cache's contents)."""
+    from .catalog import list_catalogs, load_catalog
+    from .report import vocabulary_phrases
+
+    phrases = set(vocabulary_phrases())
+    for name in list_catalogs():
+        phrases.update(load_catalog(name).phrases())
+    return sorted(phrases)
+
+
+def _state_for_save(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous().clone() for k, v in module.state_dict().items()}
+
+
+class Bundle:
+    """Networks + config + embedding cache. Networks are in eval mode on ``device`` after load."""
+
+    def __init__(
+        self,
+        config: BundleConfig,
+        vqgan: torch.nn.Module,
+        lmnet: torch.nn.Module,
+        linet: torch.nn.Module,
+        cache: EmbeddingCache,
+        path: Path | None = None,
+    ) -> None:
+        self.config = config
+        self.vqgan = vqgan
+        self.lmnet = lmnet
+        self.linet = linet
+        self.cache = cache
+        self.path = path
+
+    # ---- construction ------------------------------------------------------------------------
+    @staticmethod
+    def build_networks(config: BundleConfig) -> dict[str, torch.nn.Module]:
+        try:
+            return {
+                "vqgan": vqgan_mod.build_vqgan(config.vqgan),
+                "lmnet": lmnet_mod.build_lmnet(config.lmnet),
+                "linet": linet_mod.build_linet(config.linet),
+            }
+        except (TypeError, ValueError) as exc:
+            raise BundleError(
+                f"config.yaml network settings are invalid for MONAI ({type(exc).__name__}: {exc}). "
+                "Compare the vqgan/lmnet/linet sections with a fresh `lesiondiffusion bundle init` config."
+            ) from exc
+
+    @classmethod
+    def init(
+        cls,
+        preset: str = "tiny",
+        encoder: str | TextEncoder = "hashing",
+        seed: int = 0,
+        phrases: Iterable[str] | None = None,
+    ) -> "Bundle":
+        """A randomly initialised bundle (seeded) whose cache holds ``phrases`` (default: all of them)."""
+        enc = make_encoder(encoder) if isinstance(encoder, str) else encoder
+        spec = encoder if isinstance(encoder, str) else enc.id
+        config = preset_config(preset, enc.id, spec, enc.dim)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            nets = cls.build_networks(config)
+        config.notes = {"initialisation": f"random (seed {seed}); train with `lesiondiffusion pretrain`"}
+        cache = EmbeddingCache(enc.id, enc.dim, encoder=enc)
+        cache.add(default_phrases() if phrases is None else phrases)
+        bundle = cls(config, nets["vqgan"], nets["lmnet"], nets["linet"], cache)
+        bundle.eval()
+        return bundle
+
+    def eval(self) -> "Bundle":
+        for net in self.networks().values():
+            net.eval()
+        return self
+
+    def networks(self) -> dict[str, torch.nn.Module]:
+        return {"vqgan": self.vqgan, "lmnet": self.lmnet, "linet": self.linet}
+
+    def to(self, device: str | torch.device) -> "Bundle":
+        for net in self.networks().values():
+            net.to(device)
+        return self
+
+    def attach_encoder(self, spec: str | TextEncoder | None = None) -> None:
+        """Load a text encoder so phrases outside the cache can be embedded (checked against the id)."""
+        enc = make_encoder(spec or str(self.config.encoder.get("spec", ""))) if not hasattr(spec, "encode") else spec
+        if enc.id != self.cache.encoder_id:  # type: ignore[union-attr]
+            raise BundleError(
+                f"encoder {enc.id!r} differs from the bundle's {self.cache.encoder_id!r}; the networks were "  # type: ignore[union-attr]
+                "trained on the bundle encoder's vectors. Use that encoder (config.yaml encoder.spec)."
+            )
+        self.cache.encoder = enc  # type: ignore[assignment]
+
+    def context(self, phrase_lists: list[list[str]]) -> torch.Tensor:
+        return self.cache.context(phrase_lists)
+
+    # ---- persistence -------------------------------------------------------------------------
+    def save(self, path: str | Path, parts: Iterable[str] = NETWORKS + ("text_embeddings",)) -> None:
+        """Write the bundle; every file atomically (a crash leaves old or new files, never halves)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        parts = set(parts)
+        for name, net in self.networks().items():
+            if name in parts:
+                target = path / name / "model.safetensors"
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with atomic_path(target) as tmp:
+                    save_file(_state_for_save(net), str(tmp), metadata={"network": name, "bundle_version": str(BUNDLE_VERSION)})
+        if "text_embeddings" in parts:
+            self.cache.save(path / EMBEDDINGS_DIR)
+        # config last: a bundle whose config exists has all its files
+        write_yaml(path / CONFIG_FILE, self.config.to_dict())
+        self.path = path
+
+    @classmethod
+    def read_config(cls, path: str | Path) -> BundleConfig:
+        import yaml
+
+        path = Path(path)
+        cfg_path = path / CONFIG_FILE
+        if not path.is_dir():
+            raise BundleError(f"bundle folder {path} does not exist; create one with `lesiondiffusion bundle init --preset tiny -o {path}`.")
+        if not cfg_path.is_file():
+            raise BundleError(f"{cfg_path} is missing; {path} is not a complete bundle. Re-create it with `lesiondiffusion bundle init`.")
+        try:
+            data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+        except yaml.YAMLError as exc:
+            raise BundleError(f"{cfg_path} is not valid YAML ({exc}); fix the syntax or re-create the bundle.") from exc
+        return BundleConfig.from_dict(data, str(cfg_path))
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu", encoder: str | TextEncoder | None = None) -> "Bundle":
+        from safetensors import safe_open
+
+        path = Path(path)
+        config = cls.read_config(path)
+        nets = cls.build_networks(config)
+        for name, net in nets.items():
+            file = path / name / "model.safetensors"
+            if not file.is_file():
+                raise BundleError(
+                    f"{file} is missing. Train it with `lesiondiffusion pretrain {name} --bundle {path}` "
+                    f"or create a random bundle with `lesiondiffusion bundle init --preset {config.preset}`."
+                )
+            expected = net.state_dict()
+            try:
+                with safe_open(str(file), framework="pt", device="cpu") as fh:
+                    found = {k: fh.get_tensor(k) for k in fh.keys()}
+            except Exception as exc:
+                raise BundleError(f"cannot read {file} as safetensors ({type(exc).__name__}: {exc}); the file is corrupt, restore or retrain it.") from exc
+            problems = []
+            for key in sorted(set(expected) - set(found)):
+                problems.append(f"key {key!r} missing (expected shape {tuple(expected[key].shape)})")
+            for key in sorted(set(found) - set(expected)):
+                problems.append(f"unexpected key {key!r} (shape {tuple(found[key].shape)})")
+            for key in sorted(set(found) & set(expected)):
+                if tuple(found[key].shape) != tuple(expected[key].shape):
+                    problems.append(f"key {key!r}: expected shape {tuple(expected[key].shape)} from config.yaml, found {tuple(found[key].shape)}")
+                elif not torch.isfinite(found[key].float()).all():
+                    problems.append(f"key {key!r} contains NaN/inf values")
+            if problems:
+                shown = "; ".join(problems[:6]) + (f"; ... {len(problems) - 6} more" if len(problems) > 6 else "")
+                raise BundleError(
+                    f"{file} does not match the '{name}' section of {path / CONFIG_FILE} (preset {config.preset!r}): {shown}. "
+                    f"Fix: use the config.yaml these weights were trained with, or retrain with `lesiondiffusion pretrain {name} --bundle {path}`."
+                )
+            net.load_state_dict({k: found[k].to(expected[k].dtype) for k in expected})
+        enc_obj = make_encoder(encoder) if isinstance(encoder, str) else encoder
+        cache = EmbeddingCache.load(path / EMBEDDINGS_DIR, encoder=enc_obj)
+        if cache.dim != config.text_dim or cache.encoder_id != config.encoder["id"]:
+            raise BundleError(
+                f"{path / EMBEDDINGS_DIR / 'phrases.json'}: encoder {cache.encoder_id!r} dim {cache.dim} does not match "
+                f"config.yaml encoder {config.encoder['id']!r} dim {config.text_dim}. Re-embed with "
+                f"`lesiondiffusion bundle embed {path} --encoder {config.encoder.get('spec', '<spec>')}`."
+            )
+        bundle = cls(config, nets["vqgan"], nets["lmnet"], nets["linet"], cache, path=path)
+        bundle.to(device).eval()
+        return bundle
+
+    def summary(self) -> dict[str, Any]:
+        cfg = self.config
+        return {
+            "path": str(self.path) if self.path else None,
+            "version": cfg.version,
+            "preset": cfg.preset,
+            "encoder": cfg.encoder,
+            "hu_window": list(cfg.hu_window),
+            "spacing_mm": list(cfg.spacing_mm),
+            "crop": {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(cfg.crop).items()},
+            "schedule": cfg.schedule.to_dict(),
+            "latent": f"{cfg.latent_channels} channels at 1/{cfg.vq_factor} resolution",
+            "parameters": {n: sum(p.numel() for p in m.parameters()) for n, m in self.networks().items()},
+            "cached_phrases": len(self.cache.phrases),
+            "notes": cfg.notes,
+        }
+
+    def equals(self, other: "Bundle") -> bool:
+        """Same config, same weights bit for bit, same embedding cache."""
+        if self.config.to_dict() != other.config.to_dict() or not self.cache.equals(other.cache):
+            return False
+        for name, net in self.networks().items():
+            a, b = net.state_dict(), other.networks()[name].state_dict()
+            if a.keys() != b.keys() or not all(torch.equal(a[k].cpu(), b[k].cpu()) for k in a):
+                return False
+        return True
+
+
+def round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple) * multiple)
+
+
+__all__ = ["Bundle", "BundleConfig", "CropConfig", "PRESETS", "BUNDLE_VERSION", "default_phrases", "LesionDiffusionError"]
