@@ -196,10 +196,7 @@ def test_write_phantom_dataset_layout(tmp_path):
 
 
 def test_phantom_ids_agree_with_organs_table():
-    organs = pytest.importorskip("lesiondiffusion.organs")
-    table = getattr(organs, "TOTALSEG_V2", None) or getattr(organs, "TS_V2", None)
-    if table is None:
-        pytest.skip("organs.py exposes no v2 table under a known name")
-    name_to_id = table if isinstance(next(iter(table)), str) else {v: k for k, v in table.items()}
+    from lesiondiffusion.organs import TOTALSEG_V2
+
     for name, i in TS_V2_IDS.items():
-        assert name_to_id[name] == i, name
+        assert TOTALSEG_V2[name] == i, name

@@ -351,6 +351,20 @@ def _ellipsoid_vox(shape, centre, radii) -> np.ndarray:
     return d <= 1.0
 
 
+def _perturb(mask: np.ndarray, rng: np.random.Generator, amount: float) -> np.ndarray:
+    """Roughen a mask's boundary with smooth noise on its signed distance (amount ~ radius share)."""
+    if not mask.any():
+        return mask
+    inside = ndimage.distance_transform_edt(mask)
+    outside = ndimage.distance_transform_edt(~mask)
+    sdf = inside - outside
+    scale = max(1.0, float(inside.max()))
+    noise = ndimage.gaussian_filter(rng.standard_normal(mask.shape).astype(np.float32), 1.5)
+    noise /= max(float(noise.std()), 1e-6)
+    out = sdf + amount * scale * noise > 0
+    return out if out.any() else mask
+
+
 def _lesion_mask(box: "LesionBox", organ_mask: np.ndarray, body: np.ndarray, spacing, rng) -> np.ndarray:
     """Binary lesion mask whose morphology follows the report's shape and location."""
     rep = box.report
@@ -358,27 +372,38 @@ def _lesion_mask(box: "LesionBox", organ_mask: np.ndarray, body: np.ndarray, spa
     radii = _voxel_radii(box.size_mm, spacing)
     centre = np.asarray(box.center_vox, float)
     shp = rep.shape
-    if shp in ("irregular",):
-        # lobulated: a core plus off-centre lobes of different sizes
-        mask = _ellipsoid_vox(shape, centre, radii * 0.7)
+    if shp == "irregular":
+        # a core with off-centre lobes and a noisy boundary: clearly less spherical and convex
+        mask = _ellipsoid_vox(shape, centre, radii * 0.65)
         for _ in range(int(rng.integers(4, 8))):
             off = rng.normal(0, 0.45, 3) * radii
-            mask |= _ellipsoid_vox(shape, centre + off, radii * rng.uniform(0.3, 0.55))
-    elif shp in ("punctate/nodular",) or "nodular" in shp or "punctate" in shp:
+            mask |= _ellipsoid_vox(shape, centre + off, radii * rng.uniform(0.3, 0.5))
+        mask = _perturb(mask, rng, 0.45)
+    elif shp == "lobulated":
+        mask = np.zeros(shape, bool)
+        for _ in range(int(rng.integers(3, 6))):
+            off = rng.normal(0, 0.3, 3) * radii
+            mask |= _ellipsoid_vox(shape, centre + off, radii * rng.uniform(0.5, 0.7))
+    elif shp == "patchy":
+        mask = _perturb(_ellipsoid_vox(shape, centre, radii), rng, 0.9)
+    elif shp == "nodular":
         mask = _ellipsoid_vox(shape, centre, radii * 0.8)
         for _ in range(int(rng.integers(0, 3))):
             off = rng.normal(0, 0.6, 3) * radii
             mask |= _ellipsoid_vox(shape, centre + off, radii * 0.35)
-    elif "wall thickening" in shp or "narrowing" in shp:
-        # thickened wall: organ voxels close to the organ boundary, within the box region
+    elif shp in ("irregular wall thickening", "luminal narrowing"):
+        # thickened wall: organ voxels close to the organ boundary, within the lesion region;
+        # narrowing covers the whole circumference of the segment
         depth_vox = max(1.5, 0.35 * float(np.min(radii)))
-        inner = ndimage.distance_transform_edt(organ_mask, sampling=None)
-        region = _ellipsoid_vox(shape, centre, radii * (1.4 if "narrowing" in shp else 1.0))
+        inner = ndimage.distance_transform_edt(organ_mask)
+        region = _ellipsoid_vox(shape, centre, radii * (1.4 if shp == "luminal narrowing" else 1.0))
         mask = organ_mask & (inner <= depth_vox) & region
-    elif "protrusion" in shp:
+        if shp == "irregular wall thickening":
+            mask &= _perturb(region, rng, 0.5) | (inner <= 1)
+    elif shp == "protrusion into the lumen":
         # polypoid mass growing from the wall into the lumen
         mask = _ellipsoid_vox(shape, centre, radii) & organ_mask
-    else:  # round-like, cystic and any other compact shape
+    else:  # round-like, oval, cystic: the box extent per axis already carries the elongation
         mask = _ellipsoid_vox(shape, centre, radii)
     if "spiculated" in rep.specific_features:
         for _ in range(int(rng.integers(5, 10))):
@@ -439,7 +464,7 @@ def _add_lesions(ct, organs_arr, body, affine, lesion_types, rng, enhanced, cfg)
     """Sample a report per lesion type (matching the phantom's contrast phase), place and draw it."""
     try:
         from .catalog import load_catalog
-        from .organs import OrganMap
+        from .organs import TOTALSEG_V2, OrganMap
         from .placement import LesionBox, NoPlacement, place_lesion
         from .report import normalize_value
     except ImportError as exc:  # pragma: no cover - only while the foundation modules are missing
@@ -449,7 +474,7 @@ def _add_lesions(ct, organs_arr, body, affine, lesion_types, rng, enhanced, cfg)
         ) from exc
 
     spacing = tuple(float(v) for v in np.linalg.norm(affine[:3, :3], axis=0))
-    organ_map = OrganMap(labels=organs_arr, affine=affine, names=dict(TS_V2_IDS))
+    organ_map = OrganMap(labels=organs_arr, affine=affine, names=dict(TOTALSEG_V2))
     lesion = np.zeros(organs_arr.shape, np.uint8)
     reports, boxes = [], []
     label_of = {}
