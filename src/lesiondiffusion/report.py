@@ -1,0 +1,454 @@
+"""Structured lesion reports: the 11 attributes, their vocabulary with synonyms, and the phrases the
+text encoders embed.
+
+Owns ``LesionReport`` (typed, YAML/JSON round trip), ``normalize_value`` (synonym -> canonical) and
+``vocabulary_phrases`` (the finite set of phrases any report can produce, so embeddings can be cached).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from .errors import ReportError
+
+ATTRIBUTES: tuple[str, ...] = (
+    "shape",
+    "organ_type",
+    "lesion_location",
+    "organ",
+    "size",
+    "relationship",
+    "surface",
+    "specific_features",
+    "enhancement",
+    "density",
+    "density_variations",
+)
+MASK_ATTRIBUTES: tuple[str, ...] = (
+    "shape",
+    "organ_type",
+    "lesion_location",
+    "organ",
+    "size",
+    "relationship",
+    "surface",
+    "specific_features",
+)
+IMAGE_ATTRIBUTES: tuple[str, ...] = (
+    "organ",
+    "size",
+    "relationship",
+    "surface",
+    "specific_features",
+    "enhancement",
+    "density",
+    "density_variations",
+)
+
+# Canonical value -> synonyms. Canonical strings are what phrases and catalogs use; synonyms are what
+# people write in reports. Matching ignores case, hyphens, underscores and repeated spaces.
+VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
+    "shape": {
+        "round-like": ("round", "rounded", "roundish", "spherical", "round shape", "round-like shape"),
+        "oval": ("ovoid", "oval-shaped", "elliptical", "ellipsoid"),
+        "irregular": ("irregular shape", "irregularly shaped", "amorphous"),
+        "lobulated": ("lobular", "multilobulated", "lobulated shape"),
+        "nodular": ("punctate", "punctate/nodular", "nodule", "nodule-like", "dot-like", "punctiform"),
+        "cystic": ("cyst-like", "cystic shape", "saccular"),
+        "irregular wall thickening": ("wall thickening", "thickened wall", "irregular thickening of the wall"),
+        "luminal narrowing": ("lumen narrowing", "narrowed lumen", "stenosis", "stricture"),
+        "protrusion into the lumen": ("intraluminal protrusion", "polypoid", "polypoid mass", "intraluminal mass"),
+        "patchy": ("patchy shape", "flaky", "patchy area"),
+    },
+    "organ_type": {
+        "parenchymal organ": ("parenchymal", "solid organ", "parenchymatous organ"),
+        "hollow organ": ("hollow", "hollow viscus", "luminal organ"),
+    },
+    "lesion_location": {
+        "within the parenchymal organ": ("within the parenchyma", "intraparenchymal", "inside the organ", "within parenchyma"),
+        "protruding from the parenchymal organ": ("protruding from the organ", "exophytic", "protruding", "partly exophytic"),
+        "within the lumen of a hollow organ": ("within the lumen", "intraluminal", "in the lumen", "lumen"),
+        "wall thickening": ("in the wall", "within the wall of a hollow organ", "mural", "wall"),
+    },
+    "organ": {
+        "liver": ("hepatic", "hepar"),
+        "kidney": ("renal", "kidneys"),
+        "left kidney": ("kidney left", "left renal"),
+        "right kidney": ("kidney right", "right renal"),
+        "pancreas": ("pancreatic",),
+        "stomach": ("gastric",),
+        "colon": ("large bowel", "large intestine", "colorectum", "colonic"),
+        "urinary bladder": ("bladder", "vesica urinaria"),
+        "gallbladder": ("gall bladder",),
+        "esophagus": ("oesophagus", "esophageal", "oesophageal"),
+        "lung": ("lungs", "pulmonary"),
+        "left lung": ("lung left",),
+        "right lung": ("lung right",),
+        "brain": ("cerebrum", "intracranial", "cerebral"),
+        "spleen": ("splenic",),
+    },
+    "size": {
+        "tiny (<1 cm)": ("tiny", "<1 cm", "less than 1 cm", "subcentimeter", "subcentimetre"),
+        "small (1-2 cm)": ("small", "1-2 cm"),
+        "medium (2-5 cm)": ("medium", "2-5 cm", "moderate", "medium-sized"),
+        "large (>5 cm)": ("large", ">5 cm", "more than 5 cm", "big", "bulky"),
+    },
+    "relationship": {
+        "no close relationship with surrounding organs": (
+            "no relationship", "isolated", "no relationship with surrounding organs",
+            "no close relationship with adjacent organs", "separate from surrounding organs",
+        ),
+        "close relationship with adjacent organs": (
+            "close relationship with surrounding organs", "abutting adjacent organs", "adjacent to surrounding organs",
+            "in contact with adjacent organs",
+        ),
+        "invasion of adjacent organs": ("invading adjacent organs", "infiltration of adjacent organs", "invasive"),
+    },
+    "surface": {
+        "well-defined margin": ("clear margin", "well defined", "well-circumscribed", "sharp margin", "clear boundary", "smooth margin"),
+        "ill-defined margin": ("unclear margin", "ill defined", "poorly defined margin", "blurred margin", "unclear boundary"),
+        "lobulated margin": ("lobulated contour",),
+        "clear serosal surface": ("smooth serosal surface", "intact serosa"),
+        "irregular serosal surface": ("unclear serosal surface", "serosal invasion", "rough serosal surface"),
+        "clear boundary with the renal parenchyma": ("clear boundary with renal parenchyma",),
+        "unclear boundary with the renal parenchyma": ("unclear boundary with renal parenchyma",),
+    },
+    "specific_features": {
+        "none": ("no specific features", "no", "n/a", "nothing specific"),
+        "areas of decreased density": ("necrosis", "necrotic areas", "low density areas", "hypodense areas", "areas of low density"),
+        "areas of increased density": ("hemorrhage", "high density areas", "hyperdense areas", "areas of high density"),
+        "spiculated margins": ("spiculation", "spiculated", "spiculae", "burr-like margin"),
+        "calcification": ("calcifications", "calcified", "calcific foci", "calcification/stone"),
+        "stone": ("calculus", "calculi", "stones", "lithiasis"),
+        "septation": ("septations", "septa", "septated", "internal septa"),
+        "cavitation": ("cavity", "cavitary", "cavitating"),
+        "perilesional edema": ("perihematomal edema", "surrounding edema", "peripheral edema", "oedema"),
+        "ductal dilatation": ("duct dilatation", "dilated duct", "dilated pancreatic duct", "bile duct dilatation"),
+        "hydronephrosis": ("dilated collecting system", "pelvicalyceal dilatation"),
+    },
+    "enhancement": {
+        "enhanced CT": ("contrast-enhanced CT", "contrast enhanced", "enhanced", "CECT", "contrast CT", "post-contrast"),
+        "non-contrast CT": ("non-enhanced CT", "unenhanced CT", "plain CT", "NCCT", "non-contrast", "unenhanced", "plain scan"),
+    },
+    "density": {
+        "hypodense": ("low density", "low density lesion", "hypoattenuating", "hypoattenuating lesion", "low attenuation", "hypodense lesion"),
+        "isodense": ("iso-dense", "isoattenuating", "isoattenuating lesion", "isodense lesion", "equal density"),
+        "hyperdense": ("high density", "high density lesion", "hyperattenuating", "hyperattenuating lesion", "high attenuation", "hyperdense lesion"),
+        "mixed-density": ("mixed density", "mixed attenuation", "mixed"),
+        "hypodense fluid-like": ("fluid density", "water density", "fluid-like", "fluid attenuation", "hypodense fluid"),
+        "isodense soft-tissue mass": ("soft-tissue density", "soft tissue mass", "soft-tissue mass", "solid", "solid mass"),
+        "ground-glass opacity": ("ground glass", "ground-glass", "GGO", "ground glass opacity", "ground-glass nodule"),
+        "ring enhancement": ("rim enhancement", "peripheral enhancement", "ring-enhancing", "rim-enhancing"),
+    },
+    "density_variations": {
+        "homogeneous": ("uniform", "homogeneous density", "homogenous", "even"),
+        "heterogeneous": ("inhomogeneous", "non-uniform", "heterogeneous density", "heterogenous", "uneven"),
+    },
+}
+
+# Size categories by the largest diameter in mm: [low, high). Phrases use the category, never numbers,
+# so the phrase vocabulary stays finite.
+SIZE_CATEGORIES: tuple[tuple[str, float, float], ...] = (
+    ("tiny (<1 cm)", 0.0, 10.0),
+    ("small (1-2 cm)", 10.0, 20.0),
+    ("medium (2-5 cm)", 20.0, 50.0),
+    ("large (>5 cm)", 50.0, math.inf),
+)
+# Diameter used when a report gives only the size category (geometric middle of the category).
+SIZE_DEFAULT_MM: dict[str, float] = {
+    "tiny (<1 cm)": 6.0,
+    "small (1-2 cm)": 15.0,
+    "medium (2-5 cm)": 32.0,
+    "large (>5 cm)": 70.0,
+}
+
+# lesion_location -> placement rule (see placement.py)
+LOCATION_CATEGORY: dict[str, str] = {
+    "within the parenchymal organ": "within_parenchyma",
+    "protruding from the parenchymal organ": "protruding",
+    "within the lumen of a hollow organ": "lumen",
+    "wall thickening": "wall",
+}
+
+
+def _key(text: str) -> str:
+    return re.sub(r"[\s\-_]+", " ", str(text).strip().lower()).strip()
+
+
+def _build_lookup() -> dict[str, dict[str, str]]:
+    lookup: dict[str, dict[str, str]] = {}
+    for attribute, values in VOCABULARY.items():
+        table: dict[str, str] = {}
+        for canonical, synonyms in values.items():
+            for alias in (canonical, *synonyms):
+                k = _key(alias)
+                if k in table and table[k] != canonical:  # pragma: no cover - vocabulary bug
+                    raise AssertionError(f"synonym {alias!r} of {attribute} is ambiguous")
+                table[k] = canonical
+        lookup[attribute] = table
+    return lookup
+
+
+_LOOKUP = _build_lookup()
+
+
+def allowed_values(attribute: str) -> list[str]:
+    """Canonical values of one attribute, in vocabulary order."""
+    _check_attribute(attribute)
+    return list(VOCABULARY[attribute])
+
+
+def _check_attribute(attribute: str) -> None:
+    if attribute not in VOCABULARY:
+        raise ReportError(
+            f"Unknown report attribute {attribute!r}. The 11 attributes are: {', '.join(ATTRIBUTES)}."
+        )
+
+
+def normalize_value(attribute: str, value: str) -> str:
+    """Map a value or one of its synonyms to the canonical vocabulary string.
+
+    Raises ``ReportError`` naming the attribute, the value and the allowed values when unknown.
+    """
+    _check_attribute(attribute)
+    if not isinstance(value, str):
+        raise ReportError(
+            f"Attribute {attribute!r} must be a string, got {value!r} ({type(value).__name__}). "
+            f"Allowed values: {', '.join(VOCABULARY[attribute])}."
+        )
+    canonical = _LOOKUP[attribute].get(_key(value))
+    if canonical is None:
+        raise ReportError(
+            f"Unknown value {value!r} for attribute {attribute!r}. Allowed values: "
+            f"{', '.join(VOCABULARY[attribute])} (synonyms are accepted; declare the attribute under "
+            "`free_text` in the catalog to allow any text)."
+        )
+    return canonical
+
+
+def size_category(size_mm: Iterable[float]) -> str:
+    """Size category of a lesion from its largest extent in mm."""
+    largest = max(float(v) for v in size_mm)
+    for name, low, high in SIZE_CATEGORIES:
+        if low <= largest < high:
+            return name
+    raise ReportError(f"size_mm {tuple(size_mm)} has no size category; sizes must be positive and finite.")
+
+
+def size_category_range(category: str) -> tuple[float, float]:
+    """The [low, high) diameter range in mm of a size category (canonical or synonym)."""
+    category = normalize_value("size", category)
+    for name, low, high in SIZE_CATEGORIES:
+        if name == category:
+            return low, high
+    raise AssertionError(category)  # pragma: no cover
+
+
+def phrase(attribute: str, value: str) -> str:
+    """The phrase a text encoder embeds for one attribute value, e.g. ``"shape: round-like"``."""
+    return f"{attribute.replace('_', ' ')}: {value}"
+
+
+def vocabulary_phrases() -> list[str]:
+    """Every phrase any report with vocabulary values can produce (finite, stable order)."""
+    return [phrase(a, v) for a in ATTRIBUTES for v in VOCABULARY[a]]
+
+
+def _parse_size_mm(value: Any, source: str) -> tuple[float, float, float]:
+    if isinstance(value, str):
+        value = [p for p in re.split(r"[,\sx×]+", value.strip()) if p]
+    try:
+        numbers = tuple(float(v) for v in value)
+    except (TypeError, ValueError):
+        raise ReportError(
+            f"{source}: size_mm must be three numbers in mm (x, y, z), got {value!r}. Example: size_mm: [22, 18, 20]."
+        ) from None
+    if len(numbers) == 1:
+        numbers = numbers * 3
+    if len(numbers) != 3 or not all(math.isfinite(v) and v > 0 for v in numbers):
+        raise ReportError(
+            f"{source}: size_mm must be three positive finite numbers in mm (x, y, z), got {value!r}. "
+            "Example: size_mm: [22, 18, 20]."
+        )
+    return numbers  # type: ignore[return-value]
+
+
+@dataclass
+class LesionReport:
+    """One lesion described by the 11 attributes plus its extent in mm.
+
+    Values are canonical vocabulary strings (synonyms are normalised on construction). ``size`` is the
+    category of ``max(size_mm)``; use ``with_size_mm`` to change the extent. Attributes listed in
+    ``free_text`` (declared by the catalog) may hold any non-empty text.
+    """
+
+    lesion_type: str
+    shape: str
+    organ_type: str
+    lesion_location: str
+    organ: str
+    size: str
+    relationship: str
+    surface: str
+    specific_features: str
+    enhancement: str
+    density: str
+    density_variations: str
+    size_mm: tuple[float, float, float]
+    free_text: tuple[str, ...] = field(default=(), compare=False)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lesion_type, str) or not self.lesion_type.strip():
+            raise ReportError(
+                f"lesion_type must be a non-empty catalog name (e.g. 'kidney_tumor'), got {self.lesion_type!r}."
+            )
+        self.free_text = tuple(self.free_text)
+        for name in self.free_text:
+            _check_attribute(name)
+        self.size_mm = _parse_size_mm(self.size_mm, f"report {self.lesion_type}")
+        for attribute in ATTRIBUTES:
+            value = getattr(self, attribute)
+            if attribute in self.free_text and attribute != "size":
+                if not isinstance(value, str) or not value.strip():
+                    raise ReportError(
+                        f"Free-text attribute {attribute!r} of report {self.lesion_type} must be non-empty text, got {value!r}."
+                    )
+                try:
+                    value = normalize_value(attribute, value)
+                except ReportError:
+                    value = " ".join(value.split())
+            else:
+                value = normalize_value(attribute, value)
+            setattr(self, attribute, value)
+        expected = size_category(self.size_mm)
+        if self.size != expected:
+            raise ReportError(
+                f"Report {self.lesion_type}: size {self.size!r} contradicts size_mm {list(self.size_mm)} "
+                f"(largest extent {max(self.size_mm):g} mm is {expected!r}). Fix size or size_mm, or omit "
+                "size: it is derived from size_mm (in code use report.with_size_mm())."
+            )
+
+    # -- phrases -------------------------------------------------------------------------------
+    def phrases(self, attributes: Iterable[str] = ATTRIBUTES) -> list[str]:
+        return [phrase(a, getattr(self, a)) for a in attributes]
+
+    def mask_phrases(self) -> list[str]:
+        """Eight phrases for the mask model, in ``MASK_ATTRIBUTES`` order."""
+        return self.phrases(MASK_ATTRIBUTES)
+
+    def image_phrases(self) -> list[str]:
+        """Eight phrases for the image model, in ``IMAGE_ATTRIBUTES`` order."""
+        return self.phrases(IMAGE_ATTRIBUTES)
+
+    @property
+    def placement_category(self) -> str:
+        """The placement rule of this report's lesion_location (see placement.py)."""
+        return LOCATION_CATEGORY[self.lesion_location]
+
+    def with_size_mm(self, size_mm: Iterable[float]) -> "LesionReport":
+        """A copy with a new extent and the matching size category."""
+        size_mm = _parse_size_mm(list(size_mm), f"report {self.lesion_type}")
+        return dataclasses.replace(self, size_mm=size_mm, size=size_category(size_mm))
+
+    # -- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"lesion_type": self.lesion_type}
+        for attribute in ATTRIBUTES:
+            d[attribute] = getattr(self, attribute)
+        d["size_mm"] = [round(float(v), 3) for v in self.size_mm]
+        if self.free_text:
+            d["free_text"] = list(self.free_text)
+        return d
+
+    @classmethod
+    def from_dict(
+        cls, d: Mapping[str, Any], source: str = "<dict>", free_text: Iterable[str] | None = None
+    ) -> "LesionReport":
+        """Build a report from a mapping, normalising synonyms.
+
+        ``size`` may be omitted (derived from ``size_mm``) and ``size_mm`` may be omitted (a typical
+        extent of the ``size`` category is used). ``free_text`` overrides the attributes allowed to hold
+        any text (default: the ``free_text`` key of ``d``).
+        """
+        if not isinstance(d, Mapping):
+            raise ReportError(
+                f"{source}: a report must be a mapping of attribute: value, got {type(d).__name__}."
+            )
+        known = set(ATTRIBUTES) | {"lesion_type", "size_mm", "free_text"}
+        unknown = [k for k in d if k not in known]
+        if unknown:
+            raise ReportError(
+                f"{source}: unknown report key(s) {', '.join(map(repr, unknown))}. Allowed keys: "
+                f"lesion_type, {', '.join(ATTRIBUTES)}, size_mm, free_text."
+            )
+        missing = [k for k in ("lesion_type", *ATTRIBUTES) if k not in d and k != "size"]
+        if "size" not in d and "size_mm" not in d:
+            missing.append("size or size_mm")
+        if missing:
+            raise ReportError(
+                f"{source}: report is missing {', '.join(missing)}. Every report needs lesion_type, "
+                "the 11 attributes (size may be replaced by size_mm) and size_mm."
+            )
+        ft = tuple(free_text) if free_text is not None else tuple(d.get("free_text") or ())
+        values: dict[str, Any] = {}
+        for attribute in ATTRIBUTES:
+            if attribute == "size" and "size" not in d:
+                continue
+            value = d[attribute]
+            if attribute in ft and attribute != "size":
+                values[attribute] = value
+                continue
+            try:
+                values[attribute] = normalize_value(attribute, value)
+            except ReportError as exc:
+                raise ReportError(f"{source}: key {attribute!r}: {exc}") from None
+        if "size_mm" in d and d["size_mm"] is not None:
+            size_mm = _parse_size_mm(d["size_mm"], f"{source}: key 'size_mm'")
+        else:
+            size_mm = (SIZE_DEFAULT_MM[values["size"]],) * 3
+        derived = size_category(size_mm)
+        if "size" in values and values["size"] != derived:
+            raise ReportError(
+                f"{source}: key 'size' is {values['size']!r} but size_mm {list(size_mm)} has largest extent "
+                f"{max(size_mm):g} mm, which is {derived!r}. Fix one of them (or omit size: it is derived)."
+            )
+        values["size"] = derived
+        try:
+            return cls(lesion_type=str(d["lesion_type"]), size_mm=size_mm, free_text=ft, **values)
+        except ReportError as exc:
+            raise ReportError(f"{source}: {exc}") from None
+
+    def to_yaml(self, path: str | Path) -> None:
+        from .io import write_yaml
+
+        write_yaml(path, self.to_dict())
+
+    def to_json(self, path: str | Path) -> None:
+        from .io import write_json
+
+        write_json(path, self.to_dict())
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "LesionReport":
+        """Read a report from YAML (or JSON, which is YAML) written by ``to_yaml``/``to_json``."""
+        import yaml
+
+        path = Path(path)
+        if not path.exists():
+            raise ReportError(f"Report file not found: {path}. Create one with `lesiondiffusion report sample TYPE -o {path}`.")
+        text = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+        except (yaml.YAMLError, json.JSONDecodeError) as exc:
+            raise ReportError(f"{path}: not valid YAML/JSON ({exc}). Fix the syntax at the position shown.") from None
+        if isinstance(data, Mapping) and "report" in data and isinstance(data["report"], Mapping):
+            data = data["report"]  # accept {report: {...}} as written inside dataset reports
+        return cls.from_dict(data, source=str(path))
+
+    from_json = from_yaml
