@@ -1,0 +1,139 @@
+"""LINet pretraining task: masked latent diffusion on the frozen VQ-GAN's latents of lesion crops,
+conditioned on the 8 image-attribute phrases (with attribute dropout for CFG).
+
+Loss: ``losses.linet_loss`` (L1 on the noise inside the latent lesion box B', normalised by |B'|).
+Noising and inputs use ``sampling.masked_add_noise`` / ``sampling.linet_inputs`` as synthesis does.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lesiondiffusion import sampling
+
+from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraining
+from .data import LesionCropDataset, Manifest, unwindow
+from .engine import Engine, Task
+from .losses import drop_attributes, linet_loss
+from .train_lmnet import DiffusionTaskConfig, diffusion_config
+
+log = logging.getLogger(__name__)
+
+
+class LINetTask(Task):
+    name = "linet"
+
+    def __init__(self, linet: torch.nn.Module, vqgan: torch.nn.Module, manifest: Manifest, phrases: PhraseTable,
+                 schedule: sampling.ScheduleConfig, cfg: DiffusionTaskConfig, hu_window: tuple[float, float],
+                 seed: int = 0) -> None:
+        self.trainable = {"linet": linet}
+        self.frozen = {"vqgan": vqgan}
+        self.optim_groups = {"linet": ["linet"]}
+        self.manifest = manifest
+        self.phrases = phrases
+        self.phrases_added = phrases.added
+        self.schedule = schedule
+        self.scheduler = sampling.make_train_scheduler(schedule)
+        self.cfg = cfg
+        self.hu_window = hu_window
+        self.seed = seed
+
+    def dataset(self) -> LesionCropDataset:
+        return LesionCropDataset(self.manifest, self.cfg.crop, self.phrases.index, kind="image", seed=self.seed)
+
+    @torch.no_grad()
+    def encode(self, image: torch.Tensor) -> torch.Tensor:
+        """Quantised latent of the frozen VQ-GAN (what its decoder expects back)."""
+        return self.frozen["vqgan"].encode_stage_2_inputs(image).float()
+
+    def latent_masks(self, batch: dict[str, torch.Tensor], latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        return (sampling.latent_mask(batch["lesion"], latent_shape),
+                sampling.latent_mask(batch["box"], latent_shape))
+
+    def step(self, batch: dict[str, torch.Tensor], engine: Engine) -> dict[str, float]:
+        with engine.autocast():
+            z0 = self.encode(batch["image"])
+        m, box = self.latent_masks(batch, tuple(z0.shape[2:]))
+        ctx = drop_attributes(self.phrases.context(batch["phrase_ids"]), self.cfg.p_token, self.cfg.p_all)
+        noise = torch.randn_like(z0)
+        t = torch.randint(0, self.scheduler.num_train_timesteps, (z0.shape[0],), device=z0.device)
+        zt = sampling.masked_add_noise(self.scheduler, z0, noise, m, t)
+        with engine.autocast():
+            pred = engine.models["linet"](sampling.linet_inputs(zt, m), timesteps=t, context=ctx)
+        loss = linet_loss(noise, pred, box)
+        gnorm = engine.optimize("linet", loss)
+        return {"loss": float(loss.detach()), "gnorm": gnorm}
+
+    @torch.no_grad()
+    def inpaint(self, engine: Engine, image: torch.Tensor, mask: torch.Tensor, context: torch.Tensor, seed: int,
+                guidance: float | None = None, steps: int | None = None) -> torch.Tensor:
+        """Inpaint ``mask`` of windowed ``image`` crops for ``context``; returns the decoded crop in HU
+        (outside the mask the input is kept exactly, as the pipeline's blend does)."""
+        dev = engine.device
+        image, mask = image.to(dev), mask.to(dev)
+        with engine.autocast():
+            z0 = self.encode(image)
+        m = sampling.latent_mask(mask, tuple(z0.shape[2:]))
+        gen = torch.Generator().manual_seed(seed)
+        noise = torch.randn(tuple(z0.shape), generator=gen).to(dev)
+        sched = sampling.make_ddim(self.schedule, steps=steps, clip_sample=False)
+        with engine.autocast():
+            z = sampling.inpaint_latent(engine.model_for_export("linet"), z0, m, context.to(dev), sched, noise,
+                                        guidance_scale=self.schedule.guidance_scale if guidance is None else guidance)
+            dec = self.frozen["vqgan"].decode_stage_2_outputs(z.to(z0.dtype)).float().clamp(-1, 1)
+        out = dec * mask + image * (1 - mask)
+        return unwindow(out, self.hu_window)
+
+    def preview_batch(self) -> dict[str, torch.Tensor]:
+        ds = self.dataset()
+        items = [ds[i] for i in range(min(self.cfg.preview_items, len(ds)))]
+        return {k: torch.stack([it[k] for it in items]) for k in items[0]}
+
+    def preview(self, engine: Engine, path: Path) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        from lesiondiffusion.io import atomic_path
+
+        batch = self.preview_batch()
+        ctx = self.phrases.context(batch["phrase_ids"])
+        hu = self.inpaint(engine, batch["image"], batch["lesion"], ctx, seed=self.seed).cpu().numpy()
+        real = unwindow(batch["image"].numpy(), self.hu_window)
+        n = hu.shape[0]
+        fig, axes = plt.subplots(n, 2, figsize=(5, 2.5 * n), squeeze=False)
+        for i in range(n):
+            les = batch["lesion"][i, 0].numpy() > 0
+            z = int(np.argmax(les.sum((0, 1))))
+            dens = self.manifest.lesions[int(batch["index"][i])]["report"].get("density", "?")
+            for j, (img, title) in enumerate(((real[i, 0], f"real ({dens}) {real[i, 0][les].mean():.0f} HU"),
+                                              (hu[i, 0], f"inpainted {hu[i, 0][les].mean():.0f} HU"))):
+                axes[i, j].imshow(img[:, :, z].T, cmap="gray", vmin=-200, vmax=250, origin="lower")
+                axes[i, j].contour(les[:, :, z].T, levels=[0.5], colors="r", linewidths=0.5)
+                axes[i, j].set_title(title, fontsize=8)
+                axes[i, j].axis("off")
+        fig.suptitle(f"LINet step {engine.step}", fontsize=9)
+        with atomic_path(path, suffix=".png") as tmp:
+            fig.savefig(tmp, dpi=80)
+        plt.close(fig)
+
+
+def build_task(bundle: Any, manifest: Manifest, opts: PretrainOptions) -> LINetTask:
+    if "vqgan" not in bundle.config.notes:
+        log.warning("bundle %s has an untrained (random) VQ-GAN; run `lesiondiffusion pretrain vqgan` first "
+                    "or LINet learns to inpaint meaningless latents", opts.bundle_path)
+    table = PhraseTable(bundle, dataset_phrases(manifest, "image"))
+    cfg = diffusion_config(bundle.config.crop.linet_size, opts)
+    return LINetTask(bundle.linet, bundle.vqgan, manifest, table, bundle.config.schedule, cfg,
+                     tuple(bundle.config.hu_window), seed=opts.train.seed)
+
+
+def train(opts: PretrainOptions) -> dict[str, Any]:
+    """Train LINet on the bundle's frozen VQ-GAN and write it into ``opts.bundle_path``."""
+    return run_pretraining(opts, build_task, "linet")
