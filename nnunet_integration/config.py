@@ -1,0 +1,278 @@
+"""The ``lesiondiffusion.yaml`` configuration of the nnU-Net trainers: dataclasses, loading, validation.
+
+Where the file is found: ``$LESIONDIFFUSION_CONFIG`` if set, else
+``$nnUNet_preprocessed/DatasetXXX_Name/lesiondiffusion.yaml``. Every problem is reported with the file,
+the key, the offending value and the fix (``ConfigError``); the trainer echoes the validated config
+into its training log and saves it next to its checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lesiondiffusion.errors import ConfigError
+
+CONFIG_ENV = "LESIONDIFFUSION_CONFIG"
+CONFIG_FILENAME = "lesiondiffusion.yaml"
+
+BACKENDS = ("lesiondiffusion", "rule_based")
+MODES = ("online", "offline")
+REFRESH = ("continuous", "once")
+ON_MISS = ("real", "wait")
+WORKERS = ("process", "thread")
+
+EXAMPLE = """\
+# lesiondiffusion.yaml (beside the dataset's preprocessed folder, or $LESIONDIFFUSION_CONFIG)
+generator:
+  backend: lesiondiffusion        # lesiondiffusion (default) | rule_based (baseline, no weights)
+  bundle: /path/to/bundle         # model bundle folder (lesiondiffusion backend)
+  device: cuda                    # where the generator runs: cpu | cuda | cuda:N
+catalogs:
+  - name: kidney_tumor            # built-in catalog name or path to a catalog YAML
+    weight: 1.0                   # relative sampling weight
+    label: kidney_tumor           # dataset.json label (name or id) written for this lesion type
+templates:
+  dataset_healthy: true           # healthy cases of this dataset (no lesion voxel) as templates
+  folders: []                     # extra folders with imagesTr/*_0000.nii.gz + organsTr/*.nii.gz
+mode: online                      # online (background producer) | offline (read a built cache)
+synthetic_probability: 1.0        # chance that a training sample is synthetic while pretraining
+schedule:
+  pretrain_fraction: 0.5          # share of epochs pretrained on synthetic data, then real fine-tuning
+store:
+  size: 32                        # synthetic cases waiting in the store
+  reuse: 8                        # max training draws of one synthetic case (each draw is a new patch)
+  refresh: continuous             # continuous | once (fill the store once, then stop the generator)
+  warmup: 4                       # cases to wait for before the first epoch (0 = start cold)
+"""
+
+
+@dataclass
+class GeneratorConfig:
+    backend: str = "lesiondiffusion"
+    bundle: str | None = None
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)   # extra kwargs for the backend
+
+
+@dataclass
+class CatalogEntry:
+    name: str
+    weight: float = 1.0
+    label: str | int | None = None   # None = the catalog's own label_name
+
+
+@dataclass
+class TemplatesConfig:
+    dataset_healthy: bool = True
+    folders: list[str] = field(default_factory=list)
+    organ_mapping: str = "auto"
+    max_cases: int = 0               # 0 = every healthy case found
+
+
+@dataclass
+class ScheduleConfig:
+    pretrain_fraction: float = 0.5
+    finetune_synthetic_probability: float = 0.0
+
+
+@dataclass
+class StoreConfig:
+    size: int = 32
+    reuse: int = 8
+    refresh: str = "continuous"
+    warmup: int = 4
+    warmup_timeout_s: float = 600.0
+    on_miss: str = "real"            # what a draw does when no synthetic case is available
+    worker: str = "process"          # producer in a spawned process (default) or a thread
+    context_margin: int = 0          # extra voxels of context around the lesion beyond the patch
+
+
+@dataclass
+class OfflineConfig:
+    cache_dir: str | None = None     # None = $nnUNet_preprocessed/DATASET/lesiondiffusion_cache/PLANS__CONFIG
+
+
+@dataclass
+class LesionDiffusionConfig:
+    generator: GeneratorConfig = field(default_factory=GeneratorConfig)
+    catalogs: list[CatalogEntry] = field(default_factory=list)
+    templates: TemplatesConfig = field(default_factory=TemplatesConfig)
+    mode: str = "online"
+    synthetic_probability: float = 1.0
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    offline: OfflineConfig = field(default_factory=OfflineConfig)
+    seed: int = 0
+    source: str = "<defaults>"       # the file it came from (not a YAML key)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d.pop("source")
+        return d
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_SECTIONS = {
+    "generator": GeneratorConfig,
+    "templates": TemplatesConfig,
+    "schedule": ScheduleConfig,
+    "store": StoreConfig,
+    "offline": OfflineConfig,
+}
+
+
+def _err(path: str, key: str, value: Any, fix: str) -> ConfigError:
+    return ConfigError(f"{path}: key '{key}' has invalid value {value!r}. {fix}")
+
+
+def _build_section(cls: type, raw: Any, path: str, prefix: str):
+    if raw is None:
+        return cls()
+    if not isinstance(raw, dict):
+        raise _err(path, prefix, raw, f"'{prefix}' must be a mapping of keys ({', '.join(cls.__dataclass_fields__)}).")
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise _err(path, f"{prefix}.{unknown[0]}", raw[unknown[0]],
+                   f"Unknown key; allowed keys under '{prefix}': {', '.join(sorted(known))}.")
+    return cls(**raw)
+
+
+def _number(path: str, key: str, value: Any, lo: float, hi: float, integer: bool = False) -> float:
+    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
+    if isinstance(value, bool) or not ok_type or not (lo <= value <= hi):
+        kind = "an integer" if integer else "a number"
+        raise _err(path, key, value, f"Use {kind} between {lo} and {hi}.")
+    return value
+
+
+def config_from_dict(raw: Any, source: str = "<dict>") -> LesionDiffusionConfig:
+    """Build and validate a config from parsed YAML; every error names ``source``, key, value, fix."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the file must contain a YAML mapping, got {type(raw).__name__}. "
+                          f"Start from this example:\n{EXAMPLE}")
+    top_known = set(LesionDiffusionConfig.__dataclass_fields__) - {"source"}
+    unknown = sorted(set(raw) - top_known)
+    if unknown:
+        raise _err(source, unknown[0], raw[unknown[0]], f"Unknown key; allowed top-level keys: {', '.join(sorted(top_known))}.")
+    kwargs: dict[str, Any] = {}
+    for key, cls in _SECTIONS.items():
+        kwargs[key] = _build_section(cls, raw.get(key), source, key)
+    cats = raw.get("catalogs", [])
+    if not isinstance(cats, list) or not cats:
+        raise _err(source, "catalogs", cats, "List at least one catalog, e.g. '- {name: kidney_tumor, weight: 1.0}'.")
+    entries = []
+    for i, item in enumerate(cats):
+        if isinstance(item, str):
+            item = {"name": item}
+        entries.append(_build_section(CatalogEntry, item, source, f"catalogs[{i}]"))
+        if not isinstance(entries[-1].name, str) or not entries[-1].name:
+            raise _err(source, f"catalogs[{i}].name", entries[-1].name, "Give a catalog name or a path to a catalog YAML.")
+        _number(source, f"catalogs[{i}].weight", entries[-1].weight, 1e-12, 1e12)
+    kwargs["catalogs"] = entries
+    for key in ("mode", "synthetic_probability", "seed"):
+        if key in raw:
+            kwargs[key] = raw[key]
+    cfg = LesionDiffusionConfig(**kwargs, source=source)
+    _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: LesionDiffusionConfig) -> None:
+    p = cfg.source
+    g = cfg.generator
+    if g.backend not in BACKENDS:
+        raise _err(p, "generator.backend", g.backend, f"Use one of: {', '.join(BACKENDS)}.")
+    if not isinstance(g.device, str) or not (g.device == "cpu" or g.device.startswith("cuda") or g.device == "mps"):
+        raise _err(p, "generator.device", g.device, "Use 'cpu', 'cuda' or 'cuda:N'.")
+    if not isinstance(g.options, dict):
+        raise _err(p, "generator.options", g.options, "Use a mapping of keyword arguments for the backend.")
+    if cfg.mode not in MODES:
+        raise _err(p, "mode", cfg.mode, f"Use one of: {', '.join(MODES)}.")
+    if g.backend == "lesiondiffusion" and cfg.mode == "online":
+        if not g.bundle:
+            raise _err(p, "generator.bundle", g.bundle,
+                       "The default LesionDiffusion backend needs a model bundle folder: set generator.bundle "
+                       "(create one with 'lesiondiffusion bundle init' or the pretrain commands), or opt in to the "
+                       "weight-free baseline with 'generator: {backend: rule_based}'.")
+        bundle = Path(os.path.expandvars(str(g.bundle))).expanduser()
+        if not (bundle / "config.yaml").is_file():
+            raise _err(p, "generator.bundle", g.bundle,
+                       f"No model bundle at {bundle} (config.yaml missing). Point generator.bundle at a bundle "
+                       "folder, or set 'generator: {backend: rule_based}' to use the rule-based baseline instead.")
+    _number(p, "synthetic_probability", cfg.synthetic_probability, 0.0, 1.0)
+    _number(p, "schedule.pretrain_fraction", cfg.schedule.pretrain_fraction, 0.0, 1.0)
+    _number(p, "schedule.finetune_synthetic_probability", cfg.schedule.finetune_synthetic_probability, 0.0, 1.0)
+    s = cfg.store
+    _number(p, "store.size", s.size, 1, 100000, integer=True)
+    _number(p, "store.reuse", s.reuse, 1, 100000, integer=True)
+    _number(p, "store.warmup", s.warmup, 0, s.size, integer=True)
+    _number(p, "store.warmup_timeout_s", s.warmup_timeout_s, 0, 1e7)
+    _number(p, "store.context_margin", s.context_margin, 0, 4096, integer=True)
+    if s.refresh not in REFRESH:
+        raise _err(p, "store.refresh", s.refresh, f"Use one of: {', '.join(REFRESH)}.")
+    if s.on_miss not in ON_MISS:
+        raise _err(p, "store.on_miss", s.on_miss, f"Use one of: {', '.join(ON_MISS)}.")
+    if s.worker not in WORKERS:
+        raise _err(p, "store.worker", s.worker, f"Use one of: {', '.join(WORKERS)}.")
+    t = cfg.templates
+    if not isinstance(t.folders, list):
+        raise _err(p, "templates.folders", t.folders, "Use a list of folder paths.")
+    for i, folder in enumerate(t.folders):
+        f = Path(os.path.expandvars(str(folder))).expanduser()
+        if not (f / "imagesTr").is_dir() or not (f / "organsTr").is_dir():
+            raise _err(p, f"templates.folders[{i}]", folder,
+                       "Each template folder needs imagesTr/{case}_0000.nii.gz (CT in HU) and organsTr/{case}.nii.gz "
+                       "(TotalSegmentator labels).")
+    if not t.dataset_healthy and not t.folders:
+        raise _err(p, "templates.dataset_healthy", t.dataset_healthy,
+                   "No template source: enable dataset_healthy or list templates.folders.")
+    _number(p, "templates.max_cases", t.max_cases, 0, 10**9, integer=True)
+    _number(p, "seed", cfg.seed, 0, 2**31 - 1, integer=True)
+
+
+def load_config(path: str | os.PathLike) -> LesionDiffusionConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"Configuration file not found: {path}. Create it (example below) or set "
+                          f"{CONFIG_ENV}.\n{EXAMPLE}")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from exc
+    return config_from_dict(raw, source=str(path))
+
+
+def config_path_for(preprocessed_dataset_folder: str | os.PathLike | None) -> Path:
+    """``$LESIONDIFFUSION_CONFIG`` if set, else ``lesiondiffusion.yaml`` in the dataset's preprocessed folder."""
+    env = os.environ.get(CONFIG_ENV)
+    if env:
+        return Path(env).expanduser()
+    if preprocessed_dataset_folder is None:
+        raise ConfigError(f"Neither {CONFIG_ENV} nor nnUNet_preprocessed is set, so no {CONFIG_FILENAME} can be "
+                          f"found. Set {CONFIG_ENV}=/path/to/{CONFIG_FILENAME}.")
+    return Path(preprocessed_dataset_folder) / CONFIG_FILENAME
+
+
+def resolve_label(entry: CatalogEntry, catalog_label: str, dataset_json: dict, source: str, index: int) -> int:
+    """Dataset label id that a lesion type writes, from the entry (name or id) or the catalog's label name."""
+    labels = dataset_json.get("labels", {})
+    wanted = entry.label if entry.label is not None else catalog_label
+    plain = {k: v for k, v in labels.items() if isinstance(v, int)}
+    if isinstance(wanted, int) and not isinstance(wanted, bool):
+        if wanted in plain.values() and wanted != 0:
+            return int(wanted)
+    elif isinstance(wanted, str) and wanted in plain and plain[wanted] != 0:
+        return int(plain[wanted])
+    choices = ", ".join(f"{k}={v}" for k, v in plain.items() if v != 0)
+    raise _err(source, f"catalogs[{index}].label", wanted,
+               f"It is not a foreground label of dataset.json (labels: {choices}). Set 'label:' to one of them.")

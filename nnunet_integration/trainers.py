@@ -1,0 +1,297 @@
+"""nnU-Net v2 trainers that pretrain on LesionDiffusion synthetic lesions, then fine-tune on real data.
+
+``nnUNetTrainerLesionDiffusion``: the first ``schedule.pretrain_fraction`` of the epochs draw each
+training sample from the synthetic store with ``synthetic_probability``, the rest train on real
+data only; one run, one flag. ``nnUNetTrainerLesionDiffusionSynthOnly`` trains on synthetic cases
+only (validation stays real). ``_5epochs`` ... variants shorten training in nnU-Net's naming style;
+``_smoke`` is a tiny CPU variant for tests. See ``data.py`` for the data-flow design and
+``lesiondiffusion.store`` for the producer/offline cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+import os
+from copy import deepcopy
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+
+from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.io import atomic_write_text
+from lesiondiffusion.store import OfflineCacheReader, SampleStore, SharedCounters, StoreStats
+
+from .config import CONFIG_FILENAME, LesionDiffusionConfig, config_path_for, load_config
+from .data import FactorySpec, MixedDataset, initial_patch_size
+
+log = logging.getLogger(__name__)
+
+
+def default_cache_dir(preprocessed_dataset_folder: str, plans_name: str, configuration: str) -> Path:
+    return Path(preprocessed_dataset_folder) / "lesiondiffusion_cache" / f"{plans_name}__{configuration}"
+
+
+def cache_identity(plans_manager: PlansManager, configuration: str, crop_size: tuple[int, ...]) -> dict[str, Any]:
+    """What an offline cache depends on; the trainer refuses a cache built for other plans."""
+    cm = plans_manager.get_configuration(configuration)
+    return {"dataset": plans_manager.dataset_name, "plans": plans_manager.plans_name, "configuration": configuration,
+            "spacing": [float(s) for s in cm.spacing], "normalization": list(cm.normalization_schemes),
+            "crop_size": [int(s) for s in crop_size]}
+
+
+class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
+    """Synthetic-lesion pretraining for a share of the epochs, then real fine-tuning (one run)."""
+
+    synthetic_only: bool = False
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.ld_config: LesionDiffusionConfig | None = None
+        self.ld_store: SampleStore | None = None
+        self.ld_reader: OfflineCacheReader | None = None
+        self.ld_counters: SharedCounters | None = None
+        self.ld_probability = mp.get_context("spawn").Value("d", 0.0)
+        self.ld_phase: str | None = None
+        self._ld_stats_prev = StoreStats()
+        self._ld_train_dataset: MixedDataset | None = None
+
+    # ------------------------------------------------------------------ configuration and schedule
+    @property
+    def pretrain_epochs(self) -> int:
+        if self.synthetic_only:
+            return self.num_epochs
+        assert self.ld_config is not None
+        return int(round(self.num_epochs * self.ld_config.schedule.pretrain_fraction))
+
+    def phase_for_epoch(self, epoch: int) -> tuple[str, float]:
+        """('pretrain'|'finetune', synthetic probability) of an epoch."""
+        assert self.ld_config is not None
+        if self.synthetic_only:
+            return "synthetic_only", 1.0
+        if epoch < self.pretrain_epochs:
+            return "pretrain", float(self.ld_config.synthetic_probability)
+        return "finetune", float(self.ld_config.schedule.finetune_synthetic_probability)
+
+    def load_lesiondiffusion_config(self) -> LesionDiffusionConfig:
+        path = config_path_for(self.preprocessed_dataset_folder_base)
+        cfg = load_config(path)
+        if self.synthetic_only:
+            cfg.store.on_miss = "wait"  # synthetic-only must never fall back to real cases
+        return cfg
+
+    def _save_config(self) -> None:
+        assert self.ld_config is not None
+        text = f"# lesiondiffusion config used by {self.__class__.__name__} (from {self.ld_config.source})\n"
+        text += self.ld_config.to_yaml()
+        target = Path(self.output_folder) / CONFIG_FILENAME
+        if target.exists() and target.read_text() != text:
+            self.print_to_log_file(f"WARNING: the lesiondiffusion config differs from the one saved at {target} "
+                                   "by an earlier run of this fold; the new one replaces it.")
+        atomic_write_text(target, text)
+
+    # ------------------------------------------------------------------ data
+    def _ld_setup(self) -> None:
+        cfg = self.ld_config = self.load_lesiondiffusion_config()
+        self.print_to_log_file("LesionDiffusion configuration:\n" + cfg.to_yaml(), add_timestamp=False)
+        self._save_config()
+        first_phase, _ = self.phase_for_epoch(self.current_epoch)
+        self.print_to_log_file(f"LesionDiffusion schedule: {self.pretrain_epochs} of {self.num_epochs} epochs with "
+                               f"synthetic data; starting at epoch {self.current_epoch} in phase '{first_phase}'")
+        crop = initial_patch_size(self.configuration_manager)
+        needs_synthetic = any(self.phase_for_epoch(e)[1] > 0 for e in range(self.current_epoch, self.num_epochs))
+        if not needs_synthetic:
+            self.print_to_log_file("LesionDiffusion: no synthetic epochs left; no generator is loaded")
+            self.ld_counters = SharedCounters()
+            return
+        if cfg.mode == "offline":
+            root = Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else default_cache_dir(
+                self.preprocessed_dataset_folder_base, self.plans_manager.plans_name, self.configuration_name)
+            ident = cache_identity(self.plans_manager, self.configuration_name, crop)
+            self.ld_counters = SharedCounters()
+            self.ld_reader = OfflineCacheReader(root, self.ld_counters, expect={
+                k: ident[k] for k in ("plans", "configuration", "spacing")})
+            self.print_to_log_file(f"LesionDiffusion: offline cache {root} with {len(self.ld_reader.files)} cases "
+                                   "(no generator loaded)")
+            return
+        tr_keys, _ = self.do_split()
+        spec = FactorySpec(
+            config=cfg, plans=deepcopy(self.plans_manager.plans), configuration=self.configuration_name,
+            dataset_json=self.dataset_json, dataset_name=self.plans_manager.dataset_name,
+            preprocessed_folder=self.preprocessed_dataset_folder,
+            raw_folder=os.path.join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None,
+            identifiers=list(tr_keys), crop_size=crop)
+        self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
+                                    refresh=cfg.store.refresh, worker=cfg.store.worker,
+                                    seed=cfg.seed + 1000003 * self.current_epoch).start()
+        self.ld_counters = self.ld_store.counters
+        if cfg.store.warmup:
+            got = self.ld_store.wait_for(cfg.store.warmup, cfg.store.warmup_timeout_s)
+            self.print_to_log_file(f"LesionDiffusion: store warm-up reached {got}/{cfg.store.warmup} cases")
+
+    def get_tr_and_val_datasets(self):
+        dataset_tr, dataset_val = super().get_tr_and_val_datasets()
+        if self.ld_config is None:  # e.g. a tool calls this outside training: plain nnU-Net behaviour
+            return dataset_tr, dataset_val
+        source: Any
+        if self.ld_reader is not None:
+            source = self.ld_reader
+        elif self.ld_store is not None:
+            workers = max(1, get_allowed_n_proc_DA())
+            source = self.ld_store.client(pool_size=max(1, int(np.ceil(self.ld_config.store.size / workers))),
+                                          on_miss=self.ld_config.store.on_miss)
+        else:
+            return dataset_tr, dataset_val
+        self.ld_probability.value = self.phase_for_epoch(self.current_epoch)[1]
+        self._ld_train_dataset = MixedDataset(dataset_tr, source, self.ld_probability)
+        return self._ld_train_dataset, dataset_val
+
+    # ------------------------------------------------------------------ training hooks
+    def on_train_start(self):
+        self._ld_setup()
+        try:
+            super().on_train_start()
+        except BaseException:
+            self._ld_shutdown()
+            raise
+
+    def on_train_epoch_start(self):
+        phase, p = self.phase_for_epoch(self.current_epoch)
+        if phase != self.ld_phase:
+            self.print_to_log_file(f"LesionDiffusion: epoch {self.current_epoch} starts phase '{phase}' "
+                                   f"(synthetic probability {p:g})")
+            if phase == "finetune" and p == 0 and self.ld_store is not None:
+                self.ld_store.stop()  # frees the generator (and its GPU memory) for the real fine-tuning
+                self.print_to_log_file("LesionDiffusion: producer stopped for the fine-tuning phase")
+        self.ld_phase = phase
+        self.ld_probability.value = p
+        super().on_train_epoch_start()
+
+    def train_step(self, batch: dict) -> dict:
+        if self.ld_store is not None and self.ld_phase != "finetune":
+            self.ld_store.check()  # a crashed producer stops training with its traceback
+        return super().train_step(batch)
+
+    def on_train_epoch_end(self, train_outputs):
+        super().on_train_epoch_end(train_outputs)
+        if self.ld_counters is None:
+            return
+        now = self.ld_store.stats() if self.ld_store is not None else self.ld_counters.snapshot()
+        delta = now.minus(self._ld_stats_prev)
+        self._ld_stats_prev = now
+        if delta.requests or self.ld_phase != "finetune":
+            self.print_to_log_file(f"LesionDiffusion store ({self.ld_phase}): {delta.summary()}")
+
+    def on_train_end(self):
+        try:
+            super().on_train_end()
+        finally:
+            self._ld_shutdown()
+
+    def _ld_shutdown(self) -> None:
+        if self.ld_store is not None:
+            self.ld_store.close()
+            self.ld_store = None
+
+    def save_checkpoint(self, filename: str) -> None:
+        super().save_checkpoint(filename)
+        # the config travels with the checkpoint: the same file next to every checkpoint of the fold
+        if self.ld_config is not None and self.local_rank == 0 and not self.disable_checkpointing:
+            target = Path(filename).parent / CONFIG_FILENAME
+            if not target.exists():
+                self._save_config()
+
+
+class nnUNetTrainerLesionDiffusionSynthOnly(nnUNetTrainerLesionDiffusion):
+    """Every training sample is synthetic (waits for the producer rather than use a real case)."""
+
+    synthetic_only = True
+
+
+def _epochs(base: type, n: int, name: str) -> type:
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = n
+
+    return type(name, (base,), {"__init__": __init__, "__module__": __name__,
+                                "__doc__": f"{base.__name__} with {n} epochs."})
+
+
+# nnU-Net-style short variants (defined explicitly so they are importable by name and picklable)
+nnUNetTrainerLesionDiffusion_1epoch = _epochs(nnUNetTrainerLesionDiffusion, 1, "nnUNetTrainerLesionDiffusion_1epoch")
+nnUNetTrainerLesionDiffusion_5epochs = _epochs(nnUNetTrainerLesionDiffusion, 5, "nnUNetTrainerLesionDiffusion_5epochs")
+nnUNetTrainerLesionDiffusion_10epochs = _epochs(nnUNetTrainerLesionDiffusion, 10, "nnUNetTrainerLesionDiffusion_10epochs")
+nnUNetTrainerLesionDiffusion_20epochs = _epochs(nnUNetTrainerLesionDiffusion, 20, "nnUNetTrainerLesionDiffusion_20epochs")
+nnUNetTrainerLesionDiffusion_50epochs = _epochs(nnUNetTrainerLesionDiffusion, 50, "nnUNetTrainerLesionDiffusion_50epochs")
+nnUNetTrainerLesionDiffusion_100epochs = _epochs(nnUNetTrainerLesionDiffusion, 100, "nnUNetTrainerLesionDiffusion_100epochs")
+nnUNetTrainerLesionDiffusion_250epochs = _epochs(nnUNetTrainerLesionDiffusion, 250, "nnUNetTrainerLesionDiffusion_250epochs")
+nnUNetTrainerLesionDiffusionSynthOnly_5epochs = _epochs(nnUNetTrainerLesionDiffusionSynthOnly, 5,
+                                                        "nnUNetTrainerLesionDiffusionSynthOnly_5epochs")
+nnUNetTrainerLesionDiffusionSynthOnly_50epochs = _epochs(nnUNetTrainerLesionDiffusionSynthOnly, 50,
+                                                         "nnUNetTrainerLesionDiffusionSynthOnly_50epochs")
+
+
+def tiny_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
+                 num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+    """The plans' architecture class with 4..16 features and one conv per stage (CPU tests)."""
+    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+
+    kwargs = deepcopy(configuration_manager.network_arch_init_kwargs)
+    n = kwargs.get("n_stages", len(kwargs.get("features_per_stage", [])))
+    kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(n)]
+    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
+        if key in kwargs:
+            kwargs[key] = [1] * n
+    if "n_conv_per_stage_decoder" in kwargs:
+        kwargs["n_conv_per_stage_decoder"] = [1] * (n - 1)
+    return get_network_from_plans(configuration_manager.network_arch_class_name, kwargs,
+                                  configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
+                                  num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+
+
+class _SmokeMixin:
+    """2 epochs x 3 iterations, 1 validation iteration, a tiny network: seconds on a CPU."""
+
+    def _smoke(self) -> None:
+        self.num_epochs = 2
+        self.num_iterations_per_epoch = 3
+        self.num_val_iterations_per_epoch = 1
+        self.save_every = 1
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True) -> nn.Module:
+        return tiny_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                            enable_deep_supervision)
+
+
+class nnUNetTrainerLesionDiffusion_smoke(_SmokeMixin, nnUNetTrainerLesionDiffusion):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._smoke()
+
+
+class nnUNetTrainerLesionDiffusionSynthOnly_smoke(_SmokeMixin, nnUNetTrainerLesionDiffusionSynthOnly):
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._smoke()
+
+
+class nnUNetTrainer_ldsmoke(_SmokeMixin, nnUNetTrainer):
+    """Plain nnU-Net with the smoke settings: the real-only baseline in tests and benchmarks."""
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self._smoke()
+
+
+__all__ = [n for n in list(globals()) if n.startswith("nnUNetTrainer")]

@@ -1,0 +1,98 @@
+"""``lesiondiffusion cache build``: synthesise N preprocessed cases to disk for offline training.
+
+The trainer then reads the cache (config ``mode: offline``) with no generator loaded. The build is
+resumable and atomic; see ``lesiondiffusion.store.OfflineCache``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+
+from ..errors import ConfigError, LesionDiffusionError
+
+
+def _build(args: argparse.Namespace) -> int:
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
+    from ..nnunet_integration.config import load_config
+    from ..nnunet_integration.data import FactorySpec, initial_patch_size
+    from ..nnunet_integration.trainers import cache_identity, default_cache_dir
+    from ..store import OfflineCache
+
+    if args.n < 1:
+        raise LesionDiffusionError(f"-n {args.n}: give the number of synthetic cases to build (>= 1).")
+    if not nnUNet_preprocessed.is_set():
+        raise LesionDiffusionError("nnUNet_preprocessed is not set; export it (and nnUNet_raw) as for nnU-Net training.")
+    try:
+        name = maybe_convert_to_dataset_name(args.dataset)
+    except RuntimeError as exc:
+        raise LesionDiffusionError(f"--dataset {args.dataset}: {exc}") from None
+    pre = Path(nnUNet_preprocessed.get()) / name
+    plans_file = pre / f"{args.plans}.json"
+    if not plans_file.is_file():
+        raise LesionDiffusionError(f"{plans_file} not found: run 'nnUNetv2_plan_and_preprocess -d {args.dataset}' first "
+                                   "or pass --plans.")
+    plans = json.loads(plans_file.read_text())
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    pm = PlansManager(plans)
+    if args.configuration not in pm.available_configurations:
+        raise LesionDiffusionError(f"--configuration {args.configuration} is not in {plans_file} "
+                                   f"(available: {', '.join(pm.available_configurations)}).")
+    cm = pm.get_configuration(args.configuration)
+    cfg = load_config(args.config)
+    if cfg.generator.backend == "lesiondiffusion" and cfg.mode == "offline" and not cfg.generator.bundle:
+        raise ConfigError(f"{cfg.source}: key 'generator.bundle' is not set; building a cache with the LesionDiffusion "
+                          "backend needs a model bundle (or set generator.backend: rule_based).")
+    crop = initial_patch_size(cm)
+    data_folder = pre / cm.data_identifier
+    if not data_folder.is_dir():
+        raise LesionDiffusionError(f"{data_folder} not found: preprocess configuration {args.configuration} first.")
+    if args.fold == "all":
+        identifiers = None
+    else:
+        splits = pre / "splits_final.json"
+        if not splits.is_file():
+            raise LesionDiffusionError(f"--fold {args.fold}: {splits} does not exist yet (nnU-Net writes it when training "
+                                       "starts); use --fold all or start a training once.")
+        identifiers = json.loads(splits.read_text())[int(args.fold)]["train"]
+    if identifiers is None:
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+    out = Path(args.output) if args.output else (
+        Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else default_cache_dir(str(pre), pm.plans_name, args.configuration))
+    spec = FactorySpec(config=cfg, plans=plans, configuration=args.configuration, dataset_json=dataset_json,
+                       dataset_name=name, preprocessed_folder=str(data_folder),
+                       raw_folder=os.path.join(nnUNet_raw.get(), name) if nnUNet_raw.is_set() else None,
+                       identifiers=list(identifiers), crop_size=crop, device=args.device)
+    identity = cache_identity(pm, args.configuration, crop)
+    identity.update({"backend": cfg.generator.backend, "bundle": cfg.generator.bundle, "seed": cfg.seed,
+                     "catalogs": [e.name for e in cfg.catalogs], "fold": args.fold})
+    manifest = OfflineCache(out, identity).build(spec.build, args.n, seed=cfg.seed, lazy=True,
+                                                 progress=not args.quiet)
+    print(f"{manifest['n_cases']} synthetic cases in {out} ({len(manifest['failures'])} failed syntheses skipped); "
+          f"train with 'mode: offline' in {cfg.source}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("cache", help="offline cache of synthetic nnU-Net training cases")
+    sub = p.add_subparsers(dest="cache_command", metavar="ACTION")
+    sub.required = True
+    b = sub.add_parser("build", help="synthesise N preprocessed cases to disk (resumable)")
+    b.add_argument("--config", required=True, help="lesiondiffusion.yaml")
+    b.add_argument("--dataset", required=True, help="nnU-Net dataset name or id")
+    b.add_argument("-n", type=int, required=True, help="number of synthetic cases")
+    b.add_argument("--plans", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
+    b.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (default 3d_fullres)")
+    b.add_argument("--fold", default="all", help="use the training split of this fold for templates (default: all cases)")
+    b.add_argument("-o", "--output", help="cache folder (default: offline.cache_dir or "
+                   "$nnUNet_preprocessed/DATASET/lesiondiffusion_cache/PLANS__CONFIG)")
+    b.add_argument("--device", help="override generator.device")
+    b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    b.set_defaults(func=_build)

@@ -1,0 +1,483 @@
+"""Synthetic sample store: a background producer feeding a bounded queue, and an offline disk cache.
+
+The producer (a spawned process by default, or a thread) builds the generator once, keeps it resident
+and fills a bounded queue with ready-to-train synthetic cases. Consumers (the training data loader,
+possibly in several augmentation worker processes) draw through a ``StoreClient`` that never blocks
+while a case is available, reuses each case at most ``reuse`` times and counts hits and misses in
+shared counters. The ``OfflineCache`` writes the same cases to disk once (resumable, atomic) and
+``OfflineCacheReader`` serves them with no generator loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import multiprocessing as mp
+import os
+import queue as queue_mod
+import threading
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Protocol
+
+import numpy as np
+
+from .errors import LesionDiffusionError, SynthesisError
+from .io import atomic_path, write_json
+
+log = logging.getLogger(__name__)
+
+# counters shared by the producer and every consumer process (indices into one shared array)
+PRODUCED, FAILED, FRESH, REUSED, MISSED, WAITED, DROPPED = range(7)
+_COUNTER_NAMES = ("produced", "failed", "fresh", "reused", "missed", "waited", "dropped")
+
+
+@dataclass
+class SyntheticCase:
+    """One preprocessed synthetic training case, in the layout nnU-Net's data loader crops from.
+
+    ``data`` is float32 (C, X, Y, Z), already normalised like the real preprocessed cases; ``seg`` is
+    int16 (1, X, Y, Z) with the dataset's label ids; ``properties`` carries ``class_locations`` for
+    foreground oversampling; ``meta`` holds the reports, seed and template name (JSON-serialisable).
+    """
+
+    name: str
+    data: np.ndarray
+    seg: np.ndarray
+    properties: dict[str, Any]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class CaseFactory(Protocol):
+    """Makes one synthetic case from a seed, or returns ``(None, reason)`` when synthesis failed."""
+
+    def __call__(self, seed: int) -> tuple[SyntheticCase | None, str | None]: ...
+
+
+class ProducerCrashed(RuntimeError):
+    """The background producer died; the message carries its traceback."""
+
+
+def validate_case(case: SyntheticCase) -> str | None:
+    """Reason to drop ``case`` (NaN/inf data, shape mismatch, no lesion voxels), or None when usable."""
+    if case.data.ndim != 4 or case.seg.ndim != 4 or case.data.shape[1:] != case.seg.shape[1:]:
+        return f"shape mismatch data {case.data.shape} vs seg {case.seg.shape}"
+    if not np.isfinite(case.data).all():
+        return "non-finite values in the synthetic image"
+    if not (case.seg > 0).any():
+        return "no lesion voxels in the synthetic label"
+    return None
+
+
+@dataclass
+class StoreStats:
+    produced: int = 0
+    failed: int = 0
+    fresh: int = 0
+    reused: int = 0
+    missed: int = 0
+    waited: int = 0
+    dropped: int = 0
+    queued: int = -1
+
+    @property
+    def requests(self) -> int:
+        return self.fresh + self.reused + self.missed
+
+    @property
+    def hit_rate(self) -> float:
+        return (self.fresh + self.reused) / self.requests if self.requests else float("nan")
+
+    def minus(self, other: "StoreStats") -> "StoreStats":
+        vals = {k: getattr(self, k) - getattr(other, k) for k in _COUNTER_NAMES}
+        return StoreStats(**vals, queued=self.queued)
+
+    def summary(self) -> str:
+        hr = "n/a" if self.requests == 0 else f"{100 * self.hit_rate:.1f}%"
+        return (f"hit rate {hr} (fresh {self.fresh}, reused {self.reused}, missed {self.missed}), "
+                f"produced {self.produced}, failed {self.failed}, dropped {self.dropped}, in store {self.queued}")
+
+
+class SharedCounters:
+    """A few int64 counters in shared memory, safe to update from any process that inherited them."""
+
+    def __init__(self, ctx: Any = None) -> None:
+        ctx = ctx or mp.get_context("spawn")
+        self._arr = ctx.Array("q", len(_COUNTER_NAMES))
+
+    def add(self, index: int, n: int = 1) -> None:
+        with self._arr.get_lock():
+            self._arr[index] += n
+
+    def snapshot(self, queued: int = -1) -> StoreStats:
+        with self._arr.get_lock():
+            vals = list(self._arr[:])
+        return StoreStats(**dict(zip(_COUNTER_NAMES, vals)), queued=queued)
+
+
+def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop: Any, crashed: Any, done: Any,
+                   err_q: Any, counters: SharedCounters, seed: int, limit: int | None,
+                   max_consecutive_failures: int) -> None:
+    """Runs in the producer process/thread: build the factory once, then keep the queue full."""
+    try:
+        factory = factory_builder()
+        made, consecutive, i = 0, 0, 0
+        reasons: dict[str, int] = {}
+        while not stop.is_set() and (limit is None or made < limit):
+            case, reason = factory(seed + i)
+            i += 1
+            if case is not None:
+                reason = validate_case(case)
+            if reason is not None:
+                counters.add(FAILED)
+                consecutive += 1
+                reasons[reason] = reasons.get(reason, 0) + 1
+                log.debug("synthesis %d dropped: %s", i, reason)
+                if consecutive >= max_consecutive_failures:
+                    top = ", ".join(f"{r} (x{n})" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:5])
+                    raise SynthesisError(
+                        f"{consecutive} syntheses in a row failed; reasons: {top}. Check that the templates "
+                        "contain the organs the catalogs need and that the generator works on them.")
+                continue
+            consecutive = 0
+            while not stop.is_set():
+                try:
+                    out_q.put(case, timeout=0.2)
+                    counters.add(PRODUCED)
+                    made += 1
+                    break
+                except queue_mod.Full:
+                    continue
+        done.set()
+    except BaseException:  # the consumer side re-raises this traceback in the training loop
+        err_q.put(traceback.format_exc())
+        crashed.set()
+
+
+class SampleStore:
+    """Owns the producer and the bounded queue; hands out ``StoreClient`` objects to consumers.
+
+    ``factory_builder`` must be picklable for ``worker="process"`` (it runs in a spawned process,
+    which also keeps the generator's memory and GIL out of the training process). ``refresh="once"``
+    stops the producer after ``size`` cases; the clients then recycle those cases without a limit.
+    """
+
+    def __init__(self, factory_builder: Callable[[], CaseFactory], *, size: int = 32, reuse: int = 8,
+                 refresh: str = "continuous", worker: str = "process", seed: int = 0,
+                 max_consecutive_failures: int = 50) -> None:
+        self.size, self.reuse, self.refresh, self.worker = size, reuse, refresh, worker
+        self._ctx = mp.get_context("spawn")
+        self.queue = self._ctx.Queue(maxsize=size)
+        self.stop_event = self._ctx.Event()
+        self.crashed = self._ctx.Event()
+        self.done = self._ctx.Event()
+        self._err_q = self._ctx.Queue()
+        self.counters = SharedCounters(self._ctx)
+        self._builder = factory_builder
+        self._seed = seed
+        self._max_fail = max_consecutive_failures
+        self._runner: Any = None
+        self._error: str | None = None
+
+    def start(self) -> "SampleStore":
+        args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
+                self._seed, self.size if self.refresh == "once" else None, self._max_fail)
+        if self.worker == "thread":
+            self._runner = threading.Thread(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
+        else:
+            self._runner = self._ctx.Process(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
+        self._runner.start()
+        return self
+
+    def client(self, pool_size: int | None = None, on_miss: str = "real") -> "StoreClient":
+        reuse = 0 if self.refresh == "once" else self.reuse
+        return StoreClient(self.queue, self.counters, self.crashed, self.stop_event, reuse=reuse,
+                           pool_size=pool_size or self.size, wait=on_miss == "wait")
+
+    def check(self) -> None:
+        """Raise ``ProducerCrashed`` with the producer's traceback if it died."""
+        if self._error is None and self.crashed.is_set():
+            try:
+                self._error = self._err_q.get(timeout=5)
+            except queue_mod.Empty:
+                self._error = "(no traceback received)"
+        if self._error is None and self._runner is not None and not self.done.is_set() \
+                and not self.stop_event.is_set() and not self._runner.is_alive():
+            code = getattr(self._runner, "exitcode", None)
+            self._error = (f"The producer exited unexpectedly (exit code {code}; -9 usually means it was killed "
+                           "for memory).")
+        if self._error is not None:
+            raise ProducerCrashed(f"The lesion synthesis producer crashed; training stops.\n{self._error}")
+
+    def wait_for(self, n: int, timeout: float) -> int:
+        """Block until ``n`` cases are queued (or the producer finished/crashed); returns the count reached."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.check()
+            have = self.counters.snapshot().produced
+            if have >= n or self.done.is_set():
+                return have
+            time.sleep(0.05)
+        return self.counters.snapshot().produced
+
+    def stats(self) -> StoreStats:
+        try:
+            queued = self.queue.qsize()
+        except NotImplementedError:  # macOS has no sem_getvalue
+            queued = -1
+        return self.counters.snapshot(queued=queued)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Stop the producer and free its generator; queued cases stay drawable."""
+        self.stop_event.set()
+        if self._runner is not None:
+            self._runner.join(timeout)
+            if self._runner.is_alive() and hasattr(self._runner, "terminate"):
+                self._runner.terminate()
+                self._runner.join(timeout)
+        self._runner = None
+
+    def close(self) -> None:
+        self.stop()
+        # drain so the queue's feeder thread can exit without blocking interpreter shutdown
+        try:
+            while True:
+                self.queue.get_nowait()
+        except (queue_mod.Empty, OSError, ValueError):
+            pass
+        self.queue.cancel_join_thread()
+
+
+class StoreClient:
+    """Consumer side of a ``SampleStore``; lives in whichever process runs the data loader.
+
+    Each draw takes a fresh case from the queue when one is there; otherwise it reuses a case from
+    this process's small pool (each case at most ``reuse`` draws; 0 = unlimited); otherwise it is a
+    miss and returns None so the caller uses a real case, or, with ``wait=True``, blocks until the
+    producer delivers (never while the pool has a reusable case).
+    """
+
+    def __init__(self, q: Any, counters: SharedCounters, crashed: Any, stopped: Any, *, reuse: int,
+                 pool_size: int, wait: bool) -> None:
+        self.q, self.counters, self.crashed, self.stopped = q, counters, crashed, stopped
+        self.reuse, self.pool_size, self.wait = reuse, max(1, pool_size), wait
+        self._pool: list[list[Any]] = []   # [case, draws left]
+
+    def _take(self, case: SyntheticCase) -> SyntheticCase:
+        self._pool.append([case, self.reuse if self.reuse > 0 else -1])
+        if len(self._pool) > self.pool_size:
+            self._pool.pop(0)
+            self.counters.add(DROPPED)
+        return self._use(len(self._pool) - 1)
+
+    def _use(self, idx: int) -> SyntheticCase:
+        entry = self._pool[idx]
+        if entry[1] > 0:
+            entry[1] -= 1
+            if entry[1] == 0:
+                self._pool.pop(idx)
+        return entry[0]
+
+    def draw(self) -> SyntheticCase | None:
+        # np.random, not random: nnU-Net seeds numpy per augmentation worker, so workers differ
+        try:
+            case = self.q.get_nowait()
+            self.counters.add(FRESH)
+            return self._take(case)
+        except queue_mod.Empty:
+            pass
+        if self._pool:
+            self.counters.add(REUSED)
+            return self._use(int(np.random.randint(len(self._pool))))
+        if self.wait:
+            self.counters.add(WAITED)
+            while not self.crashed.is_set():
+                try:
+                    case = self.q.get(timeout=0.2)
+                    self.counters.add(FRESH)
+                    return self._take(case)
+                except queue_mod.Empty:
+                    if self.stopped.is_set():
+                        break
+        # a crashed producer makes this a miss; the training loop then raises its traceback
+        self.counters.add(MISSED)
+        return None
+
+
+# ---------------------------------------------------------------------------------------------------
+# offline cache
+
+MANIFEST = "manifest.json"
+_FORMAT = 1
+
+
+def _case_paths(root: Path, index: int) -> tuple[Path, Path]:
+    stem = f"synth_{index:06d}"
+    return root / "cases" / f"{stem}.npz", root / "cases" / f"{stem}.json"
+
+
+def save_case(path: Path, case: SyntheticCase) -> None:
+    """Write a case as one .npz atomically (temp file + rename)."""
+    props = {k: v for k, v in case.properties.items() if k != "class_locations"}
+    locs = case.properties.get("class_locations", {})
+    arrays = {"data": case.data.astype(np.float32, copy=False), "seg": case.seg.astype(np.int16, copy=False)}
+    keys = []
+    for i, (k, v) in enumerate(locs.items()):
+        arrays[f"loc_{i}"] = np.asarray(v, dtype=np.int64).reshape(-1, case.seg.ndim)
+        keys.append(list(k) if isinstance(k, tuple) else k)
+    extra = json.dumps({"name": case.name, "properties": props, "loc_keys": keys, "meta": case.meta}, default=_jsonable)
+    arrays["extra"] = np.frombuffer(extra.encode("utf-8"), dtype=np.uint8)
+    with atomic_path(path, suffix=".npz") as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def load_case(path: Path) -> SyntheticCase:
+    with np.load(path) as z:
+        extra = json.loads(bytes(z["extra"]).decode("utf-8"))
+        locs = {}
+        for i, k in enumerate(extra["loc_keys"]):
+            locs[tuple(k) if isinstance(k, list) else k] = z[f"loc_{i}"]
+        props = dict(extra["properties"])
+        props["class_locations"] = locs
+        return SyntheticCase(extra["name"], z["data"], z["seg"], props, extra["meta"])
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if isinstance(obj, (np.floating,)):
+        return float(obj)
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "to_dict"):
+        return obj.to_dict()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+class OfflineCache:
+    """Build N synthetic cases on disk once: resumable, atomic, with a manifest of reports and seeds.
+
+    Case ``i`` always uses seed ``seed + i`` and lives in ``cases/synth_{i:06d}.npz`` with a JSON
+    sidecar written after it; a failed synthesis leaves ``failed/{i}.json``. A re-run skips every
+    index that has a valid sidecar (or a failure record), so an interrupted build finishes without
+    duplicates, and a half-written file never appears under a final name.
+    """
+
+    def __init__(self, root: str | os.PathLike, identity: dict[str, Any] | None = None) -> None:
+        self.root = Path(root)
+        self.identity = identity or {}
+
+    def _check_identity(self) -> None:
+        path = self.root / "identity.json"
+        if path.exists():
+            old = json.loads(path.read_text())
+            if old != json.loads(json.dumps(self.identity, default=_jsonable)):
+                diff = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+                raise LesionDiffusionError(
+                    f"{path}: this cache was built with different settings (keys differ: {', '.join(diff)}). "
+                    "Use a new output folder or delete the old cache.")
+        else:
+            write_json(path, json.loads(json.dumps(self.identity, default=_jsonable)))
+
+    def build(self, factory: CaseFactory | Callable[[], CaseFactory], n: int, *, seed: int = 0,
+              progress: bool = True, lazy: bool = False, max_consecutive_failures: int = 50) -> dict[str, Any]:
+        """Synthesise until ``n`` good cases exist; ``lazy=True`` means ``factory`` is a builder called
+        only if work remains (so a finished cache needs no generator)."""
+        from tqdm import tqdm
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        (self.root / "cases").mkdir(exist_ok=True)
+        (self.root / "failed").mkdir(exist_ok=True)
+        self._check_identity()
+        good = self._valid_indices()
+        failed = {int(p.stem) for p in (self.root / "failed").glob("*.json")}
+        bar = tqdm(total=n, initial=min(len(good), n), desc="synthetic cases", disable=not progress, unit="case")
+        i, consecutive = 0, 0
+        built = None
+        while len(good) < n:
+            if i in good or i in failed:
+                i += 1
+                continue
+            if built is None:
+                built = factory() if lazy else factory
+            case, reason = built(seed + i)
+            if case is not None:
+                reason = validate_case(case)
+            if reason is not None:
+                write_json(self.root / "failed" / f"{i}.json", {"index": i, "seed": seed + i, "reason": reason})
+                failed.add(i)
+                consecutive += 1
+                if consecutive >= max_consecutive_failures:
+                    raise SynthesisError(f"{consecutive} syntheses in a row failed (last: {reason}); the cache at "
+                                         f"{self.root} keeps the {len(good)} finished cases.")
+            else:
+                consecutive = 0
+                npz, side = _case_paths(self.root, i)
+                save_case(npz, case)
+                write_json(side, {"index": i, "seed": seed + i, "file": npz.name, "name": case.name,
+                                  "meta": json.loads(json.dumps(case.meta, default=_jsonable))})
+                good.add(i)
+                bar.update(1)
+            i += 1
+        bar.close()
+        return self.write_manifest(n)
+
+    def _valid_indices(self) -> set[int]:
+        good = set()
+        for side in (self.root / "cases").glob("synth_*.json"):
+            try:
+                info = json.loads(side.read_text())
+                npz = self.root / "cases" / info["file"]
+                if npz.is_file() and npz.stat().st_size > 0:
+                    good.add(int(info["index"]))
+            except (ValueError, KeyError, OSError):
+                side.unlink(missing_ok=True)  # a corrupt sidecar means the case is redone
+        return good
+
+    def write_manifest(self, n: int | None = None) -> dict[str, Any]:
+        cases = []
+        for idx in sorted(self._valid_indices()):
+            _, side = _case_paths(self.root, idx)
+            cases.append(json.loads(side.read_text()))
+        if n is not None:
+            cases = cases[:n]
+        failures = [json.loads(p.read_text()) for p in sorted((self.root / "failed").glob("*.json"))]
+        manifest = {"format": _FORMAT, "identity": self.identity, "n_cases": len(cases), "cases": cases,
+                    "failures": failures}
+        write_json(self.root / MANIFEST, json.loads(json.dumps(manifest, default=_jsonable)))
+        return manifest
+
+
+class OfflineCacheReader:
+    """Serves cases of a built cache at random (no generator, no producer); counts draws as hits."""
+
+    def __init__(self, root: str | os.PathLike, counters: SharedCounters | None = None,
+                 expect: dict[str, Any] | None = None) -> None:
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise LesionDiffusionError(
+                f"No offline cache at {self.root} ({MANIFEST} missing). Build it with 'lesiondiffusion cache build "
+                "--config CFG --dataset DATASET -n N', or set mode: online.")
+        manifest = json.loads(path.read_text())
+        if not manifest.get("cases"):
+            raise LesionDiffusionError(f"{path}: the cache holds no cases; rebuild it with 'lesiondiffusion cache build'.")
+        for key, value in (expect or {}).items():
+            have = manifest.get("identity", {}).get(key)
+            if have != value:
+                raise LesionDiffusionError(
+                    f"{path}: identity key '{key}' is {have!r} but training uses {value!r}; rebuild the cache for "
+                    "these plans/configuration with 'lesiondiffusion cache build'.")
+        self.files = [self.root / "cases" / c["file"] for c in manifest["cases"]]
+        self.manifest = manifest
+        self.counters = counters or SharedCounters()
+
+    def draw(self) -> SyntheticCase:
+        case = load_case(self.files[int(np.random.randint(len(self.files)))])
+        self.counters.add(FRESH)
+        return case
