@@ -7,6 +7,7 @@ nnU-Net's own metric code, the prompt-alignment study and the three-setting segm
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import math
 from dataclasses import dataclass, field
@@ -327,3 +328,268 @@ def write_alignment(result: AlignmentResult, out_dir: str | Path, title: str = "
     _write_csv(paths["samples"], [vars(s) for s in result.samples])
     plot_alignment(result, paths["plot"], title)
     return paths
+
+
+# ---------------------------------------------------------------------------------------------
+# segmentation study: nnU-Net in the method's three settings
+
+
+# setting -> (table row name, base trainer class); a suffix such as "_5epochs" selects short variants
+SETTINGS: dict[str, tuple[str, str]] = {
+    "real": ("Real only", "nnUNetTrainer"),
+    "synthetic": ("Synthetic only", "nnUNetTrainerLesionDiffusionSynthOnly"),
+    "synthetic_real": ("Synthetic then real", "nnUNetTrainerLesionDiffusion"),
+}
+
+
+def nnunet_executable(name: str) -> str:
+    """The nnU-Net console script of this Python environment (falls back to PATH)."""
+    import shutil
+    import sys
+
+    local = Path(sys.executable).parent / name
+    if local.exists():
+        return str(local)
+    found = shutil.which(name)
+    if found is None:
+        raise LesionDiffusionError(
+            f"`{name}` was not found next to {sys.executable} or on PATH. Install nnU-Net v2 in this "
+            "environment (`pip install nnunetv2`, a dependency of this package) and activate it."
+        )
+    return found
+
+
+def ext_trainer_dir() -> Path:
+    """The installed folder of trainer modules that nnU-Net's ``nnUNet_extTrainer`` must list."""
+    from importlib import resources
+
+    return Path(str(resources.files("lesiondiffusion.nnunet_integration"))) / "ext_trainers"
+
+
+def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """``nnUNet_extTrainer`` with the LesionDiffusion trainer folder prepended (kept once)."""
+    import os
+
+    env = dict(os.environ if env is None else env)
+    folder = str(ext_trainer_dir())
+    parts = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p and p != folder]
+    return {"nnUNet_extTrainer": os.pathsep.join([folder, *parts])}
+
+
+def run_logged(cmd: Sequence[str], log_path: str | Path, env: dict[str, str] | None = None, *,
+               progress: bool = True, epochs: int | None = None, echo=print) -> None:
+    """Run a command, write its output to ``log_path`` and advance a progress bar per nnU-Net epoch.
+    A non-zero exit raises with the last lines of the log."""
+    import re
+    import subprocess
+
+    from tqdm.auto import tqdm
+
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    echo(f"    $ {' '.join(cmd)}\n      (log: {log_path})")
+    bar = tqdm(total=epochs, desc=Path(cmd[0]).name, unit="epoch", disable=not progress or epochs is None)
+    tail: list[str] = []
+    with open(log_path, "a", encoding="utf-8") as logf:
+        logf.write(f"\n$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(list(cmd), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                text=True, bufsize=1)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                logf.write(line)
+                tail = (tail + [line.rstrip()])[-25:]
+                if re.search(r"\bEpoch \d+\s*$", line):
+                    bar.update(1)
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.wait()
+            raise
+        rc = proc.wait()
+    bar.close()
+    if rc != 0:
+        raise LesionDiffusionError(
+            f"`{' '.join(cmd)}` failed with exit code {rc}. Last lines of {log_path}:\n    "
+            + "\n    ".join(tail)
+        )
+
+
+@dataclass
+class SegmentationStudy:
+    """Train, predict and score nnU-Net for each setting; every finished stage is reused.
+
+    ``dataset`` is an nnU-Net dataset id or folder name under ``$nnUNet_raw``; the test set is the
+    raw dataset's ``imagesTs``/``labelsTs`` unless ``test_images``/``test_labels`` are given.
+    """
+
+    dataset: str
+    out_dir: Path
+    settings: tuple[str, ...] = ("real", "synthetic", "synthetic_real")
+    configuration: str = "3d_fullres"
+    fold: str = "0"
+    plans: str = "nnUNetPlans"
+    trainer_suffix: str = ""
+    trainers: dict[str, str] = field(default_factory=dict)   # explicit per-setting trainer names
+    test_images: Path | None = None
+    test_labels: Path | None = None
+    device: str = "cpu"
+    config: Path | None = None       # lesiondiffusion.yaml for the LesionDiffusion trainers
+    plan: bool = True                # run nnUNetv2_plan_and_preprocess when the plans are missing
+    progress: bool = True
+    env: dict[str, str] | None = None
+    echo: Any = print
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        for s in self.settings:
+            if s not in SETTINGS:
+                raise LesionDiffusionError(
+                    f"Unknown setting {s!r}; choose from {', '.join(SETTINGS)} (comma-separated)."
+                )
+
+    # -- environment -----------------------------------------------------------------------
+    def environment(self) -> dict[str, str]:
+        import os
+
+        env = dict(self.env if self.env is not None else os.environ)
+        missing = [k for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results") if not env.get(k)]
+        if missing:
+            raise LesionDiffusionError(
+                f"Environment variable(s) {', '.join(missing)} not set. nnU-Net needs nnUNet_raw, "
+                "nnUNet_preprocessed and nnUNet_results pointing at folders (see nnU-Net's "
+                "documentation/set_environment_variables.md)."
+            )
+        if self.config is not None:
+            cfg = Path(self.config)
+            if not cfg.exists():
+                raise LesionDiffusionError(f"Config file {cfg} does not exist; pass the lesiondiffusion.yaml path.")
+            env["LESIONDIFFUSION_CONFIG"] = str(cfg.resolve())
+        env.update(trainer_env(env))
+        env.setdefault("nnUNet_compile", "false")
+        return env
+
+    def dataset_folder(self, env: dict[str, str]) -> Path:
+        raw = Path(env["nnUNet_raw"])
+        ds = str(self.dataset)
+        if ds.isdigit():
+            hits = sorted(raw.glob(f"Dataset{int(ds):03d}_*"))
+            if len(hits) != 1:
+                raise LesionDiffusionError(
+                    f"Dataset id {ds}: found {len(hits)} folders Dataset{int(ds):03d}_* in {raw}; expected one."
+                )
+            return hits[0]
+        p = raw / ds
+        if not p.is_dir():
+            raise LesionDiffusionError(f"Dataset folder {p} does not exist. Give an id or a folder name in {raw}.")
+        return p
+
+    def trainer(self, setting: str) -> str:
+        return self.trainers.get(setting) or SETTINGS[setting][1] + self.trainer_suffix
+
+    def fold_dir(self, env: dict[str, str], setting: str) -> Path:
+        ds = self.dataset_folder(env).name
+        return (Path(env["nnUNet_results"]) / ds / f"{self.trainer(setting)}__{self.plans}__{self.configuration}"
+                / f"fold_{self.fold}")
+
+    # -- stages ----------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        env = self.environment()
+        ds_dir = self.dataset_folder(env)
+        ds_id = str(int(ds_dir.name[len("Dataset"):len("Dataset") + 3]))
+        meta = json.loads((ds_dir / "dataset.json").read_text())
+        labels = {int(v): k for k, v in meta["labels"].items() if int(v) != 0} if all(
+            isinstance(v, int) for v in meta["labels"].values()) else None
+        if labels is None:
+            raise LesionDiffusionError(
+                f"{ds_dir / 'dataset.json'}: region-based labels are not supported by this study; "
+                "use integer labels (one per lesion type)."
+            )
+        test_images = Path(self.test_images or ds_dir / "imagesTs")
+        test_labels = Path(self.test_labels or ds_dir / "labelsTs")
+        for p, what in ((test_images, "images"), (test_labels, "labels")):
+            if not p.is_dir() or not any(p.iterdir()):
+                raise LesionDiffusionError(
+                    f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
+                    "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels."
+                )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        logs = self.out_dir / "logs"
+        pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
+        if not (pre / f"{self.plans}.json").exists():
+            if not self.plan:
+                raise LesionDiffusionError(
+                    f"No plans {pre / (self.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
+                )
+            run_logged([nnunet_executable("nnUNetv2_plan_and_preprocess"), "-d", ds_id, "-c", self.configuration,
+                        "-np", "1", "--verify_dataset_integrity"], logs / "plan_and_preprocess.log", env,
+                       progress=self.progress, echo=self.echo)
+        rows: dict[str, dict[str, Any]] = {}
+        for setting in self.settings:
+            rows[setting] = self._one(setting, env, ds_id, test_images, test_labels, labels, logs)
+        table = self.write_table(rows, labels)
+        return {"rows": rows, **table}
+
+    def _one(self, setting: str, env, ds_id, test_images, test_labels, labels, logs) -> dict[str, Any]:
+        trainer = self.trainer(setting)
+        fold_dir = self.fold_dir(env, setting)
+        marker = self.out_dir / "done" / f"{setting}.json"
+        if marker.exists():
+            prev = json.loads(marker.read_text())
+            if prev.get("trainer") == trainer and prev.get("fold") == self.fold:
+                self.echo(f"  {SETTINGS[setting][0]}: reusing {marker}")
+                return prev
+        if not (fold_dir / "checkpoint_final.pth").exists():
+            cmd = [nnunet_executable("nnUNetv2_train"), ds_id, self.configuration, self.fold, "-tr", trainer,
+                   "-p", self.plans, "-device", self.device.split(":")[0]]
+            if (fold_dir / "checkpoint_latest.pth").exists():
+                cmd.append("--c")  # resume an interrupted training
+            run_logged(cmd, logs / f"train_{setting}.log", env, progress=self.progress,
+                       epochs=_epochs_of(trainer), echo=self.echo)
+        pred = self.out_dir / "predictions" / setting
+        if pred.exists():
+            import shutil
+
+            shutil.rmtree(pred)  # a half-finished prediction folder is never scored
+        run_logged([nnunet_executable("nnUNetv2_predict"), "-i", str(test_images), "-o", str(pred), "-d", ds_id,
+                    "-c", self.configuration, "-f", self.fold, "-tr", trainer, "-p", self.plans,
+                    "-device", self.device.split(":")[0], "--disable_tta", "-npp", "1", "-nps", "1"],
+                   logs / f"predict_{setting}.log", env, progress=self.progress, echo=self.echo)
+        scores = dice_on_folders(test_labels, pred, sorted(labels))
+        row = {"setting": setting, "trainer": trainer, "fold": self.fold, "fold_dir": str(fold_dir),
+               "predictions": str(pred),
+               "dice": {labels[k]: v for k, v in scores["mean"].items()}, "per_case": scores["per_case"]}
+        write_json(marker, row)
+        return row
+
+    def write_table(self, rows: dict[str, dict[str, Any]], labels: dict[int, str]) -> dict[str, Any]:
+        types = [labels[k] for k in sorted(labels)]
+        table_rows = []
+        for setting, row in rows.items():
+            vals = [row["dice"].get(t, float("nan")) for t in types]
+            finite = [v for v in vals if not math.isnan(v)]
+            table_rows.append({"setting": SETTINGS[setting][0], "trainer": row["trainer"],
+                               **{t: v for t, v in zip(types, vals)},
+                               "mean": float(np.mean(finite)) if finite else float("nan")})
+        csv_path = self.out_dir / "segmentation_dice.csv"
+        md_path = self.out_dir / "segmentation_dice.md"
+        _write_csv(csv_path, table_rows)
+        atomic_write_text(md_path, format_dice_markdown(table_rows, types))
+        return {"csv": csv_path, "markdown": md_path, "table": table_rows}
+
+
+def _epochs_of(trainer: str) -> int | None:
+    import re
+
+    m = re.search(r"_(\d+)epochs?(?:_|$)", trainer)
+    return int(m.group(1)) if m else None
+
+
+def format_dice_markdown(rows: list[dict[str, Any]], types: list[str]) -> str:
+    """Dice (%) per lesion type, one row per training setting (the layout of the method's Table 1)."""
+    head = "| Training data | " + " | ".join(t.replace("_", " ") for t in types) + " | Mean |"
+    sep = "|---|" + "---:|" * (len(types) + 1)
+    lines = [head, sep]
+    for r in rows:
+        cells = ["n/a" if math.isnan(r[t]) else f"{100 * r[t]:.1f}" for t in types + ["mean"]]
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n\nDice in %, mean over test cases that contain the lesion type.\n"

@@ -1,0 +1,121 @@
+"""``lesiondiffusion evaluate {alignment,segmentation}``: the method's two evaluations."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("evaluate", help="prompt alignment of generated lesions; nnU-Net Dice in three settings")
+    ev = p.add_subparsers(dest="evaluate_command", metavar="WHAT")
+    ev.required = True
+
+    a = ev.add_parser(
+        "alignment",
+        help="shape and density of generated lesions per prompt value",
+        description=(
+            "Generates N lesions per value of the shape and density attributes (every other attribute "
+            "sampled from the catalog) and reports sphericity and convexity (volume / convex hull) per "
+            "shape prompt and lesion vs surrounding-organ HU per density prompt: CSV, table and scatter PNG."
+        ),
+    )
+    a.add_argument("--bundle", type=Path, help="model bundle folder (required unless --backend rule_based)")
+    a.add_argument("--ct", type=Path, required=True, help="CT volume in HU (NIfTI)")
+    a.add_argument("--organs", type=Path, required=True, help="TotalSegmentator organ labels on the CT grid")
+    a.add_argument("--organ-mapping", default="auto", help="v1 | v2 | auto | name->id JSON file (default auto)")
+    a.add_argument("--catalog", required=True, help="lesion type (catalog name or YAML path)")
+    a.add_argument("-n", type=int, default=8, help="lesions per prompt value (default 8)")
+    a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--device", default="cpu")
+    a.add_argument("--backend", choices=("lesiondiffusion", "rule_based"), default="lesiondiffusion",
+                   help="generator to evaluate (rule_based: the weight-free baseline)")
+    a.add_argument("-o", "--out", type=Path, default=Path("alignment"), help="output folder (default ./alignment)")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=run_alignment)
+
+    s = ev.add_parser(
+        "segmentation",
+        help="nnU-Net Dice per lesion type: real only / synthetic only / synthetic then real",
+        description=(
+            "Runs the real nnU-Net commands (plan and preprocess if needed, train, predict) for each setting "
+            "and writes a Dice table per lesion type (CSV + Markdown). Needs nnUNet_raw, nnUNet_preprocessed "
+            "and nnUNet_results. Finished trainings, predictions and scores are reused; an interrupted "
+            "training continues with --c."
+        ),
+    )
+    s.add_argument("--dataset", required=True, help="nnU-Net dataset id (e.g. 900) or folder name")
+    s.add_argument("--config", type=Path, help="lesiondiffusion.yaml for the LesionDiffusion trainers "
+                   "(default: $LESIONDIFFUSION_CONFIG or the one beside the preprocessed dataset)")
+    s.add_argument("--settings", default="real,synthetic,synthetic_real",
+                   help="comma-separated subset of real,synthetic,synthetic_real")
+    s.add_argument("--fold", default="0", help="nnU-Net fold (0-4 or all; default 0)")
+    s.add_argument("-c", "--configuration", default="3d_fullres")
+    s.add_argument("-p", "--plans", default="nnUNetPlans")
+    s.add_argument("--trainer-suffix", default="",
+                   help="variant suffix appended to every trainer, e.g. _5epochs or _smoke")
+    s.add_argument("--trainer-real", help="trainer for 'real' (default nnUNetTrainer + suffix)")
+    s.add_argument("--trainer-synthetic", help="trainer for 'synthetic' (default nnUNetTrainerLesionDiffusionSynthOnly + suffix)")
+    s.add_argument("--trainer-synthetic-real", help="trainer for 'synthetic_real' (default nnUNetTrainerLesionDiffusion + suffix)")
+    s.add_argument("--test-images", type=Path, help="held-out images (default: the raw dataset's imagesTs)")
+    s.add_argument("--test-labels", type=Path, help="their labels (default: the raw dataset's labelsTs)")
+    s.add_argument("--device", default="cpu", help="cpu | cuda | mps (passed to nnU-Net)")
+    s.add_argument("--no-plan", action="store_true", help="fail instead of running plan_and_preprocess")
+    s.add_argument("-o", "--out", type=Path, default=Path("segmentation_eval"))
+    s.add_argument("--no-progress", action="store_true")
+    s.set_defaults(func=run_segmentation)
+
+
+def run_alignment(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.evaluation import format_alignment_table, run_alignment as study, write_alignment
+    from lesiondiffusion.io import load_nifti
+    from lesiondiffusion.organs import load_organ_map
+
+    if args.n < 1:
+        raise LesionDiffusionError(f"-n {args.n}: give at least 1 lesion per prompt value.")
+    catalog = load_catalog(args.catalog)
+    ct, _, _ = load_nifti(args.ct, np.float32)
+    organs = load_organ_map(args.organs, args.organ_mapping)
+    if ct.shape != organs.labels.shape:
+        raise LesionDiffusionError(
+            f"{args.ct} has shape {ct.shape} but {args.organs} has {organs.labels.shape}; the organ map must be "
+            "on the CT grid (TotalSegmentator writes it that way; resample it with nearest neighbour otherwise)."
+        )
+    if args.backend == "rule_based":
+        from lesiondiffusion.rule_based import RuleBasedGenerator
+
+        generator = RuleBasedGenerator()
+    else:
+        if args.bundle is None:
+            raise LesionDiffusionError("--bundle DIR is required for the lesiondiffusion backend.")
+        from lesiondiffusion.pipeline import LesionSynthesizer
+
+        generator = LesionSynthesizer.from_bundle(args.bundle, device=args.device)
+    result = study(generator, ct, organs, catalog, args.n, seed=args.seed, progress=not args.no_progress)
+    paths = write_alignment(result, args.out, title=f"{catalog.name}: {args.backend}")
+    print(format_alignment_table(result.summary()))
+    print(f"\nwritten: {paths['summary']}, {paths['samples']}, {paths['plot']}")
+    return 0
+
+
+def run_segmentation(args: argparse.Namespace) -> int:
+    from lesiondiffusion.evaluation import SegmentationStudy
+
+    trainers = {k: v for k, v in (("real", args.trainer_real), ("synthetic", args.trainer_synthetic),
+                                  ("synthetic_real", args.trainer_synthetic_real)) if v}
+    study = SegmentationStudy(
+        dataset=args.dataset, out_dir=args.out,
+        settings=tuple(x.strip() for x in args.settings.split(",") if x.strip()),
+        configuration=args.configuration, fold=args.fold, plans=args.plans, trainer_suffix=args.trainer_suffix,
+        trainers=trainers, test_images=args.test_images, test_labels=args.test_labels, device=args.device,
+        config=args.config, plan=not args.no_plan, progress=not args.no_progress,
+    )
+    out = study.run()
+    print()
+    print(out["markdown"].read_text())
+    print(f"written: {out['csv']}, {out['markdown']}")
+    return 0

@@ -1,0 +1,515 @@
+"""The embedded default: ``lesiondiffusion demo`` runs the whole method on built-in phantoms.
+
+Owns the orchestration only (phantom dataset -> tiny generator bundle trained with the pretraining
+code -> lesion synthesis -> real nnU-Net plan/train/predict -> Dice -> one-page summary); every
+step calls the project's own modules or nnU-Net's commands and is skipped when its marker exists.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .errors import LesionDiffusionError
+from .io import atomic_path, load_nifti, save_nifti, write_json, write_yaml
+
+log = logging.getLogger(__name__)
+
+DEMO_NOTICE = (
+    "DEMO WEIGHTS - NOT FOR RESEARCH OR CLINICAL USE. Trained for a few minutes on CPU by "
+    "`lesiondiffusion demo` on procedural phantoms (tiny preset); they show that the pipeline "
+    "runs end to end, not that it produces realistic lesions."
+)
+
+
+@dataclass
+class DemoSettings:
+    """Everything the demo does, as data; ``PRESETS`` holds the default and the CI-sized run."""
+
+    shape: tuple[int, int, int] = (64, 64, 40)
+    spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)
+    n_healthy: int = 6
+    # lesion types of the segmentation dataset (dataset labels 1..n in this order)
+    lesion_types: tuple[str, ...] = ("kidney_tumor", "liver_tumor")
+    cases_per_type: int = 2
+    n_test_per_type: int = 2
+    # catalogs shown in the synthesis step; at least one hollow-organ type
+    synth_types: tuple[str, ...] = ("kidney_tumor", "liver_tumor", "gastric_cancer")
+    synth_per_type: int = 2
+    pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 300, "lmnet": 300, "linet": 300})
+    trainer: str = "nnUNetTrainerLesionDiffusion_demo"
+    trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
+    dataset_id: int = 900
+    dataset_name: str = "LDPhantom"
+    seed: int = 0
+
+    def key(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+
+PRESETS: dict[str, DemoSettings] = {
+    "default": DemoSettings(),
+    "fast": DemoSettings(
+        shape=(48, 48, 32),
+        spacing=(4.0, 4.0, 5.0),
+        n_healthy=3,
+        cases_per_type=1,
+        n_test_per_type=1,
+        synth_per_type=1,
+        pretrain_steps={"vqgan": 20, "lmnet": 20, "linet": 20},
+        trainer="nnUNetTrainerLesionDiffusion_smoke",
+    ),
+}
+
+STEPS = ("data", "bundle", "synthesis", "nnunet", "summary")
+
+
+@dataclass
+class DemoPaths:
+    workdir: Path
+
+    @property
+    def markers(self) -> Path:
+        return self.workdir / "steps"
+
+    @property
+    def raw(self) -> Path:
+        return self.workdir / "nnUNet_raw"
+
+    @property
+    def preprocessed(self) -> Path:
+        return self.workdir / "nnUNet_preprocessed"
+
+    @property
+    def results(self) -> Path:
+        return self.workdir / "nnUNet_results"
+
+    @property
+    def bundle(self) -> Path:
+        return self.workdir / "bundle"
+
+    @property
+    def pretrain_runs(self) -> Path:
+        return self.workdir / "pretrain_runs"
+
+    @property
+    def synthesis(self) -> Path:
+        return self.workdir / "synthesis"
+
+    @property
+    def segmentation(self) -> Path:
+        return self.workdir / "segmentation"
+
+    @property
+    def summary_png(self) -> Path:
+        return self.workdir / "summary.png"
+
+    @property
+    def summary_json(self) -> Path:
+        return self.workdir / "summary.json"
+
+
+class Demo:
+    """Runs the demo steps in order; each writes ``steps/<name>.json`` (atomically) when finished."""
+
+    def __init__(self, workdir: str | Path, *, device: str = "cpu", fast: bool = False,
+                 settings: DemoSettings | None = None, progress: bool = True,
+                 echo: Callable[[str], None] = print) -> None:
+        self.paths = DemoPaths(Path(workdir).expanduser().resolve())
+        self.device = device
+        self.settings = settings or PRESETS["fast" if fast else "default"]
+        self.progress = progress
+        self.echo = echo
+        self.dataset_dir = self.paths.raw / f"Dataset{self.settings.dataset_id:03d}_{self.settings.dataset_name}"
+        self.timings: dict[str, float] = {}
+
+    # ---- markers ---------------------------------------------------------------------------
+    def _marker(self, step: str) -> Path:
+        return self.paths.markers / f"{step}.json"
+
+    def done(self, step: str) -> dict[str, Any] | None:
+        p = self._marker(step)
+        if not p.exists():
+            return None
+        try:
+            info = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return None  # a marker is written atomically, so this only happens if edited by hand
+        return info if info.get("settings") == self.settings.key() else None
+
+    def _mark(self, step: str, info: dict[str, Any]) -> None:
+        write_json(self._marker(step), {"settings": self.settings.key(), **info})
+
+    def check_workdir(self) -> None:
+        """Refuse a workdir filled by a demo with other settings (mixing them would be silent)."""
+        for step in STEPS:
+            p = self._marker(step)
+            if p.exists():
+                try:
+                    other = json.loads(p.read_text()).get("settings")
+                except json.JSONDecodeError:
+                    continue
+                if other != self.settings.key():
+                    raise LesionDiffusionError(
+                        f"{self.paths.workdir} holds a demo run with other settings (see {p}). Use another "
+                        "--workdir, or add --restart to delete this demo's outputs there and start over."
+                    )
+
+    def restart(self) -> None:
+        """Delete only what the demo writes inside the workdir."""
+        for p in (self.paths.markers, self.paths.raw, self.paths.preprocessed, self.paths.results,
+                  self.paths.bundle, self.paths.pretrain_runs, self.paths.synthesis, self.paths.segmentation):
+            if p.exists():
+                shutil.rmtree(p)
+        for p in (self.paths.summary_png, self.paths.summary_json, self.paths.workdir / "lesiondiffusion.yaml"):
+            if p.exists():
+                p.unlink()
+
+    # ---- orchestration ---------------------------------------------------------------------
+    def run(self, steps: tuple[str, ...] = STEPS) -> dict[str, Any]:
+        self.paths.workdir.mkdir(parents=True, exist_ok=True)
+        self.check_workdir()
+        results: dict[str, Any] = {}
+        funcs = {"data": self.step_data, "bundle": self.step_bundle, "synthesis": self.step_synthesis,
+                 "nnunet": self.step_nnunet, "summary": self.step_summary}
+        for i, step in enumerate(steps, start=1):
+            prev = self.done(step)
+            if prev is not None:
+                self.echo(f"[{i}/{len(steps)}] {step}: already done (reusing {self._marker(step)})")
+                results[step] = prev
+                continue
+            self.echo(f"[{i}/{len(steps)}] {step} ...")
+            t0 = time.perf_counter()
+            info = funcs[step](results)
+            info["seconds"] = round(time.perf_counter() - t0, 1)
+            self._mark(step, info)
+            results[step] = {"settings": self.settings.key(), **info}
+            self.echo(f"[{i}/{len(steps)}] {step}: done in {info['seconds']:.0f} s")
+        return results
+
+    # ---- step 1: phantom dataset -----------------------------------------------------------
+    def step_data(self, results: dict[str, Any]) -> dict[str, Any]:
+        from .phantoms import make_phantom, write_phantom_dataset
+
+        s = self.settings
+        ds = write_phantom_dataset(
+            self.paths.raw, n_healthy=s.n_healthy, lesion_types=list(s.lesion_types), shape=s.shape,
+            spacing=s.spacing, seed=s.seed, dataset_id=s.dataset_id, name=s.dataset_name,
+            cases_per_type=s.cases_per_type,
+        )
+        # a held-out test set (other seeds) for the Dice of the trained nnU-Net
+        ims, labs, orgs = ds / "imagesTs", ds / "labelsTs", ds / "organsTs"
+        k = 0
+        rng = np.random.SeedSequence([s.seed, 7919])
+        seeds = rng.spawn(len(s.lesion_types) * s.n_test_per_type)
+        for rep in range(s.n_test_per_type):
+            for li, t in enumerate(s.lesion_types, start=1):
+                case = f"{s.dataset_name.lower()}_test_{k:03d}"
+                files = (ims / f"{case}_0000.nii.gz", labs / f"{case}.nii.gz", orgs / f"{case}.nii.gz")
+                if not all(f.exists() for f in files):
+                    ph = make_phantom(s.shape, s.spacing, np.random.default_rng(seeds[k]), [t])
+                    save_nifti(files[0], ph.ct, ph.affine)
+                    save_nifti(files[1], (ph.lesion > 0).astype(np.uint8) * li, ph.affine)
+                    save_nifti(files[2], ph.organs, ph.affine)
+                k += 1
+        n_train = len(list((ds / "imagesTr").glob("*_0000.nii.gz")))
+        self.echo(f"    dataset: {ds} ({n_train} training cases, {k} test cases, shape {s.shape} @ {s.spacing} mm)")
+        return {"dataset": str(ds), "n_train": n_train, "n_test": k}
+
+    # ---- step 2: tiny generator bundle ------------------------------------------------------
+    def step_bundle(self, results: dict[str, Any]) -> dict[str, Any]:
+        from .cli import main as cli_main
+
+        s = self.settings
+        losses: dict[str, str] = {}
+        for net in ("vqgan", "lmnet", "linet"):
+            run_dir = self.paths.pretrain_runs / net
+            argv = ["pretrain", net, "--data", str(self.dataset_dir), "--preset", "tiny", "-o", str(run_dir),
+                    "--steps", str(s.pretrain_steps[net]), "--bundle", str(self.paths.bundle),
+                    "--device", self.device]
+            if (run_dir / "checkpoint.pt").exists():
+                argv.append("--resume")  # an interrupted demo continues its training
+            self.echo(f"    lesiondiffusion {' '.join(argv)}")
+            rc = cli_main(argv)
+            if rc != 0:
+                raise LesionDiffusionError(
+                    f"`lesiondiffusion {' '.join(argv)}` failed with exit code {rc}; see the messages above. "
+                    "Re-run `lesiondiffusion demo` to resume from the last checkpoint."
+                )
+            for cand in ("metrics.csv", "scalars.csv", "log.csv"):
+                if (run_dir / cand).exists():
+                    losses[net] = str(run_dir / cand)
+                    break
+        (self.paths.bundle / "DEMO_WEIGHTS_NOT_FOR_RESEARCH.txt").write_text(DEMO_NOTICE + "\n")
+        self.echo(f"    bundle: {self.paths.bundle}  ({DEMO_NOTICE.split('.')[0]})")
+        return {"bundle": str(self.paths.bundle), "metrics": losses}
+
+    # ---- step 3: synthesis -----------------------------------------------------------------
+    def _healthy_templates(self) -> list[str]:
+        import yaml
+
+        out = []
+        for rep in sorted((self.dataset_dir / "reportsTr").glob("*.yaml")):
+            if not (yaml.safe_load(rep.read_text()) or {}).get("lesions"):
+                out.append(rep.stem)
+        if not out:
+            raise LesionDiffusionError(f"No healthy template in {self.dataset_dir}; re-run with --restart.")
+        return out
+
+    def step_synthesis(self, results: dict[str, Any]) -> dict[str, Any]:
+        from tqdm.auto import tqdm
+
+        from .catalog import load_catalog
+        from .organs import load_organ_map
+        from .pipeline import LesionSynthesizer
+
+        s = self.settings
+        synth = LesionSynthesizer.from_bundle(self.paths.bundle, device=self.device)
+        templates = self._healthy_templates()
+        samples, failures = [], []
+        jobs = [(t, k) for t in s.synth_types for k in range(s.synth_per_type)]
+        for j, (t, k) in enumerate(tqdm(jobs, desc="synthesis", unit="lesion", disable=not self.progress)):
+            catalog = load_catalog(t)
+            case = templates[j % len(templates)]
+            ct, affine, header = load_nifti(self.dataset_dir / "imagesTr" / f"{case}_0000.nii.gz", np.float32)
+            organs = load_organ_map(self.dataset_dir / "organsTr" / f"{case}.nii.gz")
+            seed = s.seed * 1000 + j
+            report = catalog.sample(seed)
+            res = synth(ct, organs, [report], catalog, seed=seed)[0]
+            out = self.paths.synthesis / f"{t}_{k}"
+            if not res.ok:
+                failures.append({"type": t, "template": case, "reason": str(res.failure)})
+                continue
+            save_nifti(out / "image.nii.gz", res.image.astype(np.float32), affine, header)
+            save_nifti(out / "lesion.nii.gz", res.lesion_mask.astype(np.uint8), affine, header)
+            res.report.to_yaml(out / "report.yaml")
+            preview = out / "preview.png"
+            write_preview(ct, res.image, res.lesion_mask, preview, organs.spacing,
+                          title=f"{t} ({res.report.shape}, {res.report.density}) on {case}")
+            samples.append({"type": t, "template": case, "dir": str(out), "preview": str(preview),
+                            "hollow": catalog.organ_type.startswith("hollow"),
+                            "voxels": int(res.lesion_mask.sum()), "shape": res.report.shape,
+                            "density": res.report.density})
+        if not samples:
+            raise LesionDiffusionError(
+                "Every synthesis failed: " + "; ".join(f"{f['type']}: {f['reason']}" for f in failures)
+            )
+        self.echo(f"    {len(samples)} lesions written under {self.paths.synthesis}"
+                  + (f" ({len(failures)} failed and were dropped)" if failures else ""))
+        return {"samples": samples, "failures": failures}
+
+    # ---- step 4: nnU-Net --------------------------------------------------------------------
+    def nnunet_env(self) -> dict[str, str]:
+        env = dict(os.environ)
+        env.update({
+            "nnUNet_raw": str(self.paths.raw),
+            "nnUNet_preprocessed": str(self.paths.preprocessed),
+            "nnUNet_results": str(self.paths.results),
+            "nnUNet_compile": "false",
+        })
+        # nnU-Net's augmentation workers: the 2-core default machine gains nothing from more
+        env.setdefault("nnUNet_n_proc_DA", "1")
+        return env
+
+    def write_trainer_config(self) -> Path:
+        """The LesionDiffusion trainer's YAML: the demo bundle, the dataset's lesion types, healthy templates."""
+        s = self.settings
+        cfg = {
+            "generator": {"backend": "lesiondiffusion", "bundle": str(self.paths.bundle), "device": self.device},
+            "catalogs": [{"name": t, "weight": 1.0, "label": t} for t in s.lesion_types],
+            "templates": {"dataset_healthy": True},
+            "mode": "online",
+            "seed": s.seed,
+        }
+        cfg.update(s.trainer_config)
+        path = self.paths.workdir / "lesiondiffusion.yaml"
+        write_yaml(path, cfg)
+        return path
+
+    def step_nnunet(self, results: dict[str, Any]) -> dict[str, Any]:
+        from .evaluation import SegmentationStudy
+
+        s = self.settings
+        study = SegmentationStudy(
+            dataset=str(s.dataset_id), out_dir=self.paths.segmentation,
+            settings=("synthetic_real",), fold="all", trainers={"synthetic_real": s.trainer},
+            device=self.device, config=self.write_trainer_config(), progress=self.progress,
+            env=self.nnunet_env(), echo=self.echo,
+        )
+        out = study.run()
+        row = out["rows"]["synthetic_real"]
+        curve = training_curve(row["fold_dir"])
+        return {"fold_dir": row["fold_dir"], "predictions": row["predictions"], "dice": row["dice"],
+                "dice_table": str(out["markdown"]), "curve": curve}
+
+    # ---- step 5: summary -------------------------------------------------------------------
+    def step_summary(self, results: dict[str, Any]) -> dict[str, Any]:
+        write_summary_png(self, results, self.paths.summary_png)
+        summary = {
+            "workdir": str(self.paths.workdir),
+            "dataset": results["data"]["dataset"],
+            "bundle": results["bundle"]["bundle"],
+            "bundle_notice": DEMO_NOTICE,
+            "synthesis": [x["dir"] for x in results["synthesis"]["samples"]],
+            "nnunet_model": results["nnunet"]["fold_dir"],
+            "predictions": results["nnunet"]["predictions"],
+            "dice": results["nnunet"]["dice"],
+            "summary_png": str(self.paths.summary_png),
+        }
+        write_json(self.paths.summary_json, summary)
+        return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# figures
+
+
+def _lesion_slice(mask: np.ndarray) -> int:
+    zs = np.nonzero(mask.reshape(-1, mask.shape[2]).any(0))[0]
+    if not len(zs):
+        return mask.shape[2] // 2
+    counts = mask.sum((0, 1))
+    return int(np.argmax(counts))
+
+
+def write_preview(before: np.ndarray, after: np.ndarray, mask: np.ndarray, path: str | Path,
+                  spacing=(1.0, 1.0, 1.0), title: str = "", window: tuple[float, float] = (-160, 240)) -> None:
+    """Axial and coronal slices through the lesion: before, after, after with the mask contour."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    mask = np.asarray(mask).astype(bool)
+    z = _lesion_slice(mask)
+    y = int(np.argmax(mask.sum((0, 2)))) if mask.any() else mask.shape[1] // 2
+    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
+    views = [(lambda a: a[:, :, z].T, spacing[1] / spacing[0], f"axial z={z}"),
+             (lambda a: a[:, y, :].T, spacing[2] / spacing[0], f"coronal y={y}")]
+    for row, (cut, aspect, name) in zip(axes, views):
+        for ax, (img, label) in zip(row, [(before, "before"), (after, "after"), (after, "after + mask")]):
+            ax.imshow(cut(img), cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
+            if label == "after + mask" and cut(mask).any():
+                ax.contour(cut(mask.astype(float)), levels=[0.5], colors="r", linewidths=0.8)
+            ax.set_title(f"{label} ({name})", fontsize=8)
+            ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def training_curve(fold_dir: str | Path) -> dict[str, list[float]]:
+    """nnU-Net's own per-epoch logging (train/val loss, pseudo Dice) from its final checkpoint."""
+    import torch
+
+    ck = Path(fold_dir) / "checkpoint_final.pth"
+    if not ck.exists():
+        return {}
+    state = torch.load(ck, map_location="cpu", weights_only=False)
+    logd = state.get("logging", {}) or {}
+    out = {}
+    for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice"):
+        if k in logd:
+            out[k] = [float(v) for v in logd[k]]
+    return out
+
+
+def _read_metric_csv(path: str | Path) -> tuple[list[float], dict[str, list[float]]]:
+    import csv
+
+    steps, cols = [], {}
+    with open(path, encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            steps.append(float(row.get("step", len(steps))))
+            for k, v in row.items():
+                if k in ("step", "time", "epoch", "lr") or v in (None, ""):
+                    continue
+                try:
+                    cols.setdefault(k, []).append(float(v))
+                except ValueError:
+                    pass
+    return steps, cols
+
+
+def write_summary_png(demo: Demo, results: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    samples = results["synthesis"]["samples"]
+    n = min(len(samples), 4)
+    fig = plt.figure(figsize=(12, 9))
+    gs = fig.add_gridspec(3, max(n, 3))
+    for i, smp in enumerate(samples[:n]):
+        ax = fig.add_subplot(gs[0, i])
+        img, _, _ = load_nifti(Path(smp["dir"]) / "image.nii.gz", np.float32)
+        m, _, _ = load_nifti(Path(smp["dir"]) / "lesion.nii.gz")
+        z = _lesion_slice(m > 0)
+        ax.imshow(img[:, :, z].T, cmap="gray", vmin=-160, vmax=240, origin="lower")
+        ax.contour((m[:, :, z] > 0).T.astype(float), levels=[0.5], colors="r", linewidths=0.8)
+        ax.set_title(f"{smp['type']}\n{smp['shape']}, {smp['density']}", fontsize=8)
+        ax.axis("off")
+    ax = fig.add_subplot(gs[1, :2])
+    for net, csv_path in results["bundle"].get("metrics", {}).items():
+        try:
+            steps, cols = _read_metric_csv(csv_path)
+        except OSError:
+            continue
+        loss_keys = [k for k in cols if "loss" in k] or list(cols)[:1]
+        for k in loss_keys[:1]:
+            v = np.asarray(cols[k])
+            ax.plot(steps[: len(v)], v / (abs(v[0]) + 1e-12), label=f"{net} {k}")
+    ax.set_title("generator pretraining (loss / first value)", fontsize=9)
+    ax.set_xlabel("step")
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(gs[1, 2:])
+    curve = results["nnunet"].get("curve", {})
+    for k in ("train_losses", "val_losses"):
+        if curve.get(k):
+            ax.plot(curve[k], label=k)
+    if curve.get("mean_fg_dice"):
+        ax.plot(curve["mean_fg_dice"], label="pseudo Dice (val)")
+    ax.set_title(f"nnU-Net training ({demo.settings.trainer})", fontsize=9)
+    ax.set_xlabel("epoch")
+    ax.legend(fontsize=7)
+    ax = fig.add_subplot(gs[2, :])
+    ax.axis("off")
+    dice = results["nnunet"]["dice"]
+    lines = ["LesionDiffusion demo (procedural phantoms, " + DEMO_NOTICE.split(".")[0].lower() + ")",
+             f"dataset: {results['data']['dataset']}  ({results['data']['n_train']} train / "
+             f"{results['data']['n_test']} test cases)",
+             f"bundle:  {results['bundle']['bundle']}",
+             "Dice on held-out phantoms: " + ", ".join(f"{t} {v:.3f}" for t, v in dice.items())]
+    ax.text(0.0, 0.9, "\n".join(lines), va="top", family="monospace", fontsize=9)
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+
+
+def format_final(results: dict[str, Any]) -> str:
+    s = results["summary"]
+    dice = ", ".join(f"{t}: {v:.3f}" for t, v in s["dice"].items())
+    return "\n".join([
+        "",
+        "LesionDiffusion demo finished.",
+        f"  phantom dataset      {s['dataset']}",
+        f"  generator bundle     {s['bundle']}   <- {DEMO_NOTICE.split('.')[0]}",
+        f"  synthetic lesions    {Path(s['synthesis'][0]).parent if s['synthesis'] else '-'} "
+        f"({len(s['synthesis'])} cases: image.nii.gz, lesion.nii.gz, report.yaml, preview.png)",
+        f"  nnU-Net model        {s['nnunet_model']}",
+        f"  predictions          {s['predictions']}",
+        f"  Dice (test phantoms) {dice}",
+        f"  one-page summary     {s['summary_png']}",
+    ])
