@@ -6,7 +6,6 @@ network back into the bundle.
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -145,5 +144,5 @@ def run_pretraining(opts: PretrainOptions, build_task: Callable[[Any, Manifest, 
         summary["bundle"] = str(opts.bundle_path)
         return summary
     finally:
-        if info.enabled and dist.is_initialized() and os.environ.get("LD_KEEP_PG") != "1":
+        if info.owns_group and dist.is_initialized():
             dist.destroy_process_group()

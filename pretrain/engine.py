@@ -63,6 +63,7 @@ class DistInfo:
     world: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False          # this process group was created here (and is destroyed here)
 
     @property
     def main(self) -> bool:
@@ -88,9 +89,11 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         dev = torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
+    owns = False
     if world > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
-    return DistInfo(rank=rank, world=world, local_rank=local, device=dev)
+        owns = True
+    return DistInfo(rank=rank, world=world, local_rank=local, device=dev, owns_group=owns)
 
 
 class ResumableSampler(DistributedSampler):

@@ -1,0 +1,102 @@
+"""`lesiondiffusion pretrain check|vqgan|lmnet|linet`: thin CLI over ``lesiondiffusion.pretrain``.
+
+Multi-GPU: `torchrun --nproc_per_node=N -m lesiondiffusion pretrain lmnet ...` (DDP, env:// init).
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _check(args: argparse.Namespace) -> int:
+    from ..errors import DataCheckError
+    from ..pretrain.data import check_dataset, find_cases
+
+    problems = check_dataset(args.data)
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        raise DataCheckError(f"dataset {args.data} has {len(problems)} problem(s):\n{lines}")
+    print(f"{args.data}: OK ({len(find_cases(Path(args.data)))} cases)")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..pretrain import train_linet, train_lmnet, train_vqgan
+    from ..pretrain.common import PretrainOptions
+    from ..pretrain.engine import TrainConfig
+
+    train = TrainConfig(
+        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, ema_decay=args.ema,
+        checkpoint_every=args.checkpoint_every, log_every=args.log_every, preview_every=args.preview_every,
+        num_workers=args.workers, seed=args.seed, device=args.device, amp=not args.no_amp,
+        progress=not args.no_progress,
+    )
+    extra: dict = {}
+    if args.net == "vqgan":
+        extra.update(adv_warmup_steps=args.adv_warmup, adv_weight=args.adv_weight)
+        if args.patch:
+            extra["patch"] = tuple(args.patch)
+    else:
+        extra.update(p_token=args.p_token, p_all=args.p_all)
+        if args.net == "lmnet":
+            extra["gamma"] = args.gamma
+    opts = PretrainOptions(data=Path(args.data), run_dir=Path(args.output), preset=args.preset,
+                           bundle=Path(args.bundle) if args.bundle else None,
+                           cache=Path(args.cache) if args.cache else None, encoder=args.encoder,
+                           resume=args.resume, train=train, extra=extra)
+    module = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}[args.net]
+    summary = module.train(opts)
+    losses = ", ".join(f"{k} {v:.4g}" for k, v in summary["losses"].items())
+    print(f"{args.net}: {summary['step']} steps done ({losses}); network written to {summary['bundle']}")
+    return 0
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("pretrain", help="validate a dataset and train VQ-GAN, LMNet, LINet",
+                              description="Pretraining from your own CT + lesion mask + report dataset "
+                                          "(layout: docs/pretraining.md).")
+    sub = p.add_subparsers(dest="pretrain_command", metavar="STAGE")
+    sub.required = True
+    c = sub.add_parser("check", help="list every problem of a pretraining dataset")
+    c.add_argument("data", help="dataset folder (dataset.json, imagesTr, labelsTr, organsTr, reportsTr)")
+    c.set_defaults(func=_check)
+    for net, what in (("vqgan", "the VQ-GAN autoencoder"), ("lmnet", "the lesion-mask diffusion network"),
+                      ("linet", "the latent inpainting network (uses the bundle's frozen VQ-GAN)")):
+        t = sub.add_parser(net, help=f"train {what}")
+        t.set_defaults(func=_train, net=net)
+        t.add_argument("--data", required=True, help="dataset folder (checked before training)")
+        t.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
+        t.add_argument("-o", "--output", required=True, help="run folder: checkpoint, metrics.csv, previews/")
+        t.add_argument("--bundle", help="bundle to write the network into (created from --preset if absent; "
+                                        "default RUN/bundle)")
+        t.add_argument("--cache", help="prepared-data folder (default: beside RUN, shared by the three runs)")
+        t.add_argument("--encoder", default="hashing", help="text encoder when the bundle is created here "
+                                                            "(hashing | biomedclip | st:PATH)")
+        t.add_argument("--steps", type=int, default=1000)
+        t.add_argument("--resume", action="store_true", help="continue RUN exactly from its checkpoint")
+        t.add_argument("--batch-size", type=int, default=2, help="per process")
+        t.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")
+        t.add_argument("--lr", type=float, default=1e-4)
+        t.add_argument("--weight-decay", type=float, default=1e-5)
+        t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
+        t.add_argument("--grad-clip", type=float, default=1.0)
+        t.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep EMA weights (e.g. 0.999) "
+                                                                               "and export them")
+        t.add_argument("--checkpoint-every", type=int, default=100)
+        t.add_argument("--log-every", type=int, default=10)
+        t.add_argument("--preview-every", type=int, default=250)
+        t.add_argument("--workers", type=int, default=2, help="DataLoader workers per process")
+        t.add_argument("--seed", type=int, default=0)
+        t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
+        t.add_argument("--no-progress", action="store_true")
+        if net == "vqgan":
+            t.add_argument("--adv-warmup", type=int, default=500, help="steps before the adversarial term")
+            t.add_argument("--adv-weight", type=float, default=0.01)
+            t.add_argument("--patch", type=int, nargs=3, help="training patch (default: LINet crop size)")
+        else:
+            t.add_argument("--p-token", type=float, default=0.1, help="per-attribute dropout probability")
+            t.add_argument("--p-all", type=float, default=0.1, help="whole-context dropout probability")
+            if net == "lmnet":
+                t.add_argument("--gamma", type=float, default=1e-3, help="weight of the whole-crop noise term")
