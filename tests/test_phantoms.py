@@ -106,26 +106,29 @@ def _sphericity(mask: np.ndarray, spacing) -> float:
     return sphericity(mask, spacing)
 
 
-@pytest.mark.parametrize("lesion_type", ["kidney_tumor", "liver_cyst", "colon_cancer"])
+@pytest.mark.parametrize("lesion_type", ["kidney_tumor", "liver_tumor", "gastric_cancer"])
 def test_lesion_follows_report(lesion_type):
-    ph = make_phantom((64, 64, 40), (3.0, 3.0, 4.0), seed=11, lesion_types=[lesion_type])
-    assert len(ph.reports) == 1
-    rep = ph.reports[0]
-    assert rep.lesion_type == lesion_type
-    m = ph.lesion == 1
-    assert m.sum() > 0
     from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.phantoms import PhantomConfig
 
-    cat = load_catalog(lesion_type)
-    lo, hi = cat.hu_range(rep.density, rep.enhancement)
-    from scipy import ndimage
-
-    core = ndimage.binary_erosion(m) if ndimage.binary_erosion(m).sum() > 5 else m
-    # noise, blur and sub-regions move the mean a little; it stays near the catalog range
-    assert lo - 60 <= float(ph.ct[core].mean()) <= hi + 60
-    # the lesion touches its organ
-    organ = np.isin(ph.organs, [TS_V2_IDS[n] for n in ph.boxes[0].organ_names if n in TS_V2_IDS])
-    assert (m & organ).sum() > 0
+    # without blur and noise the painted values are exactly what the renderer chose from the report
+    clean = PhantomConfig(noise_hu=0.0, partial_volume_sigma_vox=0.0, texture_hu=0.0)
+    for seed in (11, 12):
+        ph = make_phantom((64, 64, 40), (3.0, 3.0, 4.0), seed=seed, lesion_types=[lesion_type], config=clean)
+        assert len(ph.reports) == 1
+        rep = ph.reports[0]
+        assert rep.lesion_type == lesion_type
+        m = ph.lesion == 1
+        assert m.sum() > 0
+        lo, hi = load_catalog(lesion_type).hu_range(rep.density, rep.enhancement)
+        # heterogeneity and feature spots (necrosis, calcification) move single voxels, not the median
+        assert lo - 30 <= float(np.median(ph.ct[m])) <= hi + 30, (rep.density, rep.density_variations)
+        # the lesion touches its organ
+        organ = np.isin(ph.organs, [TS_V2_IDS[n] for n in ph.boxes[0].organ_names if n in TS_V2_IDS])
+        assert (m & organ).sum() > 0
+        # the same seed without lesions differs only around the lesion
+        healthy = make_phantom((64, 64, 40), (3.0, 3.0, 4.0), seed=seed, config=clean)
+        assert np.array_equal(healthy.organs, ph.organs)
 
 
 def test_lesion_shape_follows_shape_attribute():
@@ -161,13 +164,13 @@ def test_lesion_shape_follows_shape_attribute():
 
 def test_write_phantom_dataset_layout(tmp_path):
     ds = write_phantom_dataset(
-        tmp_path, n_healthy=2, lesion_types=["kidney_tumor", "liver_cyst"], shape=(48, 48, 32),
+        tmp_path, n_healthy=2, lesion_types=["kidney_tumor", "liver_tumor"], shape=(48, 48, 32),
         spacing=(3.0, 3.0, 4.0), seed=0, dataset_id=901, name="PhTest",
     )
     assert ds.name == "Dataset901_PhTest"
     meta = json.loads((ds / "dataset.json").read_text())
     assert meta["channel_names"] == {"0": "CT"}
-    assert meta["labels"] == {"background": 0, "kidney_tumor": 1, "liver_cyst": 2}
+    assert meta["labels"] == {"background": 0, "kidney_tumor": 1, "liver_tumor": 2}
     assert meta["numTraining"] == 4 and meta["file_ending"] == ".nii.gz"
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in (ds / "imagesTr").glob("*_0000.nii.gz"))
     assert len(cases) == 4
@@ -189,7 +192,7 @@ def test_write_phantom_dataset_layout(tmp_path):
     # re-running keeps finished cases (same bytes, not rewritten)
     before = {p: p.stat().st_mtime_ns for p in ds.rglob("*.nii.gz")}
     write_phantom_dataset(
-        tmp_path, n_healthy=2, lesion_types=["kidney_tumor", "liver_cyst"], shape=(48, 48, 32),
+        tmp_path, n_healthy=2, lesion_types=["kidney_tumor", "liver_tumor"], shape=(48, 48, 32),
         spacing=(3.0, 3.0, 4.0), seed=0, dataset_id=901, name="PhTest",
     )
     assert before == {p: p.stat().st_mtime_ns for p in ds.rglob("*.nii.gz")}

@@ -400,6 +400,9 @@ def _lesion_mask(box: "LesionBox", organ_mask: np.ndarray, body: np.ndarray, spa
         mask = organ_mask & (inner <= depth_vox) & region
         if shp == "irregular wall thickening":
             mask &= _perturb(region, rng, 0.5) | (inner <= 1)
+        if mask.sum() < 0.25 * (region & organ_mask).sum():
+            # the box sits deep in the lumen (location "within the lumen"): an intraluminal mass
+            mask = region & organ_mask
     elif shp == "protrusion into the lumen":
         # polypoid mass growing from the wall into the lumen
         mask = _ellipsoid_vox(shape, centre, radii) & organ_mask
@@ -489,6 +492,7 @@ def _add_lesions(ct, organs_arr, body, affine, lesion_types, rng, enhanced, cfg)
                 report = catalog.sample(rng, fixed={"enhancement": phase})
             except LesionDiffusionError:
                 report = catalog.sample(rng)  # catalog does not allow this phase: keep its own
+            report = _fit_size(report, catalog, organ_map, rng, phase)
             placed = place_lesion(organ_map, report, catalog, rng, on_failure="skip")
             if isinstance(placed, LesionBox):
                 box = placed
@@ -508,6 +512,29 @@ def _add_lesions(ct, organs_arr, body, affine, lesion_types, rng, enhanced, cfg)
         reports.append(box.report)
         boxes.append(box)
     return lesion, reports, boxes
+
+
+def _fit_size(report, catalog, organ_map, rng, phase):
+    """Phantom organs are smaller than real ones (the field of view is a few hundred voxels), so a
+    report whose lesion would outgrow its organ is re-drawn with a proportionally smaller size."""
+    from .errors import CatalogError
+
+    organ = organ_map.mask(catalog.organ_names(report.organ))
+    if not organ.any():
+        return report
+    idx = np.argwhere(organ)
+    extent_mm = (idx.max(0) - idx.min(0) + 1) * np.asarray(organ_map.spacing)
+    limit = 0.7 * float(extent_mm.min())
+    if max(report.size_mm) <= limit:
+        return report
+    factor = max(limit, float(catalog.size.min)) / max(report.size_mm)
+    smaller = tuple(float(v * factor) for v in report.size_mm)
+    for fixed in ({"enhancement": report.enhancement, "size_mm": smaller}, {"size_mm": smaller}):
+        try:
+            return catalog.sample(rng, fixed=fixed)
+        except CatalogError:
+            continue
+    return report
 
 
 def make_phantom(
