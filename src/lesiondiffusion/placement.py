@@ -9,8 +9,8 @@ Rules, with the tolerances they are checked against (``PlacementSpec`` in the ca
 * ``within_parenchyma``: at least ``inside_fraction`` (default 0.9) of the voxels of the ellipsoid
   inscribed in the box lie inside the organ (a box corner is never inside a rounded organ, so the
   ellipsoid, i.e. the lesion's own extent, is what is tested; voxels beyond the image count as outside).
-* ``protruding``: the centre voxel is an organ voxel with a face neighbour outside the organ, and
-  between 10 % and 90 % of the ellipsoid lies inside the organ.
+* ``protruding``: the centre lies on the organ surface, i.e. half a voxel from an organ voxel towards
+  a face neighbour outside the organ, and between 10 % and 90 % of the ellipsoid lies inside the organ.
 * ``wall``: the centre voxel is inside the organ at most ``wall_mm`` (or one voxel, if larger) from
   its outside, i.e. on the wall shell.
 * ``lumen``: the centre voxel is inside the organ at least ``max(wall_mm, half the organ's largest
@@ -293,12 +293,15 @@ def place_lesion(
             picks = rng.choice(candidates, size=min(spec.max_tries, len(candidates)), replace=False)
             for flat in picks:
                 local = np.array(np.unravel_index(int(flat), geom.crop_shape))
-                centre = local + geom.offset
-                frac = inside_fraction(geom.mask, geom.offset, centre.astype(float), semi)
+                centre = (local + geom.offset).astype(float)
+                if category == "protruding":
+                    # the surface lies half a voxel beyond a boundary voxel, towards an outside neighbour
+                    centre = centre + 0.5 * _outward_step(geom.mask, local, rng)
+                frac = inside_fraction(geom.mask, geom.offset, centre, semi)
                 ok, score = _accept(category, frac, spec.inside_fraction)
                 if ok:
-                    return _make_box(organs, report, catalog, category, names, ids, geom, centre, cur, extent,
-                                     semi, frac, shape, scale, wall_mm)
+                    return _make_box(organs, report, catalog, category, names, ids, geom, centre, local, cur,
+                                     extent, semi, frac, shape, scale, wall_mm)
                 if best is None or score > best[0]:
                     best = (score, centre, semi, frac)
         next_scale = scale * spec.shrink_factor
@@ -345,13 +348,24 @@ def _accept(category: str, frac: float, needed: float) -> tuple[bool, float]:
     return True, frac  # wall: the centre on the shell is the whole rule
 
 
-def _make_box(organs, report, catalog, category, names, ids, geom, centre, cur, extent, semi, frac, shape, scale, wall_mm) -> LesionBox:
-    lo, hi = _box_for(centre.astype(float), extent, shape)
+_FACE_STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])
+
+
+def _outward_step(mask: np.ndarray, local: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A random face step from an organ voxel to an outside neighbour (zero if there is none)."""
+    steps = [st for st in _FACE_STEPS if not mask[tuple(local + st)]]
+    if not steps:
+        return np.zeros(3)
+    return np.asarray(steps[int(rng.integers(len(steps)))], dtype=float)
+
+
+def _make_box(organs, report, catalog, category, names, ids, geom, centre, local, cur, extent, semi, frac, shape, scale, wall_mm) -> LesionBox:
+    lo, hi = _box_for(centre, extent, shape)
     new_report = report if scale == 1.0 else report.with_size_mm(tuple(float(round(v, 2)) for v in cur))
     if scale != 1.0:
         log.debug("%s shrunk by %.2f to fit %s", report.lesion_type, scale, report.organ)
         cur = np.asarray(new_report.size_mm)
-    local = tuple(int(v) for v in centre - geom.offset)
+    local = tuple(int(v) for v in local)
     measures = {
         "inside_fraction": frac,
         "center_depth_mm": float(geom.depth_mm[local]),
