@@ -1,0 +1,91 @@
+"""``lesiondiffusion catalogs``: list the lesion types, validate catalog files, print the vocabulary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("catalogs", help="list, validate and inspect lesion attribute catalogs")
+    sub = p.add_subparsers(dest="catalogs_command", metavar="ACTION")
+    sub.required = True
+    ls = sub.add_parser("list", help="list the available lesion types with their organs")
+    ls.add_argument("--paths", action="store_true", help="also print each catalog's file path")
+    ls.set_defaults(func=_list)
+    va = sub.add_parser("validate", help="check catalog files; errors name file, line and key")
+    va.add_argument("files", nargs="+", type=Path, metavar="FILE")
+    va.set_defaults(func=_validate)
+    vo = sub.add_parser("vocabulary", help="print the allowed values (and synonyms) of every attribute")
+    vo.add_argument("--synonyms", action="store_true", help="also print the synonyms")
+    vo.set_defaults(func=_vocabulary)
+    sh = sub.add_parser("show", help="print one catalog's allowed values, sizes, HU ranges and rules")
+    sh.add_argument("name", help="lesion type or path to a catalog file")
+    sh.set_defaults(func=_show)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from ..catalog import list_catalogs, load_catalog
+
+    names = list_catalogs()
+    width = max(len(n) for n in names) if names else 10
+    for name in names:
+        c = load_catalog(name)
+        organs = ", ".join(f"{o} ({'/'.join(c.organ_names(o))})" for o, w in c.organ_weights.items() if w > 0)
+        line = f"{name:<{width}}  {c.organ_type:<17}  {organs}"
+        if args.paths:
+            line += f"  [{c.path}]"
+        print(line)
+    return 0
+
+
+def _validate(args: argparse.Namespace) -> int:
+    from ..catalog import validate_catalog_file
+    from ..errors import CatalogError
+
+    failed = []
+    for f in args.files:
+        try:
+            validate_catalog_file(f)
+            print(f"{f}: OK")
+        except CatalogError as exc:
+            failed.append(str(exc))
+    if failed:
+        from ..errors import CatalogError as _E
+
+        raise _E("\n".join(failed))
+    return 0
+
+
+def _vocabulary(args: argparse.Namespace) -> int:
+    from ..report import ATTRIBUTES, VOCABULARY
+
+    for attribute in ATTRIBUTES:
+        print(f"{attribute}:")
+        for value, synonyms in VOCABULARY[attribute].items():
+            extra = f"   (also: {', '.join(synonyms)})" if args.synonyms and synonyms else ""
+            print(f"  - {value}{extra}")
+    return 0
+
+
+def _show(args: argparse.Namespace) -> int:
+    from ..catalog import load_catalog
+    from ..report import ATTRIBUTES
+
+    c = load_catalog(args.name)
+    print(f"{c.name}  ({c.path})\n  label: {c.label_name}; organ type: {c.organ_type}")
+    if c.description:
+        print(f"  {c.description}")
+    for a in ATTRIBUTES:
+        dom = c.domain(a)
+        total = sum(dom.values()) or 1.0
+        print(f"  {a}: " + ", ".join(f"{v} ({w / total:.2f})" for v, w in dom.items()))
+    s = c.size
+    print(f"  size_mm: {s.distribution} min {s.min:g} max {s.max:g}"
+          + (f" median {s.median:g} sigma {s.sigma:g}" if s.distribution == "lognormal" else "")
+          + f" aspect {list(s.aspect)}")
+    for e, ds in c.hu.items():
+        print(f"  HU {e}: " + ", ".join(f"{d} [{lo:g}, {hi:g}]" for d, (lo, hi) in ds.items()))
+    for r in c.constraints:
+        print(f"  {r.describe()}")
+    return 0
