@@ -18,13 +18,14 @@ from .lmnet import build_unet
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "spatial_dims": 3,
-        "channels": [16, 32],
-        "attention_levels": [False, True],
+        "channels": [16, 32, 32],
+        "attention_levels": [False, False, True],
         "num_res_blocks": 1,
         "num_head_channels": 16,
         "norm_num_groups": 8,
         "with_conditioning": True,
         "transformer_num_layers": 1,
+        "use_flash_attention": True,
     },
     "paper": {
         "spatial_dims": 3,
@@ -35,6 +36,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "norm_num_groups": 32,
         "with_conditioning": True,
         "transformer_num_layers": 1,
+        "use_flash_attention": True,
     },
 }
 

@@ -1,0 +1,178 @@
+"""``lesiondiffusion synthesize``: inpaint N text-controlled lesions into one CT with a model bundle.
+
+Writes OUT/sample_000/{image.nii.gz, lesion.nii.gz, report.yaml, preview.png} per sample; each sample
+folder appears complete or not at all (built under a temporary name, then renamed). Inputs are only read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("synthesize", help="inpaint text-controlled lesions into a CT with a model bundle")
+    p.add_argument("--bundle", type=Path, required=True, metavar="DIR", help="model bundle folder (see `bundle init`)")
+    p.add_argument("--ct", type=Path, required=True, help="CT volume in HU (NIfTI)")
+    p.add_argument("--organs", type=Path, required=True, metavar="SEG", help="TotalSegmentator label map of that CT")
+    p.add_argument("--catalog", required=True, metavar="TYPE", help="lesion type (catalog name or YAML path)")
+    p.add_argument("--report", type=Path, help="a fixed report YAML/JSON (default: sample reports from the catalog)")
+    p.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
+                   help="fix a sampled attribute, e.g. --set density=hypodense --set size_mm=20,18,16 (repeatable)")
+    p.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, -n and --batch-size = same output")
+    p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
+    p.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule.ddim_steps)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
+    p.add_argument("--batch-size", type=int, default=4, help="lesions per network batch (default 4)")
+    p.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
+    p.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    p.add_argument("--overwrite", action="store_true", help="replace existing sample folders in OUT")
+    p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
+    p.set_defaults(func=_synthesize)
+
+
+def _sample_dir(out: Path, i: int) -> Path:
+    return out / f"sample_{i:03d}"
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    import numpy as np
+    from tqdm import tqdm
+
+    from ..catalog import load_catalog
+    from ..errors import LesionDiffusionError
+    from ..io import load_nifti, refuse_overwrite_input
+    from ..organs import load_organ_map
+    from ..pipeline import LesionSynthesizer
+    from ..report import LesionReport
+    from .report import parse_fixed
+
+    if args.n < 1:
+        raise LesionDiffusionError(f"-n {args.n}: the number of samples must be >= 1.")
+    if args.batch_size < 1:
+        raise LesionDiffusionError(f"--batch-size {args.batch_size}: must be >= 1.")
+    if args.ddim_steps is not None and args.ddim_steps < 1:
+        raise LesionDiffusionError(f"--ddim-steps {args.ddim_steps}: must be >= 1.")
+    if args.report is not None and args.fixed:
+        raise LesionDiffusionError("--report and --set both fix attributes; edit the report file instead of passing --set.")
+    out: Path = args.output
+    for path in (args.ct, args.organs, args.report, args.bundle):
+        if path is not None:
+            refuse_overwrite_input(out, path)
+    existing = [_sample_dir(out, i) for i in range(args.n) if _sample_dir(out, i).exists()]
+    if existing and not args.overwrite:
+        raise LesionDiffusionError(
+            f"{existing[0]} already exists ({len(existing)} sample folder(s) in {out}); choose another -o or pass --overwrite."
+        )
+    inputs = {Path(p).resolve() for p in (args.ct, args.organs) if p is not None}
+    for d in existing:
+        if any(Path(d).resolve() in q.parents for q in inputs):
+            raise LesionDiffusionError(f"{d} contains an input file; inputs are never overwritten. Choose another -o.")
+
+    catalog = load_catalog(args.catalog)
+    fixed = parse_fixed(args.fixed)
+    if args.report is not None:
+        reports = [LesionReport.from_yaml(args.report)] * args.n
+    else:
+        reports = [catalog.sample(args.seed + i, fixed or None) for i in range(args.n)]
+
+    ct, affine, header = load_nifti(args.ct)
+    organs = load_organ_map(args.organs, args.mapping)
+    if ct.shape != organs.shape:
+        raise LesionDiffusionError(
+            f"--organs {args.organs} has shape {organs.shape} but --ct {args.ct} has {ct.shape}; the label map must be "
+            "the segmentation of this CT on the same voxel grid (run TotalSegmentator on this file)."
+        )
+    if not np.allclose(affine, organs.affine, atol=1e-3):
+        raise LesionDiffusionError(
+            f"--organs {args.organs} and --ct {args.ct} have different affines; they must share one voxel grid "
+            "(resample the label map to the CT with nearest-neighbour interpolation)."
+        )
+    overrides = {"batch_size": args.batch_size}
+    if args.ddim_steps is not None:
+        overrides["ddim_steps"] = args.ddim_steps
+    if args.guidance is not None:
+        overrides["guidance_scale"] = args.guidance
+    synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
+
+    out.mkdir(parents=True, exist_ok=True)
+    written, failed = 0, []
+    with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
+        for start in range(0, args.n, args.batch_size):
+            chunk = reports[start : start + args.batch_size]
+            results = synth(ct, organs, chunk, catalog, seed=args.seed + start)
+            for k, result in enumerate(results):
+                i = start + k
+                if result.ok:
+                    _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
+                    written += 1
+                else:
+                    failed.append((i, result.failure))
+                    log.warning("sample %03d failed: %s", i, result.failure)
+                bar.update(1)
+    if failed:
+        from ..io import write_yaml
+
+        write_yaml(out / "failures.yaml", [{"sample": i, "reason": r} for i, r in failed])
+    print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed (see {out / 'failures.yaml'})" if failed else ""))
+    return 0 if not failed else 1
+
+
+def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) -> None:  # noqa: ANN001
+    import numpy as np
+    import yaml
+
+    from ..io import atomic_write_text, save_nifti
+    from ..preview import save_preview
+
+    final = _sample_dir(out, i)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
+    try:
+        save_nifti(tmp / "image.nii.gz", result.image, affine, header)
+        mask_header = header.copy() if header is not None else None
+        if mask_header is not None:
+            mask_header.set_slope_inter(1.0, 0.0)
+        save_nifti(tmp / "lesion.nii.gz", result.lesion_mask.astype(np.uint8), affine, mask_header)
+        info = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.info.items()}
+        doc = {
+            "report": result.report.to_dict(),
+            "box": result.box.to_dict() if hasattr(result.box, "to_dict") else None,
+            "synthesis": {"bundle": str(args.bundle), "seed": args.seed, "sample": i, **info},
+        }
+        doc["box"].pop("report", None) if isinstance(doc["box"], dict) else None
+        atomic_write_text(tmp / "report.yaml", yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
+        if not args.no_preview:
+            r = result.report
+            save_preview(tmp / "preview.png", ct, result.image, result.lesion_mask, spacing,
+                         title=f"sample {i:03d}: {r.lesion_type}, {r.density}, {r.shape}, {r.size}")
+        if final.exists():  # --overwrite: swap the folders so a crash never leaves neither
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=out))
+            os.replace(final, trash / final.name)
+            os.replace(tmp, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _plain(obj):  # noqa: ANN001, ANN202 - YAML-safe copy of numpy scalars/arrays/tuples
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj

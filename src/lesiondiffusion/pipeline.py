@@ -1,0 +1,472 @@
+"""``LesionSynthesizer``: the LesionDiffusion pipeline behind the ``LesionGenerator`` interface.
+
+report -> placement box -> crop around the box resampled to the bundle spacing -> LMNet DDIM mask ->
+binary mask checks (box, organ, volume; bounded retries) -> VQ encode -> LINet masked latent DDIM with
+classifier-free guidance -> decode -> resample back -> blend inside the slightly dilated mask only.
+
+Interpolation: into the crop the CT is trilinear (order 1, edge values past the image border) and organ
+labels are nearest (order 0, background past the border); back to the input grid the generated image
+is trilinear and the binary mask is trilinear on {0, 1} thresholded at 0.5 (a partial-volume-correct
+nearest neighbour, smoother than order 0 when spacings differ a lot). Axes are the array axes of the
+input; spacing per axis comes from the affine's column norms (oblique affines are treated per axis).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from scipy import ndimage
+
+from .bundle import Bundle
+from .errors import LesionDiffusionError, SynthesisError
+from .generator import SynthesisResult
+from .models import linet as linet_mod
+from .models import lmnet as lmnet_mod
+from .models.vqgan import hu_to_unit, unit_to_hu
+from .sampling import inpaint_latent, latent_mask, make_ddim, organ_semantics, sample_mask
+
+log = logging.getLogger(__name__)
+
+# Placement categories whose lesion must stay inside the organ (the mask is clipped to it); the others
+# may leave the organ but must overlap it by ``min_organ_fraction``.
+INSIDE_ORGAN = ("within_parenchyma", "lumen")
+
+
+@dataclass
+class SynthesisConfig:
+    """Run-time settings of the pipeline (the networks' settings live in the bundle)."""
+
+    ddim_steps: int | None = None  # None: the bundle's schedule.ddim_steps
+    guidance_scale: float | None = None  # None: the bundle's schedule.guidance_scale (1.0 = no CFG)
+    mask_threshold: float = 0.0  # LMNet samples masks in [-1, 1]; > threshold is lesion
+    max_retries: int = 2  # new LMNet noise after a rejected mask, per lesion
+    min_volume_fraction: float = 0.1  # of the report's ellipsoid volume (pi/6 * x * y * z)
+    min_organ_fraction: float = 0.25  # protruding / wall lesions: share of voxels inside the organ
+    blend_dilation: int = 1  # voxels: the region that may change is the mask dilated this much
+    feather_sigma: float = 0.7  # voxels: soft weight in the dilation ring (1 inside the mask)
+    hu_clip: tuple[float, float] = (-1024.0, 3071.0)  # valid CT range applied to changed voxels
+    enforce_hu_range: bool = True  # shift a lesion whose mean HU leaves the catalog's density range
+    batch_size: int = 8  # lesions per network batch
+    use_crop: bool = True  # False: run on the whole volume (benchmark of the crop's benefit)
+    amp: bool = True  # bf16 (or fp16) autocast for the diffusion networks on CUDA
+    on_failure: str = "result"  # "result": failed lesions come back with .failure; "raise": SynthesisError
+
+    def __post_init__(self) -> None:
+        if self.on_failure not in ("result", "raise"):
+            raise LesionDiffusionError(f"on_failure={self.on_failure!r}: use 'result' or 'raise'.")
+        if self.max_retries < 0 or self.batch_size < 1 or self.blend_dilation < 0:
+            raise LesionDiffusionError(
+                f"max_retries={self.max_retries}, batch_size={self.batch_size}, blend_dilation={self.blend_dilation}: "
+                "they must be >= 0, >= 1 and >= 0."
+            )
+
+
+@dataclass
+class CropGeometry:
+    """A crop grid at the bundle spacing centred on ``center`` (input voxel coordinates).
+
+    Crop voxel j along an axis sits at input coordinate ``center + (j - (n - 1) / 2) * scale`` with
+    ``scale = bundle spacing / input spacing``; LMNet's crop is the centred sub-grid of LINet's.
+    """
+
+    center: np.ndarray
+    scale: np.ndarray
+    image_size: tuple[int, int, int]
+    mask_size: tuple[int, int, int]
+
+    @property
+    def mask_offset(self) -> tuple[int, ...]:
+        return tuple((i - m) // 2 for i, m in zip(self.image_size, self.mask_size))
+
+    def mask_slices(self) -> tuple[slice, ...]:
+        return tuple(slice(o, o + m) for o, m in zip(self.mask_offset, self.mask_size))
+
+    def sample(self, volume: np.ndarray, order: int, mode: str, cval: float = 0.0) -> np.ndarray:
+        """Resample ``volume`` (input grid) onto the image crop grid."""
+        n = np.asarray(self.image_size, dtype=np.float64)
+        offset = self.center - (n - 1) / 2 * self.scale
+        return ndimage.affine_transform(
+            volume, self.scale, offset=offset, output_shape=self.image_size, order=order, mode=mode,
+            cval=cval, output=np.float32, prefilter=False,
+        )
+
+    def back(self, crop: np.ndarray, region: tuple[slice, slice, slice], order: int, cval: float = 0.0) -> np.ndarray:
+        """Resample an image-crop array back onto the input voxels of ``region``."""
+        n = np.asarray(self.image_size, dtype=np.float64)
+        start = np.asarray([s.start for s in region], dtype=np.float64)
+        shape = tuple(s.stop - s.start for s in region)
+        inv = 1.0 / self.scale
+        offset = (start - self.center) * inv + (n - 1) / 2
+        return ndimage.affine_transform(
+            crop, inv, offset=offset, output_shape=shape, order=order, mode="constant", cval=cval,
+            output=np.float32, prefilter=False,
+        )
+
+    def box_mask(self, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
+        """{0,1} image-crop mask of the voxel box [lo, hi) (crop voxels whose centre falls inside)."""
+        axes = []
+        for a in range(3):
+            j = np.arange(self.image_size[a])
+            x = self.center[a] + (j - (self.image_size[a] - 1) / 2) * self.scale[a]
+            axes.append((x >= lo[a] - 0.5) & (x < hi[a] - 0.5))
+        return (axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]).astype(np.float32)
+
+
+def _round_up(value: float, multiple: int) -> int:
+    return int(math.ceil(value / multiple - 1e-9) * multiple)
+
+
+def _organ_lut(organs: Any) -> np.ndarray:
+    """Input label id -> canonical TotalSegmentator v2 id (LMNet's organ-semantics channel)."""
+    from .organs import TOTALSEG_V2
+
+    v1_to_v2 = {"heart_myocardium": "heart", "heart_atrium_left": "heart", "heart_ventricle_left": "heart",
+                "heart_atrium_right": "heart", "heart_ventricle_right": "heart", "face": "skull"}
+    top = int(max([int(organs.labels.max(initial=0))] + list(organs.names.values()))) + 1
+    lut = np.zeros(top, dtype=np.float32)
+    for name, label in organs.names.items():
+        lut[int(label)] = TOTALSEG_V2.get(name, TOTALSEG_V2.get(v1_to_v2.get(name, ""), 0))
+    return lut
+
+
+@dataclass
+class _Item:
+    index: int
+    report: Any
+    catalog: Any
+    box: Any = None
+    geometry: CropGeometry | None = None
+    seed: int = 0
+    attempts: int = 0
+    failure: str | None = None
+    ct_crop: np.ndarray | None = None
+    labels_crop: np.ndarray | None = None
+    organ_crop: np.ndarray | None = None
+    box_crop: np.ndarray | None = None
+    region: tuple[slice, slice, slice] | None = None
+    mask: np.ndarray | None = None  # final binary mask on ``region`` of the input grid
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class LesionSynthesizer:
+    """Diffusion lesion generator (implements ``LesionGenerator``). Thread-compatible, not thread-safe."""
+
+    def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", config: SynthesisConfig | None = None) -> None:
+        self.bundle = bundle
+        self.device = torch.device(device)
+        self.config = config or SynthesisConfig()
+        self.bundle.to(self.device).eval()
+        bcfg = bundle.config
+        self.lm_div = lmnet_mod.size_divisor(bcfg.lmnet)
+        self.img_div = bcfg.vq_factor * lmnet_mod.size_divisor(bcfg.linet)
+
+    @classmethod
+    def from_bundle(cls, path: str | Path, device: str | torch.device = "cpu", **overrides: Any) -> "LesionSynthesizer":
+        known = {f.name for f in fields(SynthesisConfig)}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise LesionDiffusionError(f"unknown LesionSynthesizer option(s) {unknown}; allowed: {sorted(known)}.")
+        bundle = Bundle.load(path, device=device)
+        return cls(bundle, device, SynthesisConfig(**overrides))
+
+    # ---- geometry -----------------------------------------------------------------------------
+    def geometry(self, box: Any, shape: Sequence[int], spacing: Sequence[float]) -> CropGeometry:
+        bcfg = self.bundle.config
+        sb = np.asarray(bcfg.spacing_mm, dtype=np.float64)
+        so = np.asarray(spacing, dtype=np.float64)
+        scale = sb / so
+        if not self.config.use_crop:
+            n = tuple(_round_up(s * o / b, self.img_div) for s, o, b in zip(shape, so, sb))
+            return CropGeometry(np.asarray(shape, dtype=np.float64) / 2 - 0.5, scale, n, n)  # type: ignore[arg-type]
+        lo, hi = np.asarray(box.lo, dtype=np.float64), np.asarray(box.hi, dtype=np.float64)
+        box_mm = (hi - lo) * so
+        crop = bcfg.crop
+        mask_size, image_size = [], []
+        for a in range(3):
+            m = max(crop.lmnet_size[a], math.ceil((box_mm[a] + 2 * crop.mask_margin_mm) / sb[a]))
+            m = _round_up(m, max(self.lm_div, 2))
+            i = max(crop.linet_size[a], m + 2 * math.ceil(crop.context_margin_mm / sb[a]))
+            i = _round_up(i, self.img_div)
+            if (i - m) % 2:
+                i += self.img_div
+            mask_size.append(m)
+            image_size.append(i)
+        center = (lo + hi - 1) / 2
+        return CropGeometry(center, scale, tuple(image_size), tuple(mask_size))  # type: ignore[arg-type]
+
+    # ---- public API ---------------------------------------------------------------------------
+    def __call__(
+        self,
+        ct: np.ndarray,
+        organs: Any,
+        reports: Sequence[Any],
+        catalogs: Any,
+        *,
+        seed: int,
+    ) -> list[SynthesisResult]:
+        from .placement import NoPlacement, place_lesion
+
+        ct = np.asarray(ct)
+        if ct.shape != organs.labels.shape:
+            raise LesionDiffusionError(
+                f"CT shape {ct.shape} differs from the organ label map shape {organs.labels.shape}; "
+                "the organ map must be the segmentation of this CT (same grid)."
+            )
+        if not np.issubdtype(ct.dtype, np.number):
+            raise LesionDiffusionError(f"CT array dtype {ct.dtype} is not numeric; pass HU values.")
+        cats = list(catalogs) if isinstance(catalogs, (list, tuple)) else [catalogs] * len(reports)
+        if len(cats) != len(reports):
+            raise LesionDiffusionError(f"{len(reports)} reports but {len(cats)} catalogs; pass one catalog or one per report.")
+        t0 = time.perf_counter()
+        children = np.random.SeedSequence(int(seed)).spawn(len(reports))
+        items: list[_Item] = []
+        for i, (report, catalog) in enumerate(zip(reports, cats)):
+            item = _Item(i, report, catalog, seed=int(children[i].generate_state(1)[0]))
+            placed = place_lesion(organs, report, catalog, np.random.default_rng(children[i]), on_failure="skip")
+            if isinstance(placed, NoPlacement):
+                item.failure = f"no placement: {placed.reason}"
+            else:
+                item.box = placed
+                item.report = placed.report
+            items.append(item)
+
+        live = [it for it in items if it.failure is None]
+        if live:
+            lut = _organ_lut(organs)
+            for it in live:
+                self._prepare(it, ct, organs, lut)
+            live = [it for it in live if it.failure is None]
+            with torch.inference_mode():
+                self._run_masks(live, organs)
+                done = [it for it in live if it.failure is None]
+                self._run_images(done, ct)
+        results = [self._result(it, ct) for it in items]
+        total = time.perf_counter() - t0
+        for r in results:
+            r.info.setdefault("seconds_per_call", total)
+        if self.config.on_failure == "raise":
+            bad = [r for r in results if r.failure]
+            if bad:
+                raise SynthesisError("; ".join(f"lesion {i}: {r.failure}" for i, r in enumerate(results) if r.failure))
+        return results
+
+    # ---- stages -------------------------------------------------------------------------------
+    def _prepare(self, it: _Item, ct: np.ndarray, organs: Any, lut: np.ndarray) -> None:
+        geo = self.geometry(it.box, ct.shape, organs.spacing)
+        it.geometry = geo
+        it.ct_crop = geo.sample(ct, order=1, mode="nearest")
+        if not np.isfinite(it.ct_crop).all():
+            it.failure = "the CT has NaN/inf values around the lesion box; fix the input CT"
+            return
+        labels = geo.sample(organs.labels, order=0, mode="constant", cval=0).astype(np.int64)
+        labels = np.clip(labels, 0, len(lut) - 1)
+        it.labels_crop = lut[labels]
+        ids = organs.ids(it.box.organ_names)
+        it.organ_crop = np.isin(labels, ids).astype(np.float32)
+        it.box_crop = geo.box_mask(it.box.lo, it.box.hi)
+        pad = self.config.blend_dilation + 1
+        it.region = tuple(
+            slice(max(0, int(l) - pad), min(int(s), int(h) + pad)) for l, h, s in zip(it.box.lo, it.box.hi, ct.shape)
+        )  # type: ignore[assignment]
+        it.info.update(image_crop=list(geo.image_size), mask_crop=list(geo.mask_size), scale=[float(v) for v in geo.scale])
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.device.type == "cuda" and self.config.amp:
+            dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            return torch.autocast("cuda", dtype=dtype)
+        return contextlib.nullcontext()
+
+    def _noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+        # drawn on the CPU from a per-lesion generator: results do not depend on the device or on
+        # which other lesions share the batch
+        gen = torch.Generator().manual_seed(int(seed) % (2**63))
+        return torch.randn(shape, generator=gen)
+
+    def _steps_and_scale(self) -> tuple[int, float]:
+        sched = self.bundle.config.schedule
+        steps = int(self.config.ddim_steps or sched.ddim_steps)
+        scale = float(sched.guidance_scale if self.config.guidance_scale is None else self.config.guidance_scale)
+        return steps, scale
+
+    def _batches(self, items: list[_Item]) -> list[list[_Item]]:
+        groups: dict[tuple, list[_Item]] = {}
+        for it in items:
+            assert it.geometry is not None
+            groups.setdefault((it.geometry.image_size, it.geometry.mask_size), []).append(it)
+        out = []
+        for group in groups.values():
+            for k in range(0, len(group), self.config.batch_size):
+                out.append(group[k : k + self.config.batch_size])
+        return out
+
+    def _run_masks(self, items: list[_Item], organs: Any) -> None:
+        steps, scale = self._steps_and_scale()
+        pending = list(items)
+        while pending:
+            retry: list[_Item] = []
+            for batch in self._batches(pending):
+                t = time.perf_counter()
+                sl = batch[0].geometry.mask_slices()  # type: ignore[union-attr]
+                cond = np.stack(
+                    [np.stack([it.labels_crop[sl], it.organ_crop[sl], it.box_crop[sl]]) for it in batch]  # type: ignore[index]
+                )
+                cond_t = torch.from_numpy(cond).to(self.device)
+                cond_t = torch.cat([organ_semantics(cond_t[:, 0:1]), cond_t[:, 1:3]], dim=1)
+                context = self.bundle.context([it.report.mask_phrases() for it in batch]).to(self.device)
+                shape = (1, 1) + tuple(batch[0].geometry.mask_size)  # type: ignore[union-attr]
+                noise = torch.cat([self._noise(shape, it.seed + 1000003 * it.attempts) for it in batch]).to(self.device)
+                with self._autocast():
+                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_ddim(self.bundle.config.schedule, steps), noise, scale)
+                x0 = x0.float().cpu().numpy()[:, 0]
+                dt = (time.perf_counter() - t) / len(batch)
+                for it, sample in zip(batch, x0):
+                    it.attempts += 1
+                    it.info["lmnet_seconds"] = it.info.get("lmnet_seconds", 0.0) + dt
+                    reason = self._accept_mask(it, sample, organs)
+                    if reason is None:
+                        continue
+                    log.info("lesion %d attempt %d: mask rejected (%s)", it.index, it.attempts, reason)
+                    if it.attempts <= self.config.max_retries:
+                        retry.append(it)
+                    else:
+                        it.failure = f"mask rejected after {it.attempts} attempt(s): {reason}"
+            pending = retry
+
+    def _accept_mask(self, it: _Item, sample: np.ndarray, organs: Any) -> str | None:
+        """Binary mask on the input grid from LMNet's sample, or the reason it is unusable."""
+        if not np.isfinite(sample).all():
+            return "LMNet produced NaN/inf values (check the bundle weights)"
+        geo, region, box = it.geometry, it.region, it.box
+        assert geo is not None and region is not None
+        full = np.zeros(geo.image_size, dtype=np.float32)
+        full[geo.mask_slices()] = (sample > self.config.mask_threshold).astype(np.float32)
+        mask = geo.back(full, region, order=1) >= 0.5
+        in_box = np.zeros(mask.shape, dtype=bool)
+        in_box[tuple(slice(l - s.start, h - s.start) for l, h, s in zip(box.lo, box.hi, region))] = True
+        organ = organs.mask(box.organ_names)[region] if box.organ_names else np.zeros(mask.shape, bool)
+        raw = int(mask.sum())
+        mask &= in_box
+        inside = box.category in INSIDE_ORGAN
+        if inside:
+            mask &= organ
+        if not mask.any():
+            return "empty mask" + (" inside the box and organ" if raw else "")
+        labels, n = ndimage.label(mask)
+        if n > 1:  # the component that overlaps the box most (all of it is in the box now: the largest)
+            sizes = np.bincount(labels.ravel())[1:]
+            mask = labels == (int(np.argmax(sizes)) + 1)
+        vox_ml = float(np.prod(organs.spacing)) / 1000.0
+        volume_ml = float(mask.sum()) * vox_ml
+        sx, sy, sz = it.report.size_mm
+        expected_ml = math.pi / 6 * sx * sy * sz / 1000.0
+        if volume_ml < self.config.min_volume_fraction * expected_ml:
+            return (
+                f"mask volume {volume_ml:.3f} ml is below {self.config.min_volume_fraction:g} x the report's "
+                f"{expected_ml:.3f} ml ({list(it.report.size_mm)} mm)"
+            )
+        organ_fraction = float((mask & organ).sum()) / float(mask.sum())
+        if not inside and organ_fraction < self.config.min_organ_fraction:
+            return (
+                f"only {organ_fraction:.0%} of the mask lies in {box.organ_names} "
+                f"(a {box.category} lesion needs >= {self.config.min_organ_fraction:.0%})"
+            )
+        it.mask = mask
+        it.info.update(mask_volume_ml=volume_ml, expected_volume_ml=expected_ml, organ_fraction=organ_fraction, attempts=it.attempts)
+        return None
+
+    def _run_images(self, items: list[_Item], ct: np.ndarray) -> None:
+        steps, scale = self._steps_and_scale()
+        bcfg = self.bundle.config
+        window = bcfg.hu_window
+        for batch in self._batches(items):
+            t = time.perf_counter()
+            geo = batch[0].geometry
+            assert geo is not None
+            masks = []
+            for it in batch:
+                # the final input-grid mask back onto the crop grid (the region LINet regenerates)
+                masks.append(_forward_region(it.geometry, it.mask.astype(np.float32), it.region))
+            mask_t = torch.from_numpy(np.stack(masks)[:, None]).to(self.device)
+            x = hu_to_unit(torch.from_numpy(np.stack([it.ct_crop for it in batch])[:, None]).to(self.device), window)
+            z0 = self.bundle.vqgan.encode_stage_2_inputs(x)
+            lmask = latent_mask(mask_t, tuple(z0.shape[2:]))
+            context = self.bundle.context([it.report.image_phrases() for it in batch]).to(self.device)
+            noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
+            with self._autocast():
+                z = inpaint_latent(
+                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, steps, clip_sample=False), noise, scale
+                )
+            recon = self.bundle.vqgan.decode_stage_2_outputs(z.float())
+            finite = torch.isfinite(recon.float()).flatten(1).all(dim=1).cpu().tolist()
+            hu = unit_to_hu(recon, window).float().cpu().numpy()[:, 0]
+            dt = (time.perf_counter() - t) / len(batch)
+            for it, gen, ok in zip(batch, hu, finite):
+                it.info["linet_seconds"] = dt
+                if not ok:
+                    it.failure = "LINet/VQ-GAN decoder produced NaN/inf values (check the bundle weights)"
+                    continue
+                it.info["generated"] = it.geometry.back(gen, it.region, order=1)  # type: ignore[union-attr]
+
+    def _result(self, it: _Item, ct: np.ndarray) -> SynthesisResult:
+        if it.failure is not None:
+            return SynthesisResult(image=None, lesion_mask=None, report=it.report, box=it.box, failure=it.failure, info=it.info)
+        cfg = self.config
+        region, mask = it.region, it.mask
+        assert region is not None and mask is not None
+        gen = it.info.pop("generated")
+        lesion = gen[mask]
+        if cfg.enforce_hu_range:
+            # the catalog's HU interval defines the density label; a lesion whose mean leaves it would
+            # train the segmenter on a mislabelled density, so shift it (texture kept) to the interval
+            lo, hi = it.catalog.hu_range(it.report.density, it.report.enhancement)
+            mean = float(lesion.mean())
+            shift = (lo - mean) if mean < lo else (hi - mean) if mean > hi else 0.0
+            gen = gen + np.float32(shift) * mask
+            it.info.update(hu_range=[lo, hi], generated_mean_hu=mean, hu_shift=shift)
+        changed = ndimage.binary_dilation(mask, iterations=cfg.blend_dilation) if cfg.blend_dilation else mask.copy()
+        weight = ndimage.gaussian_filter(mask.astype(np.float32), cfg.feather_sigma) if cfg.feather_sigma > 0 else mask.astype(np.float32)
+        weight = np.where(mask, 1.0, np.clip(weight, 0.0, 1.0)) * changed
+        orig = ct[region].astype(np.float32)
+        blended = np.clip(weight * gen + (1.0 - weight) * orig, *cfg.hu_clip)
+        if not np.isfinite(blended[changed]).all():
+            return SynthesisResult(None, None, it.report, it.box, failure="blended image has NaN/inf values", info=it.info)
+        image = ct.copy()
+        patch = image[region]
+        if np.issubdtype(ct.dtype, np.integer):
+            info = np.iinfo(ct.dtype)
+            values = np.clip(np.rint(blended[changed]), info.min, info.max).astype(ct.dtype)
+        else:
+            values = blended[changed].astype(ct.dtype)
+        patch[changed] = values
+        lesion_mask = np.zeros(ct.shape, dtype=np.uint8)
+        lesion_mask[region] = mask.astype(np.uint8)
+        it.info.update(changed_voxels=int(changed.sum()), lesion_voxels=int(mask.sum()))
+        return SynthesisResult(image=image, lesion_mask=lesion_mask, report=it.report, box=it.box, info=it.info)
+
+
+def _forward_region(geo: CropGeometry | None, values: np.ndarray, region: tuple[slice, ...] | None) -> np.ndarray:
+    """Resample an input-grid mask defined on ``region`` (zero elsewhere) onto the crop grid;
+    trilinear + 0.5 threshold (see module docstring). A lesion thinner than one crop voxel keeps every
+    crop voxel it touches, so a mask is never lost by coarser bundle spacing."""
+    assert geo is not None and region is not None
+    n = np.asarray(geo.image_size, dtype=np.float64)
+    start = np.asarray([s.start for s in region], dtype=np.float64)
+    offset = geo.center - (n - 1) / 2 * geo.scale - start
+    out = ndimage.affine_transform(
+        values.astype(np.float32), geo.scale, offset=offset, output_shape=geo.image_size, order=1,
+        mode="constant", cval=0.0, output=np.float32, prefilter=False,
+    )
+    if out.max(initial=0.0) < 0.5:
+        return (out > 0).astype(np.float32)
+    return (out >= 0.5).astype(np.float32)
+
+
+__all__ = ["LesionSynthesizer", "SynthesisConfig", "CropGeometry"]
