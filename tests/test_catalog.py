@@ -12,7 +12,7 @@ import pytest
 from lesiondiffusion.catalog import list_catalogs, load_catalog, validate_catalog_file
 from lesiondiffusion.errors import CatalogError
 from lesiondiffusion.organs import TOTALSEG_V1, TOTALSEG_V2
-from lesiondiffusion.report import ATTRIBUTES, size_category, vocabulary_phrases
+from lesiondiffusion.report import size_category, vocabulary_phrases
 
 SHIPPED = {
     "lung_tumor", "liver_tumor", "liver_cyst", "gallbladder_cancer", "gallstone", "colon_cancer", "bladder_cancer",

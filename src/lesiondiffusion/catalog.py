@@ -20,11 +20,10 @@ import numpy as np
 import yaml
 
 from .errors import CatalogError, ReportError
-from .organs import ALL_CLASS_NAMES, TOTALSEG_V1, TOTALSEG_V2
+from .organs import TOTALSEG_V1, TOTALSEG_V2
 from .report import (
     ATTRIBUTES,
     SIZE_CATEGORIES,
-    VOCABULARY,
     LesionReport,
     normalize_value,
     phrase,

@@ -23,7 +23,6 @@ beyond the scan there).
 from __future__ import annotations
 
 import logging
-import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -125,6 +124,15 @@ class OrganGeometry:
     crop_shape: tuple[int, int, int]
     depth_sorted: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))   # flat idx by depth
     depth_values: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0))   # ascending depths
+    on_border: np.ndarray = field(repr=False, default_factory=lambda: np.zeros(0, bool))  # crop voxels on the image border
+    wall_shells: dict = field(repr=False, default_factory=dict)  # wall_mm -> flat indices of shell voxels
+
+    def wall_shell(self, wall_mm: float) -> np.ndarray:
+        """Flat crop indices of organ voxels at most ``wall_mm`` deep, off the image border (cached)."""
+        if wall_mm not in self.wall_shells:
+            shell = self.mask & (self.depth_mm <= wall_mm) & ~self.on_border
+            self.wall_shells[wall_mm] = np.flatnonzero(shell)
+        return self.wall_shells[wall_mm]
 
 
 def organ_geometry(organs: "OrganMap", ids: list[int]) -> OrganGeometry:
@@ -165,11 +173,9 @@ def organ_geometry(organs: "OrganMap", ids: list[int]) -> OrganGeometry:
         crop_shape=tuple(int(s) for s in mask.shape),  # type: ignore[arg-type]
         depth_sorted=inside_idx[order],
         depth_values=depth.ravel()[inside_idx][order],
+        on_border=on_border,
     )
-    # shell voxels on the image border are excluded from wall centres too
-    geom_border = on_border
     organs._cache[key] = geom
-    organs._cache[key + ("border",)] = geom_border
     return geom
 
 
@@ -275,7 +281,6 @@ def place_lesion(
     if not ids:
         return fail(_organ_absent_message(organs, report, names))
     geom = organ_geometry(organs, ids)
-    border = organs._cache[("placement_geometry", tuple(sorted(ids)), "border")]
     spacing = np.asarray(organs.spacing)
     shape = organs.shape
     min_diameter = min(catalog.size.min, max(report.size_mm))
@@ -288,7 +293,7 @@ def place_lesion(
         cur = size_mm * scale
         extent = extent_vox(organs.affine, tuple(cur))
         semi = extent / 2.0
-        candidates = _candidates(category, geom, border, float(np.min(semi * spacing)), wall_mm)
+        candidates = _candidates(category, geom, float(np.min(semi * spacing)), wall_mm)
         if len(candidates):
             picks = rng.choice(candidates, size=min(spec.max_tries, len(candidates)), replace=False)
             for flat in picks:
@@ -319,13 +324,11 @@ def place_lesion(
     return fail(reason)
 
 
-def _candidates(category: str, geom: OrganGeometry, border: np.ndarray, min_semi_mm: float, wall_mm: float) -> np.ndarray:
+def _candidates(category: str, geom: OrganGeometry, min_semi_mm: float, wall_mm: float) -> np.ndarray:
     if category == "protruding":
         return geom.boundary
     if category == "wall":
-        depth = geom.depth_mm.ravel()
-        flat = np.flatnonzero(geom.mask.ravel() & (depth <= wall_mm) & ~border.ravel())
-        return flat
+        return geom.wall_shell(wall_mm)
     if category == "lumen":
         threshold = lumen_depth_threshold(geom.max_depth_mm, wall_mm)
     else:  # within_parenchyma: the centre must be roughly one semi-axis deep to keep the lesion in
