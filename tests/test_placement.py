@@ -281,3 +281,28 @@ def test_real_ct_placement_rules(real_maps, name, location):
     assert placed >= 0.95 * N_SEEDS, f"{name}/{category}: placed {placed}/{N_SEEDS}"
     assert satisfied == placed, f"{name}/{category}: rule held for {satisfied}/{placed}"
     assert elapsed / N_SEEDS < 0.05  # ms-scale placement once the distance maps are cached
+
+
+def test_v1_label_map_is_detected_and_placed(real_maps):
+    """The real v2 map rewritten with v1 ids: auto detection picks v1 and the pancreas (v1 id 10) is found."""
+    from lesiondiffusion.errors import CatalogError
+
+    v2 = real_maps["sm"]
+    lut = np.zeros(256, np.uint8)
+    for name, i2 in TOTALSEG_V2.items():
+        if name in TOTALSEG_V1:
+            lut[i2] = TOTALSEG_V1[name]
+    v1_labels = lut[v2.labels]
+    assert guess_version(v1_labels, v2.affine)[0] == "v1"
+    om = organ_map_from_array(v1_labels, v2.affine, "auto")
+    assert om.source == "auto->v1" and om.names["pancreas"] == 10
+    cat = load_catalog("pancreatic_tumor")
+    box = place_lesion(om, cat.sample(0), cat, seed=0)
+    c = np.floor(box.center_vox).astype(int)
+    assert v1_labels[tuple(c)] == 10 or box.category == "protruding"
+    wrong = organ_map_from_array(v1_labels, v2.affine, "v2")  # forcing the wrong table: "pancreas" is the aorta
+    assert wrong.mask(["pancreas"]).sum() == (v2.labels == TOTALSEG_V2["aorta"]).sum()
+    rep = cat.sample(0)
+    rep.organ = "liver"  # not an organ of this catalog
+    with pytest.raises(CatalogError, match="organ 'liver' is not a target of catalog pancreatic_tumor"):
+        place_lesion(om, rep, cat, seed=0)
