@@ -306,3 +306,22 @@ def test_v1_label_map_is_detected_and_placed(real_maps):
     rep.organ = "liver"  # not an organ of this catalog
     with pytest.raises(CatalogError, match="organ 'liver' is not a target of catalog pancreatic_tumor"):
         place_lesion(om, rep, cat, seed=0)
+
+
+def test_brain_and_esophagus_catalogs_place_on_synthetic_organs():
+    """The real CT lacks brain and oesophagus; a head ball and an oesophagus tube stand in."""
+    labels = _sphere((48, 56, 40), (24, 28, 20), (20, 24, 16), label=TOTALSEG_V2["brain"])
+    labels[22:28, 4:10, :] = TOTALSEG_V2["esophagus"]  # 6 x 6 voxel tube = 15 x 15 mm at 2.5 mm
+    om = organ_map_from_array(labels, np.diag([2.5, 2.5, 3.0, 1.0]), "v2")
+    brain = load_catalog("hematencephalon")
+    for s in range(20):
+        box = place_lesion(om, brain.sample(s), brain, seed=s)
+        assert box.measures["inside_fraction"] >= 0.9 and box.organ_names == ["brain"]
+    eso = load_catalog("esophageal_cancer")
+    for loc, category in (("wall thickening", "wall"), ("within the lumen of a hollow organ", "lumen")):
+        for s in range(20):
+            box = place_lesion(om, eso.sample(s, {"lesion_location": loc}), eso, seed=s)
+            c = tuple(int(v) for v in box.center_vox)
+            assert box.category == category and labels[c] == TOTALSEG_V2["esophagus"]
+            assert (box.measures["center_depth_mm"] <= 3.0 if category == "wall"
+                    else box.measures["center_depth_mm"] >= box.measures["lumen_depth_threshold_mm"])
