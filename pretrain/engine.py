@@ -44,7 +44,7 @@ class TrainConfig:
     ema_decay: float | None = None    # e.g. 0.999; the EMA weights are the ones exported
     checkpoint_every: int = 100
     log_every: int = 10
-    preview_every: int = 250          # <= 0: only at the end
+    preview_every: int = 250          # also at the end; <= 0: no previews
     num_workers: int = 2
     seed: int = 0
     device: str = "auto"              # auto | cpu | cuda | cuda:N
@@ -356,6 +356,21 @@ class Engine:
             for m in self.models.values():
                 m.train()
 
+    def _check_ranks_in_sync(self) -> None:
+        """Every rank must hold the same parameters after DDP training (catches unsynchronised updates
+        such as the VQ codebook's EMA); one float64 checksum per module. Buffers are not compared:
+        BatchNorm running statistics legitimately differ per rank (DDP re-broadcasts rank 0's)."""
+        sums = torch.tensor([sum(float(p.detach().double().sum()) for p in m.parameters())
+                             for m in self.task.trainable.values()], dtype=torch.float64, device=self.device)
+        gathered = [torch.zeros_like(sums) for _ in range(self.dist.world)]
+        dist.all_gather(gathered, sums)
+        for r, g in enumerate(gathered):
+            if not torch.allclose(g, gathered[0], rtol=1e-9, atol=0):
+                raise RuntimeError(f"{self.task.name}: rank {r} weights differ from rank 0 after training "
+                                   f"(checksums {g.tolist()} vs {gathered[0].tolist()}); DDP state is out of sync.")
+        if self.dist.main:
+            log.info("%s: weights identical on all %d ranks", self.task.name, self.dist.world)
+
     # ---- main loop ------------------------------------------------------------------------------
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train until ``cfg.steps``; returns a summary (final step, last logged losses)."""
@@ -420,8 +435,10 @@ class Engine:
                 if self.step >= cfg.steps:
                     break
         bar.close()
-        if self.step > start and (cfg.preview_every <= 0 or self.step % cfg.preview_every):
-            self.preview()
+        if self.dist.enabled:
+            self._check_ranks_in_sync()
+        if self.step > start and cfg.preview_every > 0 and self.step % cfg.preview_every:
+            self.preview()  # the final state, unless the loop just drew it
         if self._tb is not None:
             self._tb.close()
         return {"step": self.step, "losses": last}

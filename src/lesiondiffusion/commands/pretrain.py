@@ -6,6 +6,7 @@ Multi-GPU: `torchrun --nproc_per_node=N -m lesiondiffusion pretrain lmnet ...` (
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 
@@ -48,6 +49,8 @@ def _train(args: argparse.Namespace) -> int:
                            resume=args.resume, train=train, extra=extra)
     module = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}[args.net]
     summary = module.train(opts)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return 0
     losses = ", ".join(f"{k} {v:.4g}" for k, v in summary["losses"].items())
     print(f"{args.net}: {summary['step']} steps done ({losses}); network written to {summary['bundle']}")
     return 0
