@@ -6,6 +6,11 @@ possibly in several augmentation worker processes) draw through a ``StoreClient`
 while a case is available, reuses each case at most ``reuse`` times and counts hits and misses in
 shared counters. The ``OfflineCache`` writes the same cases to disk once (resumable, atomic) and
 ``OfflineCacheReader`` serves them with no generator loaded.
+
+Cases travel as files in a spool folder (``/dev/shm`` when available) and only their paths go
+through the queue: a path is a message far below the pipe's atomic-write size, so stopping or
+killing the producer can never leave half a message that would block a reader, and the producer
+never holds unread cases in its queue feeder.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
+import tempfile
 import threading
 import time
 import traceback
@@ -119,8 +126,9 @@ class SharedCounters:
 
 def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop: Any, crashed: Any, done: Any,
                    err_q: Any, counters: SharedCounters, seed: int, limit: int | None,
-                   max_consecutive_failures: int) -> None:
+                   max_consecutive_failures: int, spool: str) -> None:
     """Runs in the producer process/thread: build the factory once, then keep the queue full."""
+    factory = None
     try:
         factory = factory_builder()
         made, consecutive, i = 0, 0, 0
@@ -142,9 +150,11 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
                         "contain the organs the catalogs need and that the generator works on them.")
                 continue
             consecutive = 0
+            path = os.path.join(spool, f"case_{seed + i - 1}.npz")
+            save_case(Path(path), case)
             while not stop.is_set():
                 try:
-                    out_q.put(case, timeout=0.2)
+                    out_q.put(path, timeout=0.2)
                     counters.add(PRODUCED)
                     made += 1
                     break
@@ -154,6 +164,25 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
     except BaseException:  # the consumer side re-raises this traceback in the training loop
         err_q.put(traceback.format_exc())
         crashed.set()
+    finally:
+        factory = None  # frees the generator (and its GPU memory) as soon as production ends
+        _free_accelerator_memory()
+
+
+def _free_accelerator_memory() -> None:
+    import gc
+    import sys
+
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.empty_cache()
+
+
+def _spool_dir() -> str:
+    shm = Path("/dev/shm")
+    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
+    return tempfile.mkdtemp(prefix="lesiondiffusion_store_", dir=base)
 
 
 class SampleStore:
@@ -180,10 +209,11 @@ class SampleStore:
         self._max_fail = max_consecutive_failures
         self._runner: Any = None
         self._error: str | None = None
+        self.spool = _spool_dir()
 
     def start(self) -> "SampleStore":
         args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
-                self._seed, self.size if self.refresh == "once" else None, self._max_fail)
+                self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool)
         if self.worker == "thread":
             self._runner = threading.Thread(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
         else:
@@ -229,25 +259,27 @@ class SampleStore:
             queued = -1
         return self.counters.snapshot(queued=queued)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop the producer and free its generator; queued cases stay drawable."""
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the producer and free its generator; cases already spooled stay drawable."""
         self.stop_event.set()
         if self._runner is not None:
             self._runner.join(timeout)
             if self._runner.is_alive() and hasattr(self._runner, "terminate"):
+                log.warning("producer did not stop within %.0f s; terminating it", timeout)
                 self._runner.terminate()
                 self._runner.join(timeout)
         self._runner = None
 
     def close(self) -> None:
+        """Stop the producer and delete the spool folder with any unread cases."""
         self.stop()
-        # drain so the queue's feeder thread can exit without blocking interpreter shutdown
-        try:
-            while True:
-                self.queue.get_nowait()
-        except (queue_mod.Empty, OSError, ValueError):
-            pass
         self.queue.cancel_join_thread()
+        shutil.rmtree(self.spool, ignore_errors=True)
+
+    def __del__(self) -> None:
+        spool = getattr(self, "spool", None)
+        if spool and os.path.isdir(spool) and (self._runner is None or not self._runner.is_alive()):
+            shutil.rmtree(spool, ignore_errors=True)
 
 
 class StoreClient:
@@ -280,27 +312,39 @@ class StoreClient:
                 self._pool.pop(idx)
         return entry[0]
 
+    def _fetch(self, timeout: float | None) -> SyntheticCase | None:
+        try:
+            path = self.q.get_nowait() if timeout is None else self.q.get(timeout=timeout)
+        except queue_mod.Empty:
+            return None
+        try:
+            case = load_case(Path(path))
+        except (OSError, ValueError, KeyError):  # spool already deleted (store closed) or unreadable
+            return None
+        finally:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        self.counters.add(FRESH)
+        return self._take(case)
+
     def draw(self) -> SyntheticCase | None:
         # np.random, not random: nnU-Net seeds numpy per augmentation worker, so workers differ
-        try:
-            case = self.q.get_nowait()
-            self.counters.add(FRESH)
-            return self._take(case)
-        except queue_mod.Empty:
-            pass
+        case = self._fetch(None)
+        if case is not None:
+            return case
         if self._pool:
             self.counters.add(REUSED)
             return self._use(int(np.random.randint(len(self._pool))))
         if self.wait:
             self.counters.add(WAITED)
             while not self.crashed.is_set():
-                try:
-                    case = self.q.get(timeout=0.2)
-                    self.counters.add(FRESH)
-                    return self._take(case)
-                except queue_mod.Empty:
-                    if self.stopped.is_set():
-                        break
+                case = self._fetch(0.2)
+                if case is not None:
+                    return case
+                if self.stopped.is_set():
+                    break
         # a crashed producer makes this a miss; the training loop then raises its traceback
         self.counters.add(MISSED)
         return None
