@@ -31,7 +31,7 @@ from .generator import SynthesisResult
 from .models import linet as linet_mod
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
-from .sampling import inpaint_latent, latent_mask, make_ddim, organ_semantics, sample_mask
+from .sampling import codebook_range, inpaint_latent, latent_mask, make_ddim, organ_semantics, sample_mask
 
 log = logging.getLogger(__name__)
 
@@ -402,7 +402,7 @@ class LesionSynthesizer:
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(
-                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, steps, clip_sample=False), noise, scale
+                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, steps, clip_range=codebook_range(self.bundle.vqgan)), noise, scale
                 )
             recon = self.bundle.vqgan.decode_stage_2_outputs(z.float())
             finite = torch.isfinite(recon.float()).flatten(1).all(dim=1).cpu().tolist()

@@ -58,17 +58,32 @@ def make_train_scheduler(cfg: ScheduleConfig) -> DDPMScheduler:
     )
 
 
-def make_ddim(cfg: ScheduleConfig, steps: int | None = None, clip_sample: bool = True) -> DDIMScheduler:
-    """DDIM sampler on the same schedule. ``clip_sample`` clamps predicted x0 to [-1, 1]: right for
-    masks (trained in [-1, 1]); latents are unbounded, so LINet samples with ``clip_sample=False``."""
+def make_ddim(
+    cfg: ScheduleConfig, steps: int | None = None, clip_range: tuple[float, float] | None = (-1.0, 1.0)
+) -> DDIMScheduler:
+    """DDIM sampler on the same schedule; each step clamps the predicted x0 to ``clip_range``.
+
+    Masks are trained in [-1, 1] (the default). For VQ latents pass ``codebook_range(vqgan)``: a clean
+    latent is a codebook vector, so a prediction outside the codebook's range is impossible and
+    clamping it keeps early steps (where 1/sqrt(alpha_bar) is large) from blowing up. ``None`` disables.
+    """
+    lo, hi = clip_range if clip_range is not None else (-1.0, 1.0)
     sched = DDIMScheduler(
         num_train_timesteps=cfg.num_train_timesteps,
         schedule=cfg.schedule,
         prediction_type=cfg.prediction_type,
-        clip_sample=clip_sample,
+        clip_sample=clip_range is not None,
+        clip_sample_min=float(lo),
+        clip_sample_max=float(hi),
     )
     sched.set_timesteps(int(steps or cfg.ddim_steps))
     return sched
+
+
+def codebook_range(vqgan: torch.nn.Module) -> tuple[float, float]:
+    """(min, max) over all entries of a MONAI VQVAE codebook: the range of any clean latent."""
+    weight = vqgan.quantizer.quantizer.embedding.weight
+    return float(weight.min()), float(weight.max())
 
 
 # ---- model inputs (shared with training) ------------------------------------------------------

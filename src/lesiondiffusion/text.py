@@ -93,8 +93,30 @@ class OpenCLIPEncoder:
                     "microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224 (see docs/bundle.md)."
                 )
             model_name = f"local-dir:{folder.resolve()}"
-            # a local copy of BiomedCLIP keeps the hub model's id so caches stay interchangeable
-            config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+            try:
+                config = json.loads((folder / "open_clip_config.json").read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise TextEncodingError(f"{folder}/open_clip_config.json is not valid JSON ({exc}); fix or re-download it.") from exc
+            weights = [p for ext in ("*.safetensors", "*.bin", "*.pth") for p in folder.glob(ext)]
+            if not weights:
+                # open_clip would silently fall back to random weights: embeddings would be noise
+                raise TextEncodingError(
+                    f"{folder} has open_clip_config.json but no weights (open_clip_model.safetensors, "
+                    "open_clip_pytorch_model.bin, ...). Copy the weights file into the folder."
+                )
+            text_cfg = (config.get("model_cfg") or {}).get("text_cfg") or {}
+            if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
+                import importlib.util
+
+                if importlib.util.find_spec("transformers") is None:
+                    raise TextEncodingError(
+                        f"{folder}/open_clip_config.json uses the Hugging Face text model "
+                        f"{text_cfg.get('hf_model_name') or text_cfg.get('hf_tokenizer_name')!r} (as BiomedCLIP does), "
+                        "which needs `transformers`: pip install transformers. Without it, use the bundle's "
+                        "embedding cache (no encoder needed) or --encoder hashing."
+                    )
+            # the folder may name the id its vectors should be cached under (e.g. the hub id of the
+            # model it is a copy of), so caches made online and offline stay interchangeable
             self.id = str(config.get("lesiondiffusion_id") or f"open_clip:local-dir:{folder.resolve().name}")
         else:
             self.id = f"open_clip:{model_name}"
