@@ -69,7 +69,9 @@ def open_bundle(opts: PretrainOptions, info: DistInfo) -> Any:
 def prep_config(bundle: Any) -> PrepConfig:
     cfg = bundle.config
     return PrepConfig(spacing_mm=tuple(cfg.spacing_mm), hu_window=tuple(cfg.hu_window),
-                      lmnet_crop=tuple(cfg.crop.lmnet_size), linet_crop=tuple(cfg.crop.linet_size))
+                      lmnet_crop=tuple(cfg.crop.lmnet_size), linet_crop=tuple(cfg.crop.linet_size),
+                      # random shift of the lesion inside its crop: an eighth of the crop keeps it inside
+                      jitter=max(1, min(min(cfg.crop.lmnet_size), min(cfg.crop.linet_size)) // 8))
 
 
 def prepare(opts: PretrainOptions, bundle: Any, info: DistInfo) -> Manifest:

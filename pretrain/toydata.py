@@ -43,16 +43,18 @@ def lesion_mask(kind: str, shape: Sequence[int], spacing: Sequence[float], cente
         d2 = sum((gi - c) ** 2 for gi, c in zip(g, center_mm))
         return d2 <= radius_mm ** 2
     mask = np.zeros(tuple(shape), dtype=bool)
-    for _ in range(4):
-        off = rng.normal(0, radius_mm * 0.7, size=3)
-        r = radius_mm * rng.uniform(0.35, 0.6)
+    for k in range(5):
+        # lobes pushed out along random directions: a branching, clearly non-convex lesion
+        direction = rng.normal(size=3)
+        off = direction / np.linalg.norm(direction) * radius_mm * (0.0 if k == 0 else rng.uniform(0.7, 1.0))
+        r = radius_mm * (0.65 if k == 0 else rng.uniform(0.4, 0.55))
         d2 = sum((gi - c - o) ** 2 for gi, c, o in zip(g, center_mm, off))
         mask |= d2 <= r ** 2
     from scipy import ndimage
 
     noise = ndimage.gaussian_filter(rng.normal(size=tuple(shape)), 0.8)
     ring = ndimage.binary_dilation(mask, iterations=1) & ~ndimage.binary_erosion(mask, iterations=1)
-    mask = (mask & ~(ring & (noise < -0.1))) | (ring & (noise > 0.25))
+    mask = (mask & ~(ring & (noise < -0.05))) | (ring & (noise > 0.15))
     lab, n = ndimage.label(mask)
     if n > 1:  # keep one connected lesion
         sizes = np.bincount(lab.ravel())[1:]

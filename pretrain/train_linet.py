@@ -81,7 +81,8 @@ class LINetTask(Task):
         m = sampling.latent_mask(mask, tuple(z0.shape[2:]))
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(tuple(z0.shape), generator=gen).to(dev)
-        sched = sampling.make_ddim(self.schedule, steps=steps, clip_sample=False)
+        # as the pipeline does: clamp predicted latents to the codebook's range (see sampling.make_ddim)
+        sched = sampling.make_ddim(self.schedule, steps=steps, clip_range=sampling.codebook_range(self.frozen["vqgan"]))
         with engine.autocast():
             z = sampling.inpaint_latent(engine.model_for_export("linet"), z0, m, context.to(dev), sched, noise,
                                         guidance_scale=self.schedule.guidance_scale if guidance is None else guidance)
