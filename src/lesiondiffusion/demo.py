@@ -44,7 +44,10 @@ class DemoSettings:
     # catalogs shown in the synthesis step; at least one hollow-organ type
     synth_types: tuple[str, ...] = ("kidney_tumor", "liver_tumor", "gastric_cancer")
     synth_per_type: int = 2
+    synth_attempts: int = 3          # new report + seed after a failed synthesis, per lesion
+    ddim_steps: int = 20             # DDIM steps of the demo's synthesis (the bundle default is slower)
     pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 300, "lmnet": 300, "linet": 300})
+    pretrain_workers: int = 0        # data loading in the main process: cheaper than spawning on 2 cores
     trainer: str = "nnUNetTrainerLesionDiffusion_demo"
     trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
     dataset_id: int = 900
@@ -64,8 +67,9 @@ PRESETS: dict[str, DemoSettings] = {
         cases_per_type=1,
         n_test_per_type=1,
         synth_per_type=1,
-        pretrain_steps={"vqgan": 20, "lmnet": 20, "linet": 20},
-        trainer="nnUNetTrainerLesionDiffusion_smoke",
+        ddim_steps=4,
+        pretrain_steps={"vqgan": 8, "lmnet": 8, "linet": 8},
+        trainer="nnUNetTrainerLesionDiffusion_demofast",
     ),
 }
 
@@ -169,6 +173,8 @@ class Demo:
                   self.paths.bundle, self.paths.pretrain_runs, self.paths.synthesis, self.paths.segmentation):
             if p.exists():
                 shutil.rmtree(p)
+        if (self.paths.workdir / "ext_trainers").exists():
+            shutil.rmtree(self.paths.workdir / "ext_trainers")
         for p in (self.paths.summary_png, self.paths.summary_json, self.paths.workdir / "lesiondiffusion.yaml"):
             if p.exists():
                 p.unlink()
@@ -234,7 +240,10 @@ class Demo:
             run_dir = self.paths.pretrain_runs / net
             argv = ["pretrain", net, "--data", str(self.dataset_dir), "--preset", "tiny", "-o", str(run_dir),
                     "--steps", str(s.pretrain_steps[net]), "--bundle", str(self.paths.bundle),
-                    "--device", self.device]
+                    "--device", self.device, "--workers", str(s.pretrain_workers),
+                    "--checkpoint-every", str(max(10, s.pretrain_steps[net] // 4)), "--log-every", "5"]
+            if not self.progress:
+                argv.append("--no-progress")
             if (run_dir / "checkpoint.pt").exists():
                 argv.append("--resume")  # an interrupted demo continues its training
             self.echo(f"    lesiondiffusion {' '.join(argv)}")
@@ -270,9 +279,10 @@ class Demo:
         from .catalog import load_catalog
         from .organs import load_organ_map
         from .pipeline import LesionSynthesizer
+        from .preview import save_preview
 
         s = self.settings
-        synth = LesionSynthesizer.from_bundle(self.paths.bundle, device=self.device)
+        synth = LesionSynthesizer.from_bundle(self.paths.bundle, device=self.device, ddim_steps=s.ddim_steps)
         templates = self._healthy_templates()
         samples, failures = [], []
         jobs = [(t, k) for t in s.synth_types for k in range(s.synth_per_type)]
@@ -281,19 +291,23 @@ class Demo:
             case = templates[j % len(templates)]
             ct, affine, header = load_nifti(self.dataset_dir / "imagesTr" / f"{case}_0000.nii.gz", np.float32)
             organs = load_organ_map(self.dataset_dir / "organsTr" / f"{case}.nii.gz")
-            seed = s.seed * 1000 + j
-            report = catalog.sample(seed)
-            res = synth(ct, organs, [report], catalog, seed=seed)[0]
             out = self.paths.synthesis / f"{t}_{k}"
+            for attempt in range(s.synth_attempts):
+                # a failed sample (e.g. a mask outside its organ) is dropped and counted, never kept
+                seed = s.seed * 1000 + j * 10 + attempt
+                report = catalog.sample(seed)
+                res = synth(ct, organs, [report], catalog, seed=seed)[0]
+                if res.ok:
+                    break
+                failures.append({"type": t, "template": case, "seed": seed, "reason": str(res.failure)})
             if not res.ok:
-                failures.append({"type": t, "template": case, "reason": str(res.failure)})
                 continue
             save_nifti(out / "image.nii.gz", res.image.astype(np.float32), affine, header)
             save_nifti(out / "lesion.nii.gz", res.lesion_mask.astype(np.uint8), affine, header)
             res.report.to_yaml(out / "report.yaml")
             preview = out / "preview.png"
-            write_preview(ct, res.image, res.lesion_mask, preview, organs.spacing,
-                          title=f"{t} ({res.report.shape}, {res.report.density}) on {case}")
+            save_preview(preview, ct, res.image, res.lesion_mask, organs.spacing,
+                         title=f"{t} ({res.report.shape}, {res.report.density}) on {case}")
             samples.append({"type": t, "template": case, "dir": str(out), "preview": str(preview),
                             "hollow": catalog.organ_type.startswith("hollow"),
                             "voxels": int(res.lesion_mask.sum()), "shape": res.report.shape,
@@ -317,6 +331,9 @@ class Demo:
         })
         # nnU-Net's augmentation workers: the 2-core default machine gains nothing from more
         env.setdefault("nnUNet_n_proc_DA", "1")
+        shim = write_trainer_shim(self.paths.workdir / "ext_trainers")
+        others = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+        env["nnUNet_extTrainer"] = os.pathsep.join([str(shim.parent), *others])
         return env
 
     def write_trainer_config(self) -> Path:
@@ -328,7 +345,10 @@ class Demo:
             "templates": {"dataset_healthy": True},
             "mode": "online",
             "seed": s.seed,
+            # the demo's budget: few DDIM steps; training starts after two ready synthetic cases
+            "store": {"warmup": 2, "size": 8},
         }
+        cfg["generator"]["options"] = {"ddim_steps": s.ddim_steps}
         cfg.update(s.trainer_config)
         path = self.paths.workdir / "lesiondiffusion.yaml"
         write_yaml(path, cfg)
@@ -380,34 +400,6 @@ def _lesion_slice(mask: np.ndarray) -> int:
     return int(np.argmax(counts))
 
 
-def write_preview(before: np.ndarray, after: np.ndarray, mask: np.ndarray, path: str | Path,
-                  spacing=(1.0, 1.0, 1.0), title: str = "", window: tuple[float, float] = (-160, 240)) -> None:
-    """Axial and coronal slices through the lesion: before, after, after with the mask contour."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    mask = np.asarray(mask).astype(bool)
-    z = _lesion_slice(mask)
-    y = int(np.argmax(mask.sum((0, 2)))) if mask.any() else mask.shape[1] // 2
-    fig, axes = plt.subplots(2, 3, figsize=(9, 6))
-    views = [(lambda a: a[:, :, z].T, spacing[1] / spacing[0], f"axial z={z}"),
-             (lambda a: a[:, y, :].T, spacing[2] / spacing[0], f"coronal y={y}")]
-    for row, (cut, aspect, name) in zip(axes, views):
-        for ax, (img, label) in zip(row, [(before, "before"), (after, "after"), (after, "after + mask")]):
-            ax.imshow(cut(img), cmap="gray", vmin=window[0], vmax=window[1], origin="lower", aspect=aspect)
-            if label == "after + mask" and cut(mask).any():
-                ax.contour(cut(mask.astype(float)), levels=[0.5], colors="r", linewidths=0.8)
-            ax.set_title(f"{label} ({name})", fontsize=8)
-            ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_path(path, suffix=".png") as tmp:
-        fig.savefig(tmp, dpi=90)
-    plt.close(fig)
-
-
 def training_curve(fold_dir: str | Path) -> dict[str, list[float]]:
     """nnU-Net's own per-epoch logging (train/val loss, pseudo Dice) from its final checkpoint."""
     import torch
@@ -424,21 +416,28 @@ def training_curve(fold_dir: str | Path) -> dict[str, list[float]]:
     return out
 
 
-def _read_metric_csv(path: str | Path) -> tuple[list[float], dict[str, list[float]]]:
+def _read_metric_csv(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
+    """Scalars of a pretraining run: ``{name: (steps, values)}`` from its long-format metrics.csv
+    (columns step,name,value) or a wide one (step plus one column per scalar)."""
     import csv
 
-    steps, cols = [], {}
+    out: dict[str, tuple[list[float], list[float]]] = {}
     with open(path, encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            steps.append(float(row.get("step", len(steps))))
-            for k, v in row.items():
-                if k in ("step", "time", "epoch", "lr") or v in (None, ""):
-                    continue
-                try:
-                    cols.setdefault(k, []).append(float(v))
-                except ValueError:
-                    pass
-    return steps, cols
+        reader = csv.DictReader(f)
+        for row in reader:
+            try:
+                step = float(row.get("step") or 0)
+                if "name" in row and "value" in row:
+                    items = [(row["name"], row["value"])]
+                else:
+                    items = [(k, v) for k, v in row.items() if k != "step"]
+                for k, v in items:
+                    out.setdefault(k, ([], []))
+                    out[k][0].append(step)
+                    out[k][1].append(float(v))
+            except (TypeError, ValueError):
+                continue
+    return out
 
 
 def write_summary_png(demo: Demo, results: dict[str, Any], path: Path) -> None:
@@ -463,13 +462,16 @@ def write_summary_png(demo: Demo, results: dict[str, Any], path: Path) -> None:
     ax = fig.add_subplot(gs[1, :2])
     for net, csv_path in results["bundle"].get("metrics", {}).items():
         try:
-            steps, cols = _read_metric_csv(csv_path)
+            series = _read_metric_csv(csv_path)
         except OSError:
             continue
-        loss_keys = [k for k in cols if "loss" in k] or list(cols)[:1]
-        for k in loss_keys[:1]:
-            v = np.asarray(cols[k])
-            ax.plot(steps[: len(v)], v / (abs(v[0]) + 1e-12), label=f"{net} {k}")
+        # the main objective of each network: VQ-GAN reconstruction, diffusion noise loss
+        key = next((k for k in ("recon", "loss", "total") if series.get(k, ([], []))[1]), None)
+        if key is None:
+            continue
+        steps, v = series[key]
+        v = np.asarray(v)
+        ax.plot(steps, v / (abs(v[0]) + 1e-12), label=f"{net} {key}")
     ax.set_title("generator pretraining (loss / first value)", fontsize=9)
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
@@ -513,3 +515,82 @@ def format_final(results: dict[str, Any]) -> str:
         f"  Dice (test phantoms) {dice}",
         f"  one-page summary     {s['summary_png']}",
     ])
+
+
+# ---------------------------------------------------------------------------------------------
+# the demo's own short nnU-Net trainer variants
+#
+# nnU-Net finds trainers through ``nnUNet_extTrainer``; the demo writes a one-line module into
+# ``WORKDIR/ext_trainers`` that imports these names. They are built on first access (PEP 562) so
+# importing this module does not import nnU-Net, and they stay picklable as module attributes.
+
+DEMO_TRAINERS: dict[str, dict[str, Any]] = {
+    # name: base class (nnunet_integration.trainers or nnU-Net), epochs, iterations per epoch
+    "nnUNetTrainerLesionDiffusion_demo": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 12, "iterations": 12},
+    "nnUNetTrainerLesionDiffusion_demofast": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 2, "iterations": 3},
+    "nnUNetTrainer_demo": {"base": "nnUNetTrainer", "epochs": 12, "iterations": 12},
+}
+DEMO_TRAINER_SHIM = (
+    "from lesiondiffusion.demo import "
+    + ", ".join(DEMO_TRAINERS)
+    + "  # noqa: F401  (written by `lesiondiffusion demo` for nnUNet_extTrainer)\n"
+)
+
+
+def _build_demo_trainer(name: str) -> type:
+    import torch
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from .nnunet_integration import trainers as ld_trainers
+
+    spec = DEMO_TRAINERS[name]
+    base = nnUNetTrainer if spec["base"] == "nnUNetTrainer" else getattr(ld_trainers, spec["base"])
+
+    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
+        base.__init__(self, plans, configuration, fold, dataset_json, device)
+        self.num_epochs = spec["epochs"]
+        self.num_iterations_per_epoch = spec["iterations"]
+        self.num_val_iterations_per_epoch = 2
+        self.save_every = 1  # an interrupted demo resumes from the last epoch
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        # like nnU-Net's *_NoMirroring variants: no mirroring at inference, so the final validation
+        # (8x cheaper) fits the demo's CPU budget; training augmentation keeps mirroring
+        out = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
+        self.inference_allowed_mirroring_axes = None
+        return out
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                                   enable_deep_supervision: bool = True):
+        # the plans' architecture with few features (nnunet_integration's CPU-sized network)
+        return ld_trainers.tiny_network(plans_manager, configuration_manager, num_input_channels,
+                                        num_output_channels, enable_deep_supervision)
+
+    cls = type(name, (base,), {
+        "__init__": __init__,
+        "configure_rotation_dummyDA_mirroring_and_inital_patch_size":
+            configure_rotation_dummyDA_mirroring_and_inital_patch_size,
+        "build_network_architecture": build_network_architecture,
+        "__module__": __name__,
+        "__doc__": f"Demo variant of {spec['base']}: {spec['epochs']} epochs x {spec['iterations']} iterations, "
+                   "tiny network, no test-time mirroring (CPU minutes; not for real training).",
+    })
+    return cls
+
+
+def __getattr__(name: str) -> Any:  # PEP 562: the trainer classes are built on first access
+    if name in DEMO_TRAINERS:
+        cls = _build_demo_trainer(name)
+        globals()[name] = cls
+        return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def write_trainer_shim(folder: str | Path) -> Path:
+    path = Path(folder) / "lesiondiffusion_demo_trainers.py"
+    if not path.exists() or path.read_text() != DEMO_TRAINER_SHIM:
+        from .io import atomic_write_text
+
+        atomic_write_text(path, DEMO_TRAINER_SHIM)
+    return path

@@ -40,7 +40,10 @@ def _mesh(mask: np.ndarray, spacing: Sequence[float]):
     metrics measure the shape rather than the voxel grid."""
     from skimage.measure import marching_cubes
 
-    padded = ndimage.gaussian_filter(np.pad(mask.astype(np.float32), 3), 0.7)
+    padded = np.pad(mask.astype(np.float32), 3)
+    smooth = ndimage.gaussian_filter(padded, 0.7)
+    if smooth.max() > 0.5:  # a mask of one or two voxels would vanish when smoothed
+        padded = smooth
     verts, faces, _, _ = marching_cubes(padded, level=0.5, spacing=tuple(float(s) for s in spacing))
     return verts, faces
 
@@ -198,14 +201,10 @@ class AlignmentResult:
         return rows
 
 
-def prompt_values(catalog: "Catalog", attribute: str, n_probe: int = 400) -> list[str]:
-    """Values of one attribute the catalog can emit, found by sampling (works for any catalog,
-    whatever its constraints); ordered by first appearance for a stable table."""
-    seen: dict[str, None] = {}
-    rng = np.random.default_rng(12345)
-    for _ in range(n_probe):
-        seen.setdefault(getattr(catalog.sample(rng), attribute), None)
-    return list(seen)
+def prompt_values(catalog: "Catalog", attribute: str) -> list[str]:
+    """Values of one attribute the catalog allows (its domain; zero-weight values can still be
+    prompted), in catalog order."""
+    return list(catalog.domain(attribute))
 
 
 def run_alignment(
@@ -592,4 +591,7 @@ def format_dice_markdown(rows: list[dict[str, Any]], types: list[str]) -> str:
     for r in rows:
         cells = ["n/a" if math.isnan(r[t]) else f"{100 * r[t]:.1f}" for t in types + ["mean"]]
         lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nDice in %, mean over test cases that contain the lesion type.\n"
+    return "\n".join(lines) + (
+        "\n\nDice in %, mean over test cases; as in nnU-Net's evaluation, a case where the lesion type is "
+        "absent from both reference and prediction is skipped (a false positive counts as 0).\n"
+    )

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("--catalog", required=True, help="lesion type (catalog name or YAML path)")
     a.add_argument("-n", type=int, default=8, help="lesions per prompt value (default 8)")
     a.add_argument("--seed", type=int, default=0)
+    a.add_argument("--groups", default="shape,density",
+                   help="prompt groups to evaluate: shape, density or both (default shape,density)")
+    a.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule)")
     a.add_argument("--device", default="cpu")
     a.add_argument("--backend", choices=("lesiondiffusion", "rule_based"), default="lesiondiffusion",
                    help="generator to evaluate (rule_based: the weight-free baseline)")
@@ -94,8 +97,14 @@ def run_alignment(args: argparse.Namespace) -> int:
             raise LesionDiffusionError("--bundle DIR is required for the lesiondiffusion backend.")
         from lesiondiffusion.pipeline import LesionSynthesizer
 
-        generator = LesionSynthesizer.from_bundle(args.bundle, device=args.device)
-    result = study(generator, ct, organs, catalog, args.n, seed=args.seed, progress=not args.no_progress)
+        overrides = {"ddim_steps": args.ddim_steps} if args.ddim_steps else {}
+        generator = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
+    groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
+    bad = [g for g in groups if g not in ("shape", "density")]
+    if bad or not groups:
+        raise LesionDiffusionError(f"--groups {args.groups!r}: use shape, density or shape,density.")
+    result = study(generator, ct, organs, catalog, args.n, seed=args.seed, groups=groups,
+                   progress=not args.no_progress)
     paths = write_alignment(result, args.out, title=f"{catalog.name}: {args.backend}")
     print(format_alignment_table(result.summary()))
     print(f"\nwritten: {paths['summary']}, {paths['samples']}, {paths['plot']}")
