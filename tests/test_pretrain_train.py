@@ -98,7 +98,7 @@ def _assert_same(a: dict, b: dict) -> None:
 
 
 @pytest.mark.parametrize("net", ["vqgan", "lmnet"])
-def test_resume_two_plus_two_equals_four(toy, tmp_path, net):
+def test_resume_two_plus_two_equals_four(toy, tmp_path, net, monkeypatch):
     straight = _opts(toy, tmp_path / "a", net, 4, _bundle(toy, tmp_path, "ba"))
     TRAINERS[net].train(straight)
     first = _opts(toy, tmp_path / "b", net, 2, _bundle(toy, tmp_path, "bb"))
@@ -112,28 +112,26 @@ def test_resume_two_plus_two_equals_four(toy, tmp_path, net):
     # metrics of the resumed run read like one uninterrupted run
     steps = [int(r["step"]) for r in csv.DictReader((second.run_dir / "metrics.csv").open()) if r["name"] == "lr"]
     assert steps == [1, 2, 3, 4]
+    if net != "vqgan":
+        return
 
-
-def test_killed_run_loses_at_most_one_interval(toy, tmp_path, monkeypatch):
-    straight = _opts(toy, tmp_path / "a", "vqgan", 5, _bundle(toy, tmp_path, "ba"))
-    TRAINERS["vqgan"].train(straight)
-
-    killed = _opts(toy, tmp_path / "b", "vqgan", 5, _bundle(toy, tmp_path, "bb"))
+    # a run killed during step 4 (checkpoint every 2 steps) loses only step 3 and resumes exactly
+    killed = _opts(toy, tmp_path / "c", net, 4, _bundle(toy, tmp_path, "bc"))
     real_step = train_vqgan.VQGANTask.step
 
     def dying_step(self, batch, engine):
-        if engine.step == 3:  # the 4th step: checkpoint of step 2 exists, step 3 is lost
+        if engine.step == 3:
             raise KeyboardInterrupt
         return real_step(self, batch, engine)
 
     monkeypatch.setattr(train_vqgan.VQGANTask, "step", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        TRAINERS["vqgan"].train(killed)
+        TRAINERS[net].train(killed)
     assert _final_state(killed.run_dir)["step"] == 2
     assert not list(killed.run_dir.glob(".checkpoint*"))  # no half-written checkpoint left behind
     monkeypatch.setattr(train_vqgan.VQGANTask, "step", real_step)
     killed.resume = True
-    TRAINERS["vqgan"].train(killed)
+    TRAINERS[net].train(killed)
     _assert_same(_final_state(straight.run_dir), _final_state(killed.run_dir))
 
 
