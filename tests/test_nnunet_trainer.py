@@ -165,7 +165,7 @@ def test_offline_cache_build_resume_and_synth_only_training(nnunet_root, tmp_pat
     assert proc.returncode == 0, proc.stderr[-3000:]
     log = next((_fold_dir(root, trainer) / "fold_1").glob("training_log_*.txt")).read_text()
     assert "(no generator loaded)" in log
-    assert "phase 'synthetic_only'" in log and "finetune" not in log
+    assert "phase 'synthetic_only'" in log and "starts phase 'finetune'" not in log
     assert "hit rate 100.0%" in log
 
 
