@@ -130,8 +130,9 @@ def _organ_lut(organs: Any) -> np.ndarray:
 
     v1_to_v2 = {"heart_myocardium": "heart", "heart_atrium_left": "heart", "heart_ventricle_left": "heart",
                 "heart_atrium_right": "heart", "heart_ventricle_right": "heart", "face": "skull"}
-    top = int(max([int(organs.labels.max(initial=0))] + list(organs.names.values()))) + 1
-    lut = np.zeros(top, dtype=np.float32)
+    # sized by the name table, not the volume's max label: labels beyond it are unnamed (-> 0), and the
+    # full volume is never scanned (cost scales with the lesion, not the image)
+    lut = np.zeros(max(organs.names.values(), default=0) + 2, dtype=np.float32)
     for name, label in organs.names.items():
         lut[int(label)] = TOTALSEG_V2.get(name, TOTALSEG_V2.get(v1_to_v2.get(name, ""), 0))
     return lut
@@ -267,7 +268,7 @@ class LesionSynthesizer:
             it.failure = "the CT has NaN/inf values around the lesion box; fix the input CT"
             return
         labels = geo.sample(organs.labels, order=0, mode="constant", cval=0).astype(np.int64)
-        labels = np.clip(labels, 0, len(lut) - 1)
+        labels = np.where((labels >= 0) & (labels < len(lut)), labels, len(lut) - 1)  # last entry is 0
         it.labels_crop = lut[labels]
         ids = organs.ids(it.box.organ_names)
         it.organ_crop = np.isin(labels, ids).astype(np.float32)
@@ -351,7 +352,7 @@ class LesionSynthesizer:
         mask = geo.back(full, region, order=1) >= 0.5
         in_box = np.zeros(mask.shape, dtype=bool)
         in_box[tuple(slice(l - s.start, h - s.start) for l, h, s in zip(box.lo, box.hi, region))] = True
-        organ = organs.mask(box.organ_names)[region] if box.organ_names else np.zeros(mask.shape, bool)
+        organ = np.isin(organs.labels[region], organs.ids(box.organ_names))
         raw = int(mask.sum())
         mask &= in_box
         inside = box.category in INSIDE_ORGAN

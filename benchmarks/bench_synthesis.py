@@ -1,0 +1,226 @@
+"""Seconds and peak memory per lesion of the LesionDiffusion pipeline (``LesionSynthesizer``).
+
+Part 1 runs the whole pipeline (placement -> LMNet -> LINet -> blend) on a real CT with a randomly
+initialised bundle: DDIM steps, CFG on/off, crop around the box vs whole volume, batch 1 vs N.
+Cost is linear in the number of DDIM steps, so each configuration is timed at two step counts and
+``t(steps) = fixed + per_step * steps`` gives the other step counts (marked "fit"; "run" = measured).
+Part 2 times the networks alone (one UNet step, VQ encode + decode) for each preset at its crop size;
+the paper preset is too slow for whole runs on a 2-core CPU, so its per-lesion figures are
+fixed + steps x per-step, from one measured step.
+
+    python benchmarks/bench_synthesis.py                       # tiny pipeline + tiny/paper networks, CPU
+    python benchmarks/bench_synthesis.py --presets tiny        # skip the paper networks (minutes on CPU)
+    python benchmarks/bench_synthesis.py --device cuda --pipeline-presets tiny,paper
+
+Random weights change no cost (same operations); mask checks are relaxed and retries disabled so every
+lesion costs exactly one LMNet and one LINet sampling run. Peak memory: CPU = peak resident set growth
+during the call (sampled every 2 ms); CUDA = torch.cuda.max_memory_allocated growth.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+DEFAULT_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "totalsegmentator_example"
+
+
+class PeakMemory:
+    """Peak memory growth (MiB) over a block: CUDA allocator stats, or sampled RSS on CPU."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.peak_mib = 0.0
+
+    @staticmethod
+    def _rss() -> int:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+    def __enter__(self) -> "PeakMemory":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            self._base = self._rss()
+            self._top = self._base
+            self._stop = threading.Event()
+            self._thread = threading.Thread(target=self._watch, daemon=True)
+            self._thread.start()
+        return self
+
+    def _watch(self) -> None:
+        while not self._stop.is_set():
+            self._top = max(self._top, self._rss())
+            time.sleep(0.002)
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self._base) / 2**20
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._top = max(self._top, self._rss())
+            self.peak_mib = (self._top - self._base) / 2**20
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def load_scene(ct_dir: Path):
+    from lesiondiffusion.io import load_nifti
+    from lesiondiffusion.organs import load_organ_map
+
+    ct, _, _ = load_nifti(ct_dir / "example_ct_sm.nii.gz")
+    organs = load_organ_map(ct_dir / "example_seg.nii.gz", "v2")
+    return ct, organs
+
+
+def pipeline_part(args, device: torch.device) -> None:
+    from lesiondiffusion.bundle import Bundle
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.pipeline import LesionSynthesizer, SynthesisConfig
+
+    ct, organs = load_scene(args.ct_dir)
+    catalog = load_catalog("kidney_tumor")
+    fixed = {"size_mm": args.size_mm, "lesion_location": "within the parenchymal organ"}
+    reports = [catalog.sample(i, fixed) for i in range(args.batch)]
+    steps_list = [int(s) for s in args.steps.split(",")]
+    print(f"\n== Part 1: whole pipeline on {args.ct_dir.name}/example_ct_sm.nii.gz {ct.shape} @ "
+          f"{organs.spacing} mm, kidney lesion {args.size_mm} mm, device {device}")
+    print(f"{'preset':6} {'mode':6} {'cfg':3} {'batch':5} | " + " | ".join(f"{s:>4} steps s/lesion" for s in steps_list)
+          + " | fixed s | s/step | peak MiB/lesion (at steps)")
+    for preset in args.pipeline_presets.split(","):
+        bundle = Bundle.init(preset, "hashing", seed=0)
+        configs = [("crop", 2.5, 1), ("crop", 1.0, 1), ("crop", 2.5, args.batch)]
+        if preset == "tiny" or device.type == "cuda":
+            configs.append(("whole", 2.5, 1))
+        for mode, guidance, batch in configs:
+            if mode == "whole" and preset != "tiny":
+                continue
+            base = dict(guidance_scale=guidance, batch_size=batch, use_crop=(mode == "crop"), max_retries=0,
+                        min_volume_fraction=0.0, min_organ_fraction=0.0)
+            lo_steps, hi_steps = (args.fit_steps_whole if mode == "whole" else args.fit_steps)
+            if preset == "paper" and device.type != "cuda":
+                lo_steps, hi_steps = 1, 2
+            times, mems = {}, {}
+            warm = LesionSynthesizer(bundle, device, SynthesisConfig(ddim_steps=1, **base))
+            warm(ct, organs, reports[:batch], catalog, seed=0)  # kernels, allocator, caches
+            measure = sorted({lo_steps, hi_steps} | {s for s in steps_list if s <= args.max_direct_steps and mode == "crop" and preset == "tiny" and batch == 1 and guidance != 1.0})
+            for steps in measure:
+                synth = LesionSynthesizer(bundle, device, SynthesisConfig(ddim_steps=steps, **base))
+                _sync(device)
+                with PeakMemory(device) as mem:
+                    t = time.perf_counter()
+                    res = synth(ct, organs, reports[:batch], catalog, seed=0)
+                    _sync(device)
+                    dt = time.perf_counter() - t
+                failed = [r.failure for r in res if not r.ok]
+                if failed:
+                    print(f"   note: {len(failed)} lesion(s) failed ({failed[0]}); timing still covers their networks")
+                times[steps] = dt / batch
+                mems[steps] = mem.peak_mib / batch
+            per_step = (times[hi_steps] - times[lo_steps]) / (hi_steps - lo_steps)
+            fixed_s = times[lo_steps] - per_step * lo_steps
+            cells = []
+            for s in steps_list:
+                if s in times:
+                    cells.append(f"{times[s]:8.2f} (run) ")
+                else:
+                    cells.append(f"{fixed_s + per_step * s:8.2f} (fit) ")
+            crop = res[0].info.get("image_crop") if res and res[0].info else None
+            print(f"{preset:6} {mode:6} {'on' if guidance != 1.0 else 'off':3} {batch:5} | " + " | ".join(cells)
+                  + f" | {fixed_s:7.2f} | {per_step:6.3f} | {max(mems.values()):7.1f} (crop {crop})")
+
+
+def network_part(args, device: torch.device) -> None:
+    from lesiondiffusion.bundle import Bundle
+    from lesiondiffusion import sampling as S
+
+    steps_list = [int(s) for s in args.steps.split(",")]
+    print(f"\n== Part 2: networks alone per lesion (batch 1), device {device}")
+    print(f"{'preset':6} {'LMNet crop':>12} {'LINet crop':>12} | VQ enc+dec s | LMNet s/step cfg on/off | "
+          "LINet s/step cfg on/off | " + " | ".join(f"{s} steps s (cfg on)" for s in steps_list) + " | peak MiB")
+    for preset in args.presets.split(","):
+        bundle = Bundle.init(preset, "hashing", seed=0, phrases=["organ: kidney"]).to(device)
+        cfg = bundle.config
+        m, i = cfg.crop.lmnet_size, cfg.crop.linet_size
+        lat = tuple(s // cfg.vq_factor for s in i)
+        ctx = torch.zeros(1, 8, cfg.text_dim, device=device)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+        def step_time(net, channels, size, guidance):
+            x = torch.randn(1, channels, *size, device=device)
+            model = lambda inp, timesteps, context: net(inp, timesteps=timesteps, context=context)  # noqa: E731
+            with torch.inference_mode(), autocast:
+                S.guided_noise(model, x, 500, ctx, guidance)  # warm-up
+                _sync(device)
+                best = float("inf")
+                for _ in range(args.repeats):
+                    t = time.perf_counter()
+                    S.guided_noise(model, x, 500, ctx, guidance)
+                    _sync(device)
+                    best = min(best, time.perf_counter() - t)
+            return best
+
+        with PeakMemory(device) as mem:
+            with torch.inference_mode():
+                x = torch.rand(1, 1, *i, device=device) * 2 - 1
+                bundle.vqgan.decode_stage_2_outputs(bundle.vqgan.encode_stage_2_inputs(x))
+                _sync(device)
+                t = time.perf_counter()
+                bundle.vqgan.decode_stage_2_outputs(bundle.vqgan.encode_stage_2_inputs(x))
+                _sync(device)
+                vq = time.perf_counter() - t
+            lm_on, lm_off = step_time(bundle.lmnet, 4, m, 2.5), step_time(bundle.lmnet, 4, m, 1.0)
+            li_on, li_off = step_time(bundle.linet, cfg.latent_channels + 1, lat, 2.5), step_time(bundle.linet, cfg.latent_channels + 1, lat, 1.0)
+        totals = [vq + s * (lm_on + li_on) for s in steps_list]
+        print(f"{preset:6} {str(tuple(m)):>12} {str(tuple(i)):>12} | {vq:12.2f} | {lm_on:9.3f} / {lm_off:9.3f} | "
+              f"{li_on:9.3f} / {li_off:9.3f} | " + " | ".join(f"{t:10.1f}" for t in totals) + f" | {mem.peak_mib:8.0f}")
+        del bundle
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, the CI machine)")
+    p.add_argument("--ct-dir", type=Path, default=DEFAULT_CT, help="folder with example_ct_sm.nii.gz + example_seg.nii.gz")
+    p.add_argument("--steps", default="10,50,200", help="DDIM step counts to report")
+    p.add_argument("--fit-steps", type=int, nargs=2, default=(2, 10), help="step counts timed for the linear fit (crop)")
+    p.add_argument("--fit-steps-whole", type=int, nargs=2, default=(1, 2), help="step counts timed for whole-volume runs")
+    p.add_argument("--max-direct-steps", type=int, default=50, help="also run these step counts directly (tiny, batch 1, cfg on)")
+    p.add_argument("--batch", type=int, default=4, help="N for the batch 1 vs N comparison")
+    p.add_argument("--size-mm", default="30,30,30", help="lesion extent")
+    p.add_argument("--presets", default="tiny,paper", help="presets for part 2 (networks alone)")
+    p.add_argument("--pipeline-presets", default="tiny", help="presets for part 1 (whole pipeline)")
+    p.add_argument("--repeats", type=int, default=2, help="timing repeats in part 2 (best is kept)")
+    p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-networks", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",)
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "-"
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch threads "
+          f"{torch.get_num_threads()}, load average {load[0]:.2f} at start, torch {torch.__version__}, GPU {gpu}")
+    if not args.skip_pipeline:
+        pipeline_part(args, device)
+    if not args.skip_networks:
+        network_part(args, device)
+
+
+if __name__ == "__main__":
+    main()
