@@ -26,7 +26,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 DEFAULT_CT = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct" / "totalsegmentator_example"

@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
-from .errors import BundleError, LesionDiffusionError
+from .errors import BundleError
 from .io import atomic_path, write_yaml
 from .models import linet as linet_mod
 from .models import lmnet as lmnet_mod
@@ -275,13 +274,16 @@ class Bundle:
 
     def attach_encoder(self, spec: str | TextEncoder | None = None) -> None:
         """Load a text encoder so phrases outside the cache can be embedded (checked against the id)."""
-        enc = make_encoder(spec or str(self.config.encoder.get("spec", ""))) if not hasattr(spec, "encode") else spec
-        if enc.id != self.cache.encoder_id:  # type: ignore[union-attr]
+        if spec is None or isinstance(spec, str):
+            enc: TextEncoder = make_encoder(spec or str(self.config.encoder.get("spec") or self.cache.encoder_id))
+        else:
+            enc = spec
+        if enc.id != self.cache.encoder_id:
             raise BundleError(
-                f"encoder {enc.id!r} differs from the bundle's {self.cache.encoder_id!r}; the networks were "  # type: ignore[union-attr]
+                f"encoder {enc.id!r} differs from the bundle's {self.cache.encoder_id!r}; the networks were "
                 "trained on the bundle encoder's vectors. Use that encoder (config.yaml encoder.spec)."
             )
-        self.cache.encoder = enc  # type: ignore[assignment]
+        self.cache.encoder = enc
 
     def context(self, phrase_lists: list[list[str]]) -> torch.Tensor:
         return self.cache.context(phrase_lists)
@@ -399,8 +401,4 @@ class Bundle:
         return True
 
 
-def round_up(value: float, multiple: int) -> int:
-    return int(math.ceil(value / multiple) * multiple)
-
-
-__all__ = ["Bundle", "BundleConfig", "CropConfig", "PRESETS", "BUNDLE_VERSION", "default_phrases", "LesionDiffusionError"]
+__all__ = ["Bundle", "BundleConfig", "CropConfig", "PRESETS", "BUNDLE_VERSION", "default_phrases", "preset_config"]

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,7 +28,6 @@ from scipy import ndimage
 from .bundle import Bundle
 from .errors import LesionDiffusionError, SynthesisError
 from .generator import SynthesisResult
-from .models import linet as linet_mod
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
 from .sampling import codebook_range, inpaint_latent, latent_mask, make_ddim, organ_semantics, sample_mask

@@ -141,12 +141,14 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
             mask_header.set_slope_inter(1.0, 0.0)
         save_nifti(tmp / "lesion.nii.gz", result.lesion_mask.astype(np.uint8), affine, mask_header)
         info = {k: (float(v) if isinstance(v, (np.floating, float)) else v) for k, v in result.info.items()}
+        box = result.box.to_dict() if hasattr(result.box, "to_dict") else None
+        if isinstance(box, dict):
+            box.pop("report", None)  # the (possibly shrunk) report is written once, at the top
         doc = {
             "report": result.report.to_dict(),
-            "box": result.box.to_dict() if hasattr(result.box, "to_dict") else None,
+            "box": box,
             "synthesis": {"bundle": str(args.bundle), "seed": args.seed, "sample": i, **info},
         }
-        doc["box"].pop("report", None) if isinstance(doc["box"], dict) else None
         atomic_write_text(tmp / "report.yaml", yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
         if not args.no_preview:
             r = result.report
