@@ -329,8 +329,11 @@ class Demo:
             "nnUNet_results": str(self.paths.results),
             "nnUNet_compile": "false",
         })
-        # nnU-Net's augmentation workers: the 2-core default machine gains nothing from more
-        env.setdefault("nnUNet_n_proc_DA", "1")
+        # nnU-Net's worker processes (augmentation, fingerprint, validation export): each one imports
+        # torch, so on the 2-core default machine more of them cost minutes and gain nothing
+        n = str(max(1, min(2, os.cpu_count() or 1)))
+        env.setdefault("nnUNet_n_proc_DA", n)
+        env.setdefault("nnUNet_def_n_proc", n)
         shim = write_trainer_shim(self.paths.workdir / "ext_trainers")
         others = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
         env["nnUNet_extTrainer"] = os.pathsep.join([str(shim.parent), *others])
