@@ -43,10 +43,11 @@ class DemoSettings:
     n_test_per_type: int = 2
     # catalogs shown in the synthesis step; at least one hollow-organ type
     synth_types: tuple[str, ...] = ("kidney_tumor", "liver_tumor", "gastric_cancer")
-    synth_per_type: int = 2
+    synth_per_type: int = 1
     synth_attempts: int = 3          # new report + seed after a failed synthesis, per lesion
-    ddim_steps: int = 20             # DDIM steps of the demo's synthesis (the bundle default is slower)
-    pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 300, "lmnet": 300, "linet": 300})
+    ddim_steps: int = 10             # DDIM steps of the demo's synthesis and of the trainer's producer
+    # a few minutes of CPU in total (tiny preset: roughly 1 s per step on 2 cores)
+    pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 60, "lmnet": 80, "linet": 80})
     pretrain_workers: int = 0        # data loading in the main process: cheaper than spawning on 2 cores
     trainer: str = "nnUNetTrainerLesionDiffusion_demo"
     trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
@@ -529,9 +530,9 @@ def format_final(results: dict[str, Any]) -> str:
 
 DEMO_TRAINERS: dict[str, dict[str, Any]] = {
     # name: base class (nnunet_integration.trainers or nnU-Net), epochs, iterations per epoch
-    "nnUNetTrainerLesionDiffusion_demo": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 12, "iterations": 12},
+    "nnUNetTrainerLesionDiffusion_demo": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 10, "iterations": 10},
     "nnUNetTrainerLesionDiffusion_demofast": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 2, "iterations": 3},
-    "nnUNetTrainer_demo": {"base": "nnUNetTrainer", "epochs": 12, "iterations": 12},
+    "nnUNetTrainer_demo": {"base": "nnUNetTrainer", "epochs": 10, "iterations": 10},
 }
 DEMO_TRAINER_SHIM = (
     "from lesiondiffusion.demo import "

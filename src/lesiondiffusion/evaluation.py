@@ -519,9 +519,11 @@ class SegmentationStudy:
                 raise LesionDiffusionError(
                     f"No plans {pre / (self.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
                 )
-            n_proc = env.get("nnUNet_def_n_proc", "1")
+            # nnU-Net's own process counts unless nnUNet_def_n_proc limits them (small machines)
+            n_proc = env.get("nnUNet_def_n_proc")
+            procs = ["-np", n_proc, "-npfp", n_proc] if n_proc else []
             run_logged([nnunet_executable("nnUNetv2_plan_and_preprocess"), "-d", ds_id, "-c", self.configuration,
-                        "-np", n_proc, "-npfp", n_proc, "--verify_dataset_integrity"], logs / "plan_and_preprocess.log", env,
+                        *procs, "--verify_dataset_integrity"], logs / "plan_and_preprocess.log", env,
                        progress=self.progress, echo=self.echo)
         rows: dict[str, dict[str, Any]] = {}
         for setting in self.settings:
