@@ -74,3 +74,19 @@ def test_synthesize_bad_input_is_explained(shared_ct_dir, bundle_dir, tmp_path, 
     assert main(base + ["--organs", str(shared_ct_dir / "example_seg.nii.gz"), "--bundle", str(tmp_path)]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
+
+
+def test_interrupted_write_leaves_no_partial_sample(shared_ct_dir, bundle_dir, tmp_path, monkeypatch, capsys):
+    import lesiondiffusion.preview as preview
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # the user presses Ctrl-C while the last file of the sample is written
+
+    monkeypatch.setattr(preview, "save_preview", crash)
+    out = tmp_path / "out"
+    argv = ["synthesize", "--bundle", str(bundle_dir), "--ct", str(shared_ct_dir / "example_ct_sm.nii.gz"),
+            "--organs", str(shared_ct_dir / "example_seg.nii.gz"), "--catalog", "kidney_tumor",
+            "--set", "size_mm=12,12,12", "--ddim-steps", "1", "--guidance", "1", "-o", str(out)]
+    assert main(argv) == 130
+    assert "interrupted" in capsys.readouterr().err
+    assert list(out.iterdir()) == []  # neither sample_000 nor temporary folders/files

@@ -119,6 +119,16 @@ class CropGeometry:
         return (axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]).astype(np.float32)
 
 
+def _check_device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise LesionDiffusionError(f"device {device!r} is not a torch device ({exc}); use cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LesionDiffusionError(f"device {device!r} requested but CUDA is not available here; use --device cpu.")
+    return dev
+
+
 def _round_up(value: float, multiple: int) -> int:
     return int(math.ceil(value / multiple - 1e-9) * multiple)
 
@@ -161,7 +171,7 @@ class LesionSynthesizer:
 
     def __init__(self, bundle: Bundle, device: str | torch.device = "cpu", config: SynthesisConfig | None = None) -> None:
         self.bundle = bundle
-        self.device = torch.device(device)
+        self.device = _check_device(device)
         self.config = config or SynthesisConfig()
         self.bundle.to(self.device).eval()
         bcfg = bundle.config
@@ -174,7 +184,7 @@ class LesionSynthesizer:
         unknown = sorted(set(overrides) - known)
         if unknown:
             raise LesionDiffusionError(f"unknown LesionSynthesizer option(s) {unknown}; allowed: {sorted(known)}.")
-        bundle = Bundle.load(path, device=device)
+        bundle = Bundle.load(path, device=_check_device(device))
         return cls(bundle, device, SynthesisConfig(**overrides))
 
     # ---- geometry -----------------------------------------------------------------------------
