@@ -249,6 +249,8 @@ class Demo:
                 argv.append("--resume")  # an interrupted demo continues its training
             self.echo(f"    lesiondiffusion {' '.join(argv)}")
             rc = cli_main(argv)
+            if rc == 130:
+                raise KeyboardInterrupt  # the pretraining CLI already kept its last checkpoint
             if rc != 0:
                 raise LesionDiffusionError(
                     f"`lesiondiffusion {' '.join(argv)}` failed with exit code {rc}; see the messages above. "
