@@ -122,7 +122,8 @@ def save_network(bundle: Any, engine: Engine, net: str, opts: PretrainOptions, s
     getattr(bundle, net).load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
     bundle.config.notes[net] = (f"trained by `lesiondiffusion pretrain {net}` for {engine.step} steps on "
                                 f"{Path(opts.data).resolve()} (run {Path(opts.run_dir).resolve()})")
-    bundle.config.notes.pop("initialisation", None) if all(n in bundle.config.notes for n in NETS) else None
+    if all(n in bundle.config.notes for n in NETS):  # no longer a random bundle
+        bundle.config.notes.pop("initialisation", None)
     parts = [net] + (["text_embeddings"] if save_embeddings else [])
     bundle.save(opts.bundle_path, parts=parts)
     log.info("wrote %s into bundle %s", net, opts.bundle_path)

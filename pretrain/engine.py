@@ -7,6 +7,7 @@ networks, one ``step(batch)`` and the export into a bundle.
 from __future__ import annotations
 
 import csv
+import datetime
 import logging
 import math
 import os
@@ -91,7 +92,9 @@ def setup_distributed(device: str = "auto") -> DistInfo:
         torch.cuda.set_device(dev)
     owns = False
     if world > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://")
+        # generous timeout: the other ranks wait at a barrier while rank 0 prepares the cache once
+        dist.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo", init_method="env://",
+                                timeout=datetime.timedelta(hours=3))
         owns = True
     return DistInfo(rank=rank, world=world, local_rank=local, device=dev, owns_group=owns)
 

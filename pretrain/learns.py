@@ -41,13 +41,14 @@ class _Eval:
         return self.models[name]
 
 
-def make_bundle(path: Path, spacing: float, crop: int, seed: int) -> None:
+def make_bundle(path: Path, spacing: float, crop: int, seed: int, hu_window: tuple[float, float]) -> None:
     """A tiny-preset bundle at a finer spacing and smaller crops: toy lesions span ~9 voxels, and
     every crop holds one lesion with context."""
     from lesiondiffusion.bundle import Bundle
 
     b = Bundle.init("tiny", encoder="hashing", seed=seed)
     b.config.spacing_mm = (spacing, spacing, spacing)
+    b.config.hu_window = hu_window
     b.config.crop.lmnet_size = (crop, crop, crop)
     b.config.crop.linet_size = (crop, crop, crop)
     b.save(path)
@@ -93,6 +94,18 @@ def _prompt(report: dict, **change: str) -> dict:
     r = dict(report)
     r.update(change)
     return toy_report(r["shape"], r["density"], r["size_mm"])
+
+
+def _as_pipeline(mask: np.ndarray, box: np.ndarray, organ: np.ndarray) -> np.ndarray:
+    """What synthesis keeps of a sampled mask for an intraparenchymal lesion: the part inside the box
+    and the organ, largest connected component (LMNet is trained with weight gamma outside the box)."""
+    from scipy import ndimage
+
+    m = mask & box & organ
+    lab, n = ndimage.label(m)
+    if n > 1:
+        m = lab == (1 + int(np.argmax(np.bincount(lab.ravel())[1:])))
+    return m
 
 
 def evaluate(out: Path, n_locations: int, seeds: int) -> dict[str, Any]:
@@ -147,7 +160,8 @@ def evaluate(out: Path, n_locations: int, seeds: int) -> dict[str, Any]:
         sph, conv, empty, vols = [], [], 0, []
         for s in range(seeds):
             masks = lm.generate(ev, mb, context(name, "mask"), seed=1000 + s).numpy()[:, 0] > 0
-            for m in masks:
+            for j, m in enumerate(masks):
+                m = _as_pipeline(m, mb["box"][j, 0].numpy() > 0, mb["organ"][j, 0].numpy() > 0)
                 if not m.any():
                     empty += 1
                     continue
@@ -192,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--locations", type=int, default=12)
     p.add_argument("--seeds", type=int, default=2)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--hu-window", type=float, nargs=2, default=(-200.0, 250.0),
+                   help="bundle HU window: soft-tissue contrast of the toy lesions (-40..110 HU) survives")
+    p.add_argument("--eval-only", action="store_true", help="evaluate the bundle already trained in --out")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
@@ -203,13 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     if not (data / "dataset.json").exists():
         write_toy_dataset(data, n_lesion=a.cases, n_healthy=2, shape=(40, 40, 24), spacing=(2.0, 2.0, 3.0), seed=0)
     if not (out / "bundle" / "config.yaml").exists():
-        make_bundle(out / "bundle", spacing=2.5, crop=12, seed=0)
+        make_bundle(out / "bundle", spacing=2.5, crop=12, seed=0, hu_window=tuple(a.hu_window))
     from lesiondiffusion.bundle import Bundle
 
     from .common import prep_config
     from .data import prepare_dataset
 
     prepare_dataset(data, out / "cache", prep_config(Bundle.load(out / "bundle")), progress=False)
+    if a.eval_only:
+        res = evaluate(out, a.locations, a.seeds)
+        print(json.dumps({k: v for k, v in res.items() if k.startswith(("lmnet", "linet", "real"))}, indent=1))
+        return 0
     patch = 16  # the smallest input the tiny PatchDiscriminator accepts
     start_err = vqgan_error(out / "bundle", out / "cache", patch)
     minutes = {}
