@@ -436,11 +436,15 @@ class LesionSynthesizer:
         if cfg.enforce_hu_range:
             # the catalog's HU interval defines the density label; a lesion whose mean leaves it would
             # train the segmenter on a mislabelled density, so shift it (texture kept) to the interval
-            lo, hi = it.catalog.hu_range(it.report.density, it.report.enhancement)
-            mean = float(lesion.mean())
-            shift = (lo - mean) if mean < lo else (hi - mean) if mean > hi else 0.0
-            gen = gen + np.float32(shift) * mask
-            it.info.update(hu_range=[lo, hi], generated_mean_hu=mean, hu_shift=shift)
+            try:
+                lo, hi = it.catalog.hu_range(it.report.density, it.report.enhancement)
+            except LesionDiffusionError as exc:  # free-text density or a catalog without that range
+                it.info["hu_range_skipped"] = str(exc)
+            else:
+                mean = float(lesion.mean())
+                shift = (lo - mean) if mean < lo else (hi - mean) if mean > hi else 0.0
+                gen = gen + np.float32(shift) * mask
+                it.info.update(hu_range=[lo, hi], generated_mean_hu=mean, hu_shift=shift)
         changed = ndimage.binary_dilation(mask, iterations=cfg.blend_dilation) if cfg.blend_dilation else mask.copy()
         weight = ndimage.gaussian_filter(mask.astype(np.float32), cfg.feather_sigma) if cfg.feather_sigma > 0 else mask.astype(np.float32)
         weight = np.where(mask, 1.0, np.clip(weight, 0.0, 1.0)) * changed
