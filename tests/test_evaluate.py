@@ -193,7 +193,7 @@ def test_segmentation_study_real_nnunet(tmp_path):
         save_nifti(ds / "imagesTs" / f"t{i}_0000.nii.gz", ph.ct, ph.affine)
         save_nifti(ds / "labelsTs" / f"t{i}.nii.gz", ph.lesion * (i + 1), ph.affine)
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(tmp_path / "pre"),
-               nnUNet_results=str(tmp_path / "res"), nnUNet_n_proc_DA="0", nnUNet_def_n_proc="1",
+               nnUNet_results=str(tmp_path / "res"), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
                nnUNet_compile="false")
     out = tmp_path / "eval"
     args = ("evaluate", "segmentation", "--dataset", "931", "--settings", "real", "--fold", "all",
