@@ -226,31 +226,36 @@ def run_alignment(
 
     spacing = organs.spacing
     voxel_mm3 = float(np.prod(spacing))
-    jobs: list[tuple[str, str, int]] = []
-    for g in groups:
-        for v in prompt_values(catalog, g):
-            jobs.extend((g, v, seed + 1000 * len(jobs) + i) for i in range(n))
+    prompts = [(g, v) for g in groups for v in prompt_values(catalog, g)]
     result = AlignmentResult()
-    for g, v, s in tqdm(jobs, desc=f"alignment {catalog.name}", unit="lesion", disable=not progress):
-        try:
-            report = catalog.sample(s, fixed={g: v})
-        except CatalogError as exc:
-            result.samples.append(AlignmentSample(g, v, s, False, f"sampling: {exc}"))
-            continue
-        res = generator(ct, organs, [report], catalog, seed=s)[0]
-        if not res.ok:
-            result.samples.append(AlignmentSample(g, v, s, False, str(res.failure)))
-            continue
-        mask = res.lesion_mask.astype(bool)
-        organ_names = res.box.organ_names if res.box is not None else catalog.organ_names(report.organ)
-        st = hu_stats(res.image, mask, organs.mask(organ_names))
-        result.samples.append(AlignmentSample(
-            g, v, s, True, "",
-            sphericity=sphericity(mask, spacing), convexity=convexity(mask, spacing),
-            volume_mm3=float(mask.sum()) * voxel_mm3,
-            lesion_hu_mean=st.lesion_mean, lesion_hu_std=st.lesion_std,
-            organ_hu_mean=st.organ_mean, organ_hu_std=st.organ_std,
-        ))
+    bar = tqdm(total=len(prompts) * n, desc=f"alignment {catalog.name}", unit="lesion", disable=not progress)
+    for k, (g, v) in enumerate(prompts):
+        # one batched generator call per prompt value; every report has its own sampling seed
+        base = seed + 100_003 * k
+        reports, seeds = [], []
+        for i in range(n):
+            try:
+                reports.append(catalog.sample(base + i, fixed={g: v}))
+                seeds.append(base + i)
+            except CatalogError as exc:
+                result.samples.append(AlignmentSample(g, v, base + i, False, f"sampling: {exc}"))
+        results = generator(ct, organs, reports, catalog, seed=base) if reports else []
+        for s, report, res in zip(seeds, reports, results):
+            if not res.ok:
+                result.samples.append(AlignmentSample(g, v, s, False, str(res.failure)))
+                continue
+            mask = res.lesion_mask.astype(bool)
+            organ_names = res.box.organ_names if res.box is not None else catalog.organ_names(report.organ)
+            st = hu_stats(res.image, mask, organs.mask(organ_names))
+            result.samples.append(AlignmentSample(
+                g, v, s, True, "",
+                sphericity=sphericity(mask, spacing), convexity=convexity(mask, spacing),
+                volume_mm3=float(mask.sum()) * voxel_mm3,
+                lesion_hu_mean=st.lesion_mean, lesion_hu_std=st.lesion_std,
+                organ_hu_mean=st.organ_mean, organ_hu_std=st.organ_std,
+            ))
+        bar.update(n)
+    bar.close()
     return result
 
 
