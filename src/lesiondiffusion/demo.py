@@ -12,7 +12,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -127,14 +127,13 @@ class Demo:
 
     def __init__(self, workdir: str | Path, *, device: str = "cpu", fast: bool = False,
                  settings: DemoSettings | None = None, progress: bool = True,
-                 echo: Callable[[str], None] = print) -> None:
+                 echo: Callable[[str], None] = log.info) -> None:
         self.paths = DemoPaths(Path(workdir).expanduser().resolve())
         self.device = device
         self.settings = settings or PRESETS["fast" if fast else "default"]
         self.progress = progress
         self.echo = echo
         self.dataset_dir = self.paths.raw / f"Dataset{self.settings.dataset_id:03d}_{self.settings.dataset_name}"
-        self.timings: dict[str, float] = {}
 
     # ---- markers ---------------------------------------------------------------------------
     def _marker(self, step: str) -> Path:

@@ -12,7 +12,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -381,7 +381,7 @@ def trainer_env(env: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def run_logged(cmd: Sequence[str], log_path: str | Path, env: dict[str, str] | None = None, *,
-               progress: bool = True, epochs: int | None = None, echo=print) -> None:
+               progress: bool = True, epochs: int | None = None, echo=log.info) -> None:
     """Run a command, write its output to ``log_path`` and advance a progress bar per nnU-Net epoch.
     A non-zero exit raises with the last lines of the log."""
     import re
@@ -441,7 +441,7 @@ class SegmentationStudy:
     plan: bool = True                # run nnUNetv2_plan_and_preprocess when the plans are missing
     progress: bool = True
     env: dict[str, str] | None = None
-    echo: Any = print
+    echo: Any = log.info            # the CLI passes print
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from lesiondiffusion.demo import Demo, format_final
 
-    demo = Demo(args.workdir, device=args.device, fast=args.fast, progress=not args.no_progress)
+    demo = Demo(args.workdir, device=args.device, fast=args.fast, progress=not args.no_progress, echo=print)
     if args.restart:
         demo.restart()
     results = demo.run()

@@ -121,7 +121,7 @@ def run_segmentation(args: argparse.Namespace) -> int:
         settings=tuple(x.strip() for x in args.settings.split(",") if x.strip()),
         configuration=args.configuration, fold=args.fold, plans=args.plans, trainer_suffix=args.trainer_suffix,
         trainers=trainers, test_images=args.test_images, test_labels=args.test_labels, device=args.device,
-        config=args.config, plan=not args.no_plan, progress=not args.no_progress,
+        config=args.config, plan=not args.no_plan, progress=not args.no_progress, echo=print,
     )
     out = study.run()
     print()
