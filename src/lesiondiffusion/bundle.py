@@ -362,6 +362,10 @@ class Bundle:
                 )
             net.load_state_dict({k: found[k].to(expected[k].dtype) for k in expected})
         enc_obj = make_encoder(encoder) if isinstance(encoder, str) else encoder
+        spec = str(config.encoder.get("spec") or "")
+        if enc_obj is None and spec.startswith("hashing"):
+            # the hashing encoder is offline and deterministic: attach it so free-text phrases just work
+            enc_obj = make_encoder(spec)
         cache = EmbeddingCache.load(path / EMBEDDINGS_DIR, encoder=enc_obj)
         if cache.dim != config.text_dim or cache.encoder_id != config.encoder["id"]:
             raise BundleError(
