@@ -26,7 +26,7 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
-from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.errors import ConfigError
 from lesiondiffusion.io import atomic_write_text
 from lesiondiffusion.store import OfflineCacheReader, SampleStore, SharedCounters, StoreStats
 
@@ -123,13 +123,18 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
             self.print_to_log_file(f"LesionDiffusion: offline cache {root} with {len(self.ld_reader.files)} cases "
                                    "(no generator loaded)")
             return
+        raw_folder = os.path.join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
+        if cfg.templates.dataset_healthy and (raw_folder is None or not os.path.isdir(raw_folder)):
+            raise ConfigError(f"{cfg.source}: key 'templates.dataset_healthy' is true but the raw dataset "
+                              f"{raw_folder or '$nnUNet_raw/' + self.plans_manager.dataset_name} is not available; set "
+                              "nnUNet_raw (templates are read in HU with their organsTr maps) or list templates.folders "
+                              "and set dataset_healthy: false.")
         tr_keys, _ = self.do_split()
         spec = FactorySpec(
             config=cfg, plans=deepcopy(self.plans_manager.plans), configuration=self.configuration_name,
             dataset_json=self.dataset_json, dataset_name=self.plans_manager.dataset_name,
             preprocessed_folder=self.preprocessed_dataset_folder,
-            raw_folder=os.path.join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None,
-            identifiers=list(tr_keys), crop_size=crop)
+            raw_folder=raw_folder, identifiers=list(tr_keys), crop_size=crop)
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker,
                                     seed=cfg.seed + 1000003 * self.current_epoch).start()
@@ -266,6 +271,12 @@ class _SmokeMixin:
         self.num_iterations_per_epoch = 3
         self.num_val_iterations_per_epoch = 1
         self.save_every = 1
+
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        # smoke runs validate/predict without mirroring (8x fewer passes); training keeps mirroring
+        self.inference_allowed_mirroring_axes = None
+        return out
 
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,

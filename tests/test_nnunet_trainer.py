@@ -101,13 +101,6 @@ def test_train_online_rule_based_then_predict(nnunet_root):
     assert "LesionDiffusion store (pretrain): hit rate" in log
     assert "producer stopped for the fine-tuning phase" in log
 
-    # resume with --c: the run is complete, so no generator is loaded again
-    proc = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu",
-                 "--c"], _env(root))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    logs = sorted(fold.glob("training_log_*.txt"))
-    assert "no synthetic epochs left" in logs[-1].read_text() or "no synthetic epochs left" in proc.stdout
-
     inp, out = root / "pred_in", root / "pred_out"
     inp.mkdir()
     src = root / "raw" / DS / "imagesTr"
@@ -304,3 +297,24 @@ def test_crashed_producer_stops_training_with_traceback(trainer_factory, monkeyp
     batch = next(tr.dataloader_train)  # the loader does not hang: a miss falls back to real data
     with pytest.raises(ProducerCrashed, match="CUDA out of memory \\(test\\)"):
         tr.train_step(batch)
+
+
+def test_resume_rebuilds_the_store_for_the_checkpoint_phase(trainer_factory):
+    """What `nnUNetv2_train ... --c` does: load the checkpoint, then on_train_start; the store is
+    rebuilt only when synthetic epochs remain."""
+    tr = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 4, store={"worker": "thread", "warmup": 1})
+    tr.on_train_start()
+    assert tr.ld_store is not None and tr.phase_for_epoch(0)[0] == "pretrain"
+    ckpt = Path(tr.output_folder) / "checkpoint_latest.pth"
+    tr.save_checkpoint(str(ckpt))  # end of epoch 0 -> resumes at epoch 1 (fine-tuning)
+    assert (Path(tr.output_folder) / "lesiondiffusion.yaml").is_file()
+    tr._ld_shutdown()
+    again = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 4, store={"worker": "thread", "warmup": 1})
+    again.load_checkpoint(str(ckpt))
+    assert again.current_epoch == 1
+    again.on_train_start()
+    assert again.ld_store is None and again.ld_reader is None  # no generator for the real fine-tuning
+    synth = trainer_factory("nnUNetTrainerLesionDiffusionSynthOnly_smoke", 4, store={"worker": "thread", "warmup": 1})
+    synth.load_checkpoint(str(ckpt))
+    synth.on_train_start()
+    assert synth.ld_store is not None and synth.ld_store.stats().produced >= 1

@@ -15,6 +15,7 @@ never holds unread cases in its queue feeder.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import multiprocessing as mp
@@ -210,6 +211,8 @@ class SampleStore:
         self._runner: Any = None
         self._error: str | None = None
         self.spool = _spool_dir()
+        # a training that dies with an exception never reaches on_train_end: still free /dev/shm
+        atexit.register(self.close)
 
     def start(self) -> "SampleStore":
         args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
@@ -272,6 +275,7 @@ class SampleStore:
 
     def close(self) -> None:
         """Stop the producer and delete the spool folder with any unread cases."""
+        atexit.unregister(self.close)
         self.stop()
         self.queue.cancel_join_thread()
         shutil.rmtree(self.spool, ignore_errors=True)
