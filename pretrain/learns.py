@@ -41,7 +41,8 @@ class _Eval:
         return self.models[name]
 
 
-def make_bundle(path: Path, spacing: float, crop: int, seed: int, hu_window: tuple[float, float]) -> None:
+def make_bundle(path: Path, spacing: float, lmnet_crop: int, linet_crop: int, seed: int,
+                hu_window: tuple[float, float]) -> None:
     """A tiny-preset bundle at a finer spacing and smaller crops: toy lesions span ~9 voxels, and
     every crop holds one lesion with context."""
     from lesiondiffusion.bundle import Bundle
@@ -49,8 +50,8 @@ def make_bundle(path: Path, spacing: float, crop: int, seed: int, hu_window: tup
     b = Bundle.init("tiny", encoder="hashing", seed=seed)
     b.config.spacing_mm = (spacing, spacing, spacing)
     b.config.hu_window = hu_window
-    b.config.crop.lmnet_size = (crop, crop, crop)
-    b.config.crop.linet_size = (crop, crop, crop)
+    b.config.crop.lmnet_size = (lmnet_crop,) * 3
+    b.config.crop.linet_size = (linet_crop,) * 3  # its latent (half) must divide by LINet's 2^(levels-1)
     b.save(path)
 
 
@@ -208,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--hu-window", type=float, nargs=2, default=(-200.0, 250.0),
                    help="bundle HU window: soft-tissue contrast of the toy lesions (-40..110 HU) survives")
+    p.add_argument("--nets", default="vqgan,lmnet,linet", help="which networks to train (rest reused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the bundle already trained in --out")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -219,8 +221,9 @@ def main(argv: list[str] | None = None) -> int:
     data = out / "data"
     if not (data / "dataset.json").exists():
         write_toy_dataset(data, n_lesion=a.cases, n_healthy=2, shape=(40, 40, 24), spacing=(2.0, 2.0, 3.0), seed=0)
-    if not (out / "bundle" / "config.yaml").exists():
-        make_bundle(out / "bundle", spacing=2.5, crop=12, seed=0, hu_window=tuple(a.hu_window))
+    for name in ("bundle", "bundle_init"):  # bundle_init: the untrained start, for the VQ-GAN baseline
+        if not (out / name / "config.yaml").exists():
+            make_bundle(out / name, spacing=2.5, lmnet_crop=12, linet_crop=16, seed=0, hu_window=tuple(a.hu_window))
     from lesiondiffusion.bundle import Bundle
 
     from .common import prep_config
@@ -232,13 +235,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({k: v for k, v in res.items() if k.startswith(("lmnet", "linet", "real"))}, indent=1))
         return 0
     patch = 16  # the smallest input the tiny PatchDiscriminator accepts
-    start_err = vqgan_error(out / "bundle", out / "cache", patch)
     minutes = {}
-    minutes["vqgan"] = _train("vqgan", data, out, a.vqgan_steps, a.batch,
-                              {"patch": (patch,) * 3, "adv_warmup_steps": a.vqgan_steps // 2}, a.lr)
+    nets = a.nets.split(",")
+    if "vqgan" in nets:
+        minutes["vqgan"] = _train("vqgan", data, out, a.vqgan_steps, a.batch,
+                                  {"patch": (patch,) * 3, "adv_warmup_steps": a.vqgan_steps // 2}, a.lr)
+    start_err = vqgan_error(out / "bundle_init", out / "cache", patch)
     end_err = vqgan_error(out / "bundle", out / "cache", patch)
-    minutes["lmnet"] = _train("lmnet", data, out, a.lmnet_steps, a.batch, {}, a.lr)
-    minutes["linet"] = _train("linet", data, out, a.linet_steps, a.batch, {}, a.lr)
+    if "lmnet" in nets:
+        minutes["lmnet"] = _train("lmnet", data, out, a.lmnet_steps, a.batch, {}, a.lr)
+    if "linet" in nets:
+        minutes["linet"] = _train("linet", data, out, a.linet_steps, a.batch, {}, a.lr)
     t0 = time.time()
     res = evaluate(out, a.locations, a.seeds)
     minutes["evaluation"] = (time.time() - t0) / 60

@@ -20,7 +20,7 @@ from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraini
 from .data import LesionCropDataset, Manifest, unwindow
 from .engine import Engine, Task
 from .losses import drop_attributes, linet_loss
-from .train_lmnet import DiffusionTaskConfig, diffusion_config
+from .train_lmnet import DiffusionTaskConfig, check_crop, diffusion_config
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,7 @@ def build_task(bundle: Any, manifest: Manifest, opts: PretrainOptions) -> LINetT
                     "or LINet learns to inpaint meaningless latents", opts.bundle_path)
     table = PhraseTable(bundle, dataset_phrases(manifest, "image"))
     cfg = diffusion_config(bundle.config.crop.linet_size, opts)
+    check_crop(bundle, "linet", cfg.crop, bundle.config.vq_factor)
     return LINetTask(bundle.linet, bundle.vqgan, manifest, table, bundle.config.schedule, cfg,
                      tuple(bundle.config.hu_window), seed=opts.train.seed)
 

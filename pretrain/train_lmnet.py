@@ -128,9 +128,24 @@ def diffusion_config(crop: Any, opts: PretrainOptions) -> DiffusionTaskConfig:
     return DiffusionTaskConfig(crop=tuple(int(c) for c in crop), **keys)
 
 
+def check_crop(bundle: Any, net: str, crop: tuple[int, ...], factor: int) -> None:
+    """The UNet halves the input once per level: the crop (over ``factor``, the VQ downsampling for
+    LINet) must divide by 2^(levels-1), or the skip connections do not line up."""
+    from lesiondiffusion.errors import BundleError
+    from lesiondiffusion.models.lmnet import size_divisor
+
+    div = size_divisor(getattr(bundle.config, net)) * factor
+    if any(c % div for c in crop):
+        key = "lmnet_size" if net == "lmnet" else "linet_size"
+        fixed = [int(-(-c // div) * div) for c in crop]
+        raise BundleError(f"{bundle.path}/config.yaml: crop.{key} = {list(crop)} must be a multiple of {div} "
+                          f"for this {net} ({len(getattr(bundle.config, net)['channels'])} levels); use {fixed}.")
+
+
 def build_task(bundle: Any, manifest: Manifest, opts: PretrainOptions) -> LMNetTask:
     table = PhraseTable(bundle, dataset_phrases(manifest, "mask"))
     cfg = diffusion_config(bundle.config.crop.lmnet_size, opts)
+    check_crop(bundle, "lmnet", cfg.crop, 1)
     return LMNetTask(bundle.lmnet, manifest, table, bundle.config.schedule, cfg, seed=opts.train.seed)
 
 

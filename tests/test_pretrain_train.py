@@ -163,3 +163,16 @@ def test_cli_refuses_wrong_preset(toy, tmp_path, capsys):
                "-o", str(tmp_path / "run"), "--steps", "1", "--no-progress", "--device", "cpu"])
     assert rc == 2
     assert "preset 'tiny' but --preset is 'paper'" in capsys.readouterr().err
+
+
+def test_crop_not_matching_unet_depth_is_a_clear_error(toy, tmp_path, capsys):
+    import yaml
+
+    bundle = _bundle(toy, tmp_path)
+    cfg = yaml.safe_load((bundle / "config.yaml").read_text())
+    cfg["crop"]["linet_size"] = [12, 12, 12]  # latent 6^3 cannot be halved twice by the tiny LINet
+    (bundle / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    rc = main(["pretrain", "linet", "--data", str(toy["data"]), "--bundle", str(bundle), "-o", str(tmp_path / "r"),
+               "--steps", "1", "--no-progress", "--device", "cpu", "--cache", str(tmp_path / "cache")])
+    assert rc == 2
+    assert "crop.linet_size = [12, 12, 12] must be a multiple of 8" in capsys.readouterr().err
