@@ -90,6 +90,7 @@ class StoreConfig:
     on_miss: str = "real"            # what a draw does when no synthetic case is available
     worker: str = "process"          # producer in a spawned process (default) or a thread
     context_margin: int = 0          # extra voxels of context around the lesion beyond the patch
+    nice: int = 10                   # producer process priority offset (CPU generators yield to training)
 
 
 @dataclass
@@ -218,6 +219,7 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
     _number(p, "store.warmup", s.warmup, 0, s.size, integer=True)
     _number(p, "store.warmup_timeout_s", s.warmup_timeout_s, 0, 1e7)
     _number(p, "store.context_margin", s.context_margin, 0, 4096, integer=True)
+    _number(p, "store.nice", s.nice, 0, 19, integer=True)
     if s.refresh not in REFRESH:
         raise _err(p, "store.refresh", s.refresh, f"Use one of: {', '.join(REFRESH)}.")
     if s.on_miss not in ON_MISS:

@@ -136,7 +136,7 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
             preprocessed_folder=self.preprocessed_dataset_folder,
             raw_folder=raw_folder, identifiers=list(tr_keys), crop_size=crop)
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
-                                    refresh=cfg.store.refresh, worker=cfg.store.worker,
+                                    refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,
                                     seed=cfg.seed + 1000003 * self.current_epoch).start()
         self.ld_counters = self.ld_store.counters
         if cfg.store.warmup:

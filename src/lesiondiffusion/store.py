@@ -127,10 +127,12 @@ class SharedCounters:
 
 def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop: Any, crashed: Any, done: Any,
                    err_q: Any, counters: SharedCounters, seed: int, limit: int | None,
-                   max_consecutive_failures: int, spool: str) -> None:
+                   max_consecutive_failures: int, spool: str, nice: int = 0) -> None:
     """Runs in the producer process/thread: build the factory once, then keep the queue full."""
     factory = None
     try:
+        if nice and mp.current_process().name == "lesion-producer":
+            os.nice(nice)  # on a shared CPU the training loop keeps priority; the producer uses idle time
         factory = factory_builder()
         made, consecutive, i = 0, 0, 0
         reasons: dict[str, int] = {}
@@ -196,7 +198,7 @@ class SampleStore:
 
     def __init__(self, factory_builder: Callable[[], CaseFactory], *, size: int = 32, reuse: int = 8,
                  refresh: str = "continuous", worker: str = "process", seed: int = 0,
-                 max_consecutive_failures: int = 50) -> None:
+                 max_consecutive_failures: int = 50, nice: int = 0) -> None:
         self.size, self.reuse, self.refresh, self.worker = size, reuse, refresh, worker
         self._ctx = mp.get_context("spawn")
         self.queue = self._ctx.Queue(maxsize=size)
@@ -208,6 +210,7 @@ class SampleStore:
         self._builder = factory_builder
         self._seed = seed
         self._max_fail = max_consecutive_failures
+        self._nice = nice
         self._runner: Any = None
         self._error: str | None = None
         self.spool = _spool_dir()
@@ -216,7 +219,7 @@ class SampleStore:
 
     def start(self) -> "SampleStore":
         args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
-                self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool)
+                self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool, self._nice)
         if self.worker == "thread":
             self._runner = threading.Thread(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
         else:
