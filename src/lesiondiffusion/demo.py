@@ -209,7 +209,7 @@ class Demo:
         ds = write_phantom_dataset(
             self.paths.raw, n_healthy=s.n_healthy, lesion_types=list(s.lesion_types), shape=s.shape,
             spacing=s.spacing, seed=s.seed, dataset_id=s.dataset_id, name=s.dataset_name,
-            cases_per_type=s.cases_per_type,
+            cases_per_type=s.cases_per_type, progress=self.progress,
         )
         # a held-out test set (other seeds) for the Dice of the trained nnU-Net
         ims, labs, orgs = ds / "imagesTs", ds / "labelsTs", ds / "organsTs"

@@ -595,6 +595,7 @@ def write_phantom_dataset(
     dataset_id: int = 900,
     name: str = "LDPhantom",
     cases_per_type: int = 1,
+    progress: bool = True,
 ) -> Path:
     """Write a pretraining/nnU-Net dataset of phantoms and return its folder.
 
@@ -619,7 +620,7 @@ def write_phantom_dataset(
     child_seeds = root.spawn(len(plan))
     from tqdm.auto import tqdm
 
-    for (case, ltypes), ss in zip(tqdm(plan, desc="phantoms", unit="case", leave=False), child_seeds):
+    for (case, ltypes), ss in zip(tqdm(plan, desc="phantoms", unit="case", leave=False, disable=not progress), child_seeds):
         files = [ds / "imagesTr" / f"{case}_0000.nii.gz", ds / "labelsTr" / f"{case}.nii.gz",
                  ds / "organsTr" / f"{case}.nii.gz", ds / "reportsTr" / f"{case}.yaml"]
         if all(f.exists() for f in files):
