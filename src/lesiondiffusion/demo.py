@@ -518,6 +518,8 @@ def format_final(results: dict[str, Any]) -> str:
         f"  nnU-Net model        {s['nnunet_model']}",
         f"  predictions          {s['predictions']}",
         f"  Dice (test phantoms) {dice}",
+        "                       (minutes of CPU training with demo weights: expect low Dice; the demo shows",
+        "                        that every stage runs, the evaluate commands measure the method on real data)",
         f"  one-page summary     {s['summary_png']}",
     ])
 
