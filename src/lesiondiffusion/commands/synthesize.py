@@ -154,6 +154,12 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
             r = result.report
             save_preview(tmp / "preview.png", ct, result.image, result.lesion_mask, spacing,
                          title=f"sample {i:03d}: {r.lesion_type}, {r.density}, {r.shape}, {r.size}")
+        # mkdtemp/mkstemp create owner-only files; give outputs the user's normal permissions
+        umask = os.umask(0)
+        os.umask(umask)
+        for f in tmp.iterdir():
+            f.chmod(0o666 & ~umask)
+        tmp.chmod(0o777 & ~umask)
         if final.exists():  # --overwrite: swap the folders so a crash never leaves neither
             trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=out))
             os.replace(final, trash / final.name)
