@@ -46,8 +46,8 @@ class DemoSettings:
     synth_per_type: int = 1
     synth_attempts: int = 3          # new report + seed after a failed synthesis, per lesion
     ddim_steps: int = 10             # DDIM steps of the demo's synthesis and of the trainer's producer
-    # a few minutes of CPU in total (tiny preset: roughly 1 s per step on 2 cores)
-    pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 60, "lmnet": 80, "linet": 80})
+    # a few minutes of CPU in total (tiny preset: about 1-2 s per step on 2 idle cores)
+    pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 40, "lmnet": 60, "linet": 60})
     pretrain_workers: int = 0        # data loading in the main process: cheaper than spawning on 2 cores
     trainer: str = "nnUNetTrainerLesionDiffusion_demo"
     trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
