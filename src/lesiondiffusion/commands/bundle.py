@@ -9,16 +9,15 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    from ..bundle import PRESETS
-    from ..text import ENCODER_HELP
-
+    # no heavy imports here: every `lesiondiffusion` command builds this parser, and importing
+    # lesiondiffusion.bundle pulls in torch + MONAI (seconds); handlers import what they need
     p = subparsers.add_parser("bundle", help="create, inspect or extend a model bundle")
     sub = p.add_subparsers(dest="bundle_command", metavar="ACTION")
     sub.required = True
     i = sub.add_parser("init", help="randomly initialised bundle from a preset (tests, smoke runs, training start)")
-    i.add_argument("--preset", choices=sorted(PRESETS), default="tiny", help="network sizes (default tiny)")
+    i.add_argument("--preset", default="tiny", help="network sizes: tiny or paper (default tiny; see docs/bundle.md)")
     i.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="bundle folder to create")
-    i.add_argument("--encoder", default="hashing", help=f"text encoder (default hashing); {ENCODER_HELP}")
+    i.add_argument("--encoder", default="hashing", help="text encoder (default hashing): hashing[:DIM], biomedclip, local-dir:/path, open_clip:NAME, st:/path; see docs/bundle.md")
     i.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     i.add_argument("--force", action="store_true", help="replace an existing bundle in DIR")
     i.set_defaults(func=_init)
