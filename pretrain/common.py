@@ -57,7 +57,7 @@ def open_bundle(opts: PretrainOptions, info: DistInfo) -> Any:
             raise LesionDiffusionError(f"{path} exists, is not empty and has no {CONFIG_FILE}; it is not a bundle. "
                                        "Pass --bundle with a bundle folder or a new path.")
         log.info("creating bundle %s from preset %r (encoder %s)", path, opts.preset, opts.encoder)
-        Bundle.init(opts.preset, encoder=opts.encoder, seed=opts.train.seed).save(path)
+        Bundle.init(opts.preset, encoder=opts.encoder, seed=opts.train.seed, for_training=True).save(path)
     _barrier(info)
     bundle = Bundle.load(path)
     if bundle.config.preset != opts.preset:

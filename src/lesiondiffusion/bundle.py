@@ -244,14 +244,23 @@ class Bundle:
         encoder: str | TextEncoder = "hashing",
         seed: int = 0,
         phrases: Iterable[str] | None = None,
+        for_training: bool = False,
     ) -> "Bundle":
-        """A randomly initialised bundle (seeded) whose cache holds ``phrases`` (default: all of them)."""
+        """A randomly initialised bundle (seeded) whose cache holds ``phrases`` (default: all of them).
+
+        ``for_training``: give the attention output projections of LMNet/LINet small random weights
+        instead of MONAI's zeros (``models.lmnet.init_attention_outputs``), so training learns the text
+        path from the first step; the pretraining commands create their bundles this way.
+        """
         enc = make_encoder(encoder) if isinstance(encoder, str) else encoder
         spec = encoder if isinstance(encoder, str) else enc.id
         config = preset_config(preset, enc.id, spec, enc.dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             nets = cls.build_networks(config)
+            if for_training:  # open the text (cross-attention) path from step 0; see init_attention_outputs
+                lmnet_mod.init_attention_outputs(nets["lmnet"])
+                lmnet_mod.init_attention_outputs(nets["linet"])
         config.notes = {"initialisation": f"random (seed {seed}); train with `lesiondiffusion pretrain`"}
         cache = EmbeddingCache(enc.id, enc.dim, encoder=enc)
         cache.add(default_phrases() if phrases is None else phrases)
