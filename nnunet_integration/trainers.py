@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
@@ -264,13 +264,17 @@ def tiny_network(plans_manager: PlansManager, configuration_manager: Configurati
 
 
 class _SmokeMixin:
-    """2 epochs x 3 iterations, 1 validation iteration, a tiny network: seconds on a CPU."""
+    """A short CPU run with a tiny network. Subclasses set the length as class attributes:
+    the default (2 epochs x 3 iterations) is the smoke test, ``_demo`` variants run a little longer."""
+
+    short_epochs = 2
+    short_iterations = 3
 
     def _smoke(self) -> None:
-        self.num_epochs = 2
-        self.num_iterations_per_epoch = 3
+        self.num_epochs = self.short_epochs
+        self.num_iterations_per_epoch = self.short_iterations
         self.num_val_iterations_per_epoch = 1
-        self.save_every = 1
+        self.save_every = 1  # an interrupted short run resumes from its last epoch
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
@@ -303,6 +307,20 @@ class nnUNetTrainer_ldsmoke(_SmokeMixin, nnUNetTrainer):
     def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self._smoke()
+
+
+class nnUNetTrainerLesionDiffusion_demo(nnUNetTrainerLesionDiffusion_smoke):
+    """`lesiondiffusion demo`: 10 epochs x 10 iterations with the tiny network (CPU minutes)."""
+
+    short_epochs = 10
+    short_iterations = 10
+
+
+class nnUNetTrainer_demo(nnUNetTrainer_ldsmoke):
+    """Real-only counterpart of ``nnUNetTrainerLesionDiffusion_demo``."""
+
+    short_epochs = 10
+    short_iterations = 10
 
 
 __all__ = [n for n in list(globals()) if n.startswith("nnUNetTrainer")]

@@ -120,12 +120,16 @@ def test_demo_refuses_workdir_of_other_settings(tmp_path):
     assert keep.exists() and not (tmp_path / "steps").exists()
 
 
-def test_demo_trainer_variants_are_nnunet_trainers():
-    import lesiondiffusion.demo as demo
+def test_demo_trainer_variants_are_found_by_nnunet(monkeypatch):
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+    from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
-    for name in demo.DEMO_TRAINERS:
-        cls = getattr(demo, name)
-        assert issubclass(cls, nnUNetTrainer) and cls.__name__ == name
-        assert getattr(demo, name) is cls  # built once, picklable by module attribute
-    assert "nnUNetTrainerLesionDiffusion_demo" in demo.DEMO_TRAINER_SHIM
+    from lesiondiffusion.demo import PRESETS
+    from lesiondiffusion.evaluation import ext_trainer_dir
+
+    monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_dir()))
+    for settings in PRESETS.values():
+        cls = recursive_find_trainer_class_by_name(settings.trainer)
+        assert issubclass(cls, nnUNetTrainer) and cls.__name__ == settings.trainer
+    demo_cls = recursive_find_trainer_class_by_name("nnUNetTrainerLesionDiffusion_demo")
+    assert (demo_cls.short_epochs, demo_cls.short_iterations) == (10, 10)

@@ -70,7 +70,7 @@ PRESETS: dict[str, DemoSettings] = {
         synth_per_type=1,
         ddim_steps=4,
         pretrain_steps={"vqgan": 8, "lmnet": 8, "linet": 8},
-        trainer="nnUNetTrainerLesionDiffusion_demofast",
+        trainer="nnUNetTrainerLesionDiffusion_smoke",
     ),
 }
 
@@ -173,8 +173,6 @@ class Demo:
                   self.paths.bundle, self.paths.pretrain_runs, self.paths.synthesis, self.paths.segmentation):
             if p.exists():
                 shutil.rmtree(p)
-        if (self.paths.workdir / "ext_trainers").exists():
-            shutil.rmtree(self.paths.workdir / "ext_trainers")
         for p in (self.paths.summary_png, self.paths.summary_json, self.paths.workdir / "lesiondiffusion.yaml"):
             if p.exists():
                 p.unlink()
@@ -336,9 +334,6 @@ class Demo:
         n = str(max(1, min(2, os.cpu_count() or 1)))
         env.setdefault("nnUNet_n_proc_DA", n)
         env.setdefault("nnUNet_def_n_proc", n)
-        shim = write_trainer_shim(self.paths.workdir / "ext_trainers")
-        others = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
-        env["nnUNet_extTrainer"] = os.pathsep.join([str(shim.parent), *others])
         return env
 
     def write_trainer_config(self) -> Path:
@@ -522,82 +517,3 @@ def format_final(results: dict[str, Any]) -> str:
         "                        that every stage runs, the evaluate commands measure the method on real data)",
         f"  one-page summary     {s['summary_png']}",
     ])
-
-
-# ---------------------------------------------------------------------------------------------
-# the demo's own short nnU-Net trainer variants
-#
-# nnU-Net finds trainers through ``nnUNet_extTrainer``; the demo writes a one-line module into
-# ``WORKDIR/ext_trainers`` that imports these names. They are built on first access (PEP 562) so
-# importing this module does not import nnU-Net, and they stay picklable as module attributes.
-
-DEMO_TRAINERS: dict[str, dict[str, Any]] = {
-    # name: base class (nnunet_integration.trainers or nnU-Net), epochs, iterations per epoch
-    "nnUNetTrainerLesionDiffusion_demo": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 10, "iterations": 10},
-    "nnUNetTrainerLesionDiffusion_demofast": {"base": "nnUNetTrainerLesionDiffusion", "epochs": 2, "iterations": 3},
-    "nnUNetTrainer_demo": {"base": "nnUNetTrainer", "epochs": 10, "iterations": 10},
-}
-DEMO_TRAINER_SHIM = (
-    "from lesiondiffusion.demo import "
-    + ", ".join(DEMO_TRAINERS)
-    + "  # noqa: F401  (written by `lesiondiffusion demo` for nnUNet_extTrainer)\n"
-)
-
-
-def _build_demo_trainer(name: str) -> type:
-    import torch
-    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-
-    from .nnunet_integration import trainers as ld_trainers
-
-    spec = DEMO_TRAINERS[name]
-    base = nnUNetTrainer if spec["base"] == "nnUNetTrainer" else getattr(ld_trainers, spec["base"])
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = spec["epochs"]
-        self.num_iterations_per_epoch = spec["iterations"]
-        self.num_val_iterations_per_epoch = 2
-        self.save_every = 1  # an interrupted demo resumes from the last epoch
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        # like nnU-Net's *_NoMirroring variants: no mirroring at inference, so the final validation
-        # (8x cheaper) fits the demo's CPU budget; training augmentation keeps mirroring
-        out = base.configure_rotation_dummyDA_mirroring_and_inital_patch_size(self)
-        self.inference_allowed_mirroring_axes = None
-        return out
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True):
-        # the plans' architecture with few features (nnunet_integration's CPU-sized network)
-        return ld_trainers.tiny_network(plans_manager, configuration_manager, num_input_channels,
-                                        num_output_channels, enable_deep_supervision)
-
-    cls = type(name, (base,), {
-        "__init__": __init__,
-        "configure_rotation_dummyDA_mirroring_and_inital_patch_size":
-            configure_rotation_dummyDA_mirroring_and_inital_patch_size,
-        "build_network_architecture": build_network_architecture,
-        "__module__": __name__,
-        "__doc__": f"Demo variant of {spec['base']}: {spec['epochs']} epochs x {spec['iterations']} iterations, "
-                   "tiny network, no test-time mirroring (CPU minutes; not for real training).",
-    })
-    return cls
-
-
-def __getattr__(name: str) -> Any:  # PEP 562: the trainer classes are built on first access
-    if name in DEMO_TRAINERS:
-        cls = _build_demo_trainer(name)
-        globals()[name] = cls
-        return cls
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def write_trainer_shim(folder: str | Path) -> Path:
-    path = Path(folder) / "lesiondiffusion_demo_trainers.py"
-    if not path.exists() or path.read_text() != DEMO_TRAINER_SHIM:
-        from .io import atomic_write_text
-
-        atomic_write_text(path, DEMO_TRAINER_SHIM)
-    return path
