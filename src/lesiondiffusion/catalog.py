@@ -574,7 +574,7 @@ def _parse_catalog(path: Path) -> Catalog:
     for a in (raw_attrs or {}):
         if a not in SAMPLED_ATTRIBUTES:
             hint = {"organ": "organs", "organ_type": "organ_type", "size": "size_mm"}.get(a)
-            P.add(("attributes", a), f"unknown attribute" + (f"; {a} is set by the top-level `{hint}` key" if hint else
+            P.add(("attributes", a), "unknown attribute" + (f"; {a} is set by the top-level `{hint}` key" if hint else
                   f"; allowed: {', '.join(SAMPLED_ATTRIBUTES)}"))
     for a in SAMPLED_ATTRIBUTES:
         if raw_attrs is None:
