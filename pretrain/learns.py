@@ -42,12 +42,19 @@ class _Eval:
 
 
 def make_bundle(path: Path, spacing: float, lmnet_crop: int, linet_crop: int, seed: int,
-                hu_window: tuple[float, float], attention_init: bool = True) -> None:
+                hu_window: tuple[float, float], attention_init: bool = True, attention_std: float = 0.02) -> None:
     """A tiny-preset bundle at a finer spacing and smaller crops: toy lesions span ~9 voxels, and
     every crop holds one lesion with context."""
     from lesiondiffusion.bundle import Bundle
 
+    from lesiondiffusion.models.lmnet import init_attention_outputs
+
     b = Bundle.init("tiny", encoder="hashing", seed=seed, for_training=attention_init)
+    if attention_init and attention_std != 0.02:  # experiment: a larger start for the text path
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            init_attention_outputs(b.lmnet, attention_std)
+            init_attention_outputs(b.linet, attention_std)
     b.config.spacing_mm = (spacing, spacing, spacing)
     b.config.hu_window = hu_window
     b.config.crop.lmnet_size = (lmnet_crop,) * 3
@@ -156,22 +163,35 @@ def evaluate(out: Path, n_locations: int, seeds: int, ddim_steps: int | None = N
         return torch.stack([table.table[[table.index[p] for p in ph]] for ph in lists])
 
     res: dict[str, Any] = {"locations": len(idx), "seeds": seeds}
+    # same location, same noise seed, only the prompt differs: paired differences cancel the location effect
+    paired: dict[str, list[tuple[float, float]]] = {}
     mb = batch_of(mask_ds)
     for name in ("round-like", "irregular"):
         sph, conv, empty, vols = [], [], 0, []
+        paired[name] = []
         for s in range(seeds):
             masks = lm.generate(ev, mb, context(name, "mask"), seed=1000 + s, steps=ddim_steps).numpy()[:, 0] > 0
             for j, m in enumerate(masks):
                 m = _as_pipeline(m, mb["box"][j, 0].numpy() > 0, mb["organ"][j, 0].numpy() > 0)
                 if not m.any():
                     empty += 1
+                    paired[name].append((np.nan, np.nan))
                     continue
                 sph.append(sphericity(m, spacing))
                 conv.append(convexity(m, spacing))
                 vols.append(float(m.sum()))
+                paired[name].append((sph[-1], conv[-1]))
         res[f"lmnet_{name}"] = {"sphericity": float(np.nanmean(sph)), "convexity": float(np.nanmean(conv)),
                                 "sphericity_sd": float(np.nanstd(sph)), "convexity_sd": float(np.nanstd(conv)),
                                 "empty": empty, "n": len(sph), "mean_voxels": float(np.mean(vols)) if vols else 0.0}
+    d = np.asarray(paired["round-like"]) - np.asarray(paired["irregular"])
+    ok = ~np.isnan(d).any(axis=1)
+    res["lmnet_paired"] = {"sphericity_diff": float(d[ok, 0].mean()), "convexity_diff": float(d[ok, 1].mean()),
+                           "sphericity_diff_se": float(d[ok, 0].std(ddof=1) / np.sqrt(ok.sum())),
+                           "convexity_diff_se": float(d[ok, 1].std(ddof=1) / np.sqrt(ok.sum())),
+                           "round_more_spherical": int((d[ok, 0] > 0).sum()),
+                           "round_more_convex": int((d[ok, 1] > 0).sum()),
+                           "ties": int((d[ok, 0] == 0).sum()), "pairs": int(ok.sum())}
     real = {k: [] for k in ("round-like", "irregular")}
     for i in idx:
         m = mb["lesion"][idx.index(i), 0].numpy() > 0
@@ -181,13 +201,17 @@ def evaluate(out: Path, n_locations: int, seeds: int, ddim_steps: int | None = N
 
     ib = batch_of(img_ds)
     les = ib["lesion"][:, 0].numpy() > 0
+    per_lesion: dict[str, list[float]] = {}
     for name in ("hyperdense", "hypodense"):
-        means = []
+        means = per_lesion[name] = []
         for s in range(seeds):
             hu = li.inpaint(ev, ib["image"], ib["lesion"], context(name, "image"), seed=2000 + s,
                             steps=ddim_steps).numpy()[:, 0]
             means += [float(hu[j][les[j]].mean()) for j in range(len(idx))]
         res[f"linet_{name}"] = {"mean_hu": float(np.mean(means)), "sd_hu": float(np.std(means)), "n": len(means)}
+    dh = np.asarray(per_lesion["hyperdense"]) - np.asarray(per_lesion["hypodense"])
+    res["linet_paired"] = {"hu_diff": float(dh.mean()), "hu_diff_se": float(dh.std(ddof=1) / np.sqrt(len(dh))),
+                           "hyper_higher": int((dh > 0).sum()), "pairs": len(dh)}
     from .data import unwindow
 
     real_hu = unwindow(ib["image"][:, 0].numpy(), b.config.hu_window)
@@ -216,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="bundle HU window: soft-tissue contrast of the toy lesions (-40..110 HU) survives")
     p.add_argument("--zero-attention-init", action="store_true",
                    help="ablation: keep MONAI's zero attention output projections (Bundle.init default)")
+    p.add_argument("--attention-init-std", type=float, default=0.02,
+                   help="std of the attention output projections at init (Bundle.init(for_training=True): 0.02)")
     p.add_argument("--nets", default="vqgan,lmnet,linet", help="which networks to train (rest reused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the bundle already trained in --out")
     a = p.parse_args(argv)
@@ -231,7 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("bundle", "bundle_init"):  # bundle_init: the untrained start, for the VQ-GAN baseline
         if not (out / name / "config.yaml").exists():
             make_bundle(out / name, spacing=2.5, lmnet_crop=12, linet_crop=16, seed=0, hu_window=tuple(a.hu_window),
-                        attention_init=not a.zero_attention_init)
+                        attention_init=not a.zero_attention_init, attention_std=a.attention_init_std)
     from lesiondiffusion.bundle import Bundle
 
     from .common import prep_config
@@ -241,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.eval_only:
         res = evaluate(out, a.locations, a.seeds, a.ddim_steps)
         print(json.dumps({k: v for k, v in res.items() if k.startswith(("lmnet", "linet", "real"))}, indent=1))
+        (out / "learns_eval.json").write_text(json.dumps(res, indent=2))
         return 0
     patch = 16  # the smallest input the tiny PatchDiscriminator accepts
     minutes = {}
@@ -265,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
 
     v = res["vqgan"]
     print(f"machine: {res['machine']}")
-    print(f"training minutes: " + ", ".join(f"{k} {m:.1f}" for k, m in minutes.items()))
+    print("training minutes: " + ", ".join(f"{k} {m:.1f}" for k, m in minutes.items()))
     print(f"VQ-GAN reconstruction MSE (windowed): start {v['mse_start']:.4f} -> end {v['mse_end']:.4f} "
           f"(x{v['mse_start'] / max(v['mse_end'], 1e-12):.1f} lower); MAE in body {v['mae_hu_start']:.0f} -> "
           f"{v['mae_hu_end']:.0f} HU")
@@ -274,12 +301,22 @@ def main(argv: list[str] | None = None) -> int:
         print(f"LMNet '{name}': sphericity {r['sphericity']:.3f} (sd {r['sphericity_sd']:.3f}), convexity "
               f"{r['convexity']:.3f} (sd {r['convexity_sd']:.3f}), n={r['n']}, empty={r['empty']}, "
               f"mean {r['mean_voxels']:.0f} voxels")
+    pr = res["lmnet_paired"]
+    print(f"  paired round-like minus irregular (same location and noise): sphericity {pr['sphericity_diff']:+.3f} "
+          f"(se {pr['sphericity_diff_se']:.3f}), convexity {pr['convexity_diff']:+.3f} "
+          f"(se {pr['convexity_diff_se']:.3f}); "
+          f"round-like more spherical in {pr['round_more_spherical']}/{pr['pairs']} pairs ({pr['ties']} ties), "
+          f"more convex in {pr['round_more_convex']}/{pr['pairs']}")
     for k, r in res["real_masks"].items():
         print(f"  real '{k}' masks: sphericity {r['sphericity']:.3f}, convexity {r['convexity']:.3f}")
     for name in ("hyperdense", "hypodense"):
         r = res[f"linet_{name}"]
         print(f"LINet '{name}': mean lesion HU {r['mean_hu']:.1f} (sd over lesions {r['sd_hu']:.1f}, n={r['n']}); "
               f"real {name} lesions {res['real_lesion_hu'][name]:.1f} HU")
+    pl = res["linet_paired"]
+    print(f"  paired hyperdense minus hypodense (same lesion and noise): {pl['hu_diff']:+.2f} HU "
+          f"(se {pl['hu_diff_se']:.2f}); "
+          f"hyperdense higher in {pl['hyper_higher']}/{pl['pairs']} pairs")
     print(f"results: {out / 'learns.json'}")
     return 0
 
