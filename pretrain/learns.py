@@ -224,9 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("/tmp/lesiondiffusion_learns"))
     p.add_argument("--cases", type=int, default=32, help="lesion cases (plus 2 healthy)")
-    p.add_argument("--vqgan-steps", type=int, default=200)
-    p.add_argument("--lmnet-steps", type=int, default=300)
-    p.add_argument("--linet-steps", type=int, default=200)
+    p.add_argument("--vqgan-steps", type=int, default=400)
+    p.add_argument("--lmnet-steps", type=int, default=1500)
+    p.add_argument("--linet-steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--lr", type=float, default=5e-4, help="VQ-GAN; higher than the 1e-4 default: minutes, not days")
     p.add_argument("--diffusion-lr", type=float, default=1e-3,
