@@ -6,6 +6,7 @@ networks, one ``step(batch)`` and the export into a bundle.
 
 from __future__ import annotations
 
+import abc
 import csv
 import datetime
 import logging
@@ -142,7 +143,7 @@ def seed_everything(seed: int) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class Task:
+class Task(abc.ABC):
     """What a trainer supplies to the engine.
 
     ``trainable``: name -> module (each wrapped in DDP when distributed, saved in checkpoints);
@@ -155,11 +156,11 @@ class Task:
     frozen: dict[str, nn.Module]
     optim_groups: dict[str, list[str]]
 
-    def dataset(self) -> Dataset:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def dataset(self) -> Dataset: ...
 
-    def step(self, batch: dict[str, torch.Tensor], engine: "Engine") -> dict[str, float]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def step(self, batch: dict[str, torch.Tensor], engine: "Engine") -> dict[str, float]: ...
 
     def preview(self, engine: "Engine", path: Path) -> None:
         """Write a PNG preview (rank 0 only). Optional."""
