@@ -1,7 +1,7 @@
 """The ``lesiondiffusion.yaml`` configuration of the nnU-Net trainers: dataclasses, loading, validation.
 
 Where the file is found: ``$LESIONDIFFUSION_CONFIG`` if set, else
-``$nnUNet_preprocessed/DatasetXXX_Name/lesiondiffusion.yaml``. Every problem is reported with the file,
+``$nnUNet_preprocessed/Dataset<ID>_<Name>/lesiondiffusion.yaml``. Every problem is reported with the file,
 the key, the offending value and the fix (``ConfigError``); the trainer echoes the validated config
 into its training log and saves it next to its checkpoints.
 """

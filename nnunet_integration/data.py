@@ -159,7 +159,7 @@ class FactorySpec:
     dataset_json: dict
     dataset_name: str
     preprocessed_folder: str | None      # the configuration's preprocessed data folder
-    raw_folder: str | None               # $nnUNet_raw/DatasetXXX
+    raw_folder: str | None               # $nnUNet_raw/Dataset<ID>_<Name>
     identifiers: list[str] | None        # cases allowed as templates (the training split)
     crop_size: tuple[int, ...]
     device: str | None = None            # overrides config.generator.device
