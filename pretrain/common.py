@@ -120,6 +120,12 @@ def save_network(bundle: Any, engine: Engine, net: str, opts: PretrainOptions, s
     """Write the trained (EMA if enabled) weights of ``net`` into the bundle, plus a provenance note."""
     module = engine.model_for_export(net)
     getattr(bundle, net).load_state_dict({k: v.detach().cpu() for k, v in module.state_dict().items()})
+    if net == "vqgan" and (bundle.config.latent_norm is not None or "linet" in bundle.config.notes):
+        # LINet (and its latent standardisation) was trained on the old VQ-GAN's latents
+        log.warning("the VQ-GAN changed: LINet in %s was trained on the previous VQ-GAN's latents and is marked "
+                    "untrained; run `lesiondiffusion pretrain linet` again", opts.bundle_path)
+        bundle.config.latent_norm = None
+        bundle.config.notes.pop("linet", None)
     bundle.config.notes[net] = (f"trained by `lesiondiffusion pretrain {net}` for {engine.step} steps on "
                                 f"{Path(opts.data).resolve()} (run {Path(opts.run_dir).resolve()})")
     if all(n in bundle.config.notes for n in NETS):  # no longer a random bundle

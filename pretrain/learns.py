@@ -146,7 +146,8 @@ def evaluate(out: Path, n_locations: int, seeds: int, ddim_steps: int | None = N
     cfg = DiffusionTaskConfig(crop=tuple(b.config.crop.lmnet_size))
     lm = LMNetTask(b.lmnet, man, table, b.config.schedule, cfg)
     li = LINetTask(b.linet, b.vqgan, man, table, b.config.schedule,
-                   DiffusionTaskConfig(crop=tuple(b.config.crop.linet_size)), tuple(b.config.hu_window))
+                   DiffusionTaskConfig(crop=tuple(b.config.crop.linet_size)), tuple(b.config.hu_window),
+                   latent_norm=b.config.latents)
     mask_ds = LesionCropDataset(man, cfg.crop, table.index, kind="mask", seed=7)
     img_ds = LesionCropDataset(man, li.cfg.crop, table.index, kind="image", seed=7)
     idx = list(range(min(n_locations, len(man.lesions))))

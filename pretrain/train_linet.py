@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
 from lesiondiffusion import sampling
+from lesiondiffusion.models.vqgan import LatentNorm
 
 from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraining
 from .data import LesionCropDataset, Manifest, unwindow
@@ -30,7 +31,8 @@ class LINetTask(Task):
 
     def __init__(self, linet: torch.nn.Module, vqgan: torch.nn.Module, manifest: Manifest, phrases: PhraseTable,
                  schedule: sampling.ScheduleConfig, cfg: DiffusionTaskConfig, hu_window: tuple[float, float],
-                 seed: int = 0) -> None:
+                 seed: int = 0, latent_norm: LatentNorm | None = None, on_fit: Callable[[LatentNorm], None] | None = None,
+                 norm_items: int = 32) -> None:
         self.trainable = {"linet": linet}
         self.frozen = {"vqgan": vqgan}
         self.optim_groups = {"linet": ["linet"]}
@@ -42,14 +44,41 @@ class LINetTask(Task):
         self.cfg = cfg
         self.hu_window = hu_window
         self.seed = seed
+        # None: fitted on the frozen VQ-GAN's latents at the first step (on the training device), then
+        # handed to ``on_fit`` so it is written into the bundle with LINet. Deterministic (fixed crops),
+        # so a resumed run refits the same values.
+        self.latent_norm = latent_norm
+        self.on_fit = on_fit
+        self.norm_items = norm_items
 
     def dataset(self) -> LesionCropDataset:
         return LesionCropDataset(self.manifest, self.cfg.crop, self.phrases.index, kind="image", seed=self.seed)
 
     @torch.no_grad()
+    def fit_latent_norm(self, device: torch.device, batch: int = 4) -> LatentNorm:
+        """Per-channel mean/std of the frozen VQ-GAN's latents over fixed training crops."""
+        ds = LesionCropDataset(self.manifest, self.cfg.crop, self.phrases.index, kind="image", seed=self.seed)
+        picks = np.linspace(0, len(ds) - 1, num=min(self.norm_items, len(ds))).round().astype(int)
+        vq = self.frozen["vqgan"]
+        zs = [vq.encode_stage_2_inputs(torch.stack([ds[int(i)]["image"] for i in picks[k:k + batch]]).to(device)).float()
+              for k in range(0, len(picks), batch)]
+        norm = LatentNorm.fit(torch.cat(zs))
+        log.info("LINet latent standardisation fitted on %d crops: shift %s, scale %s", len(picks),
+                 [round(v, 4) for v in norm.shift], [round(v, 3) for v in norm.scale])
+        return norm
+
+    def norm(self, device: torch.device) -> LatentNorm:
+        if self.latent_norm is None:
+            self.latent_norm = self.fit_latent_norm(device)
+            if self.on_fit is not None:
+                self.on_fit(self.latent_norm)
+        return self.latent_norm
+
+    @torch.no_grad()
     def encode(self, image: torch.Tensor) -> torch.Tensor:
-        """Quantised latent of the frozen VQ-GAN (what its decoder expects back)."""
-        return self.frozen["vqgan"].encode_stage_2_inputs(image).float()
+        """Quantised latent of the frozen VQ-GAN, standardised for LINet (``LatentNorm``)."""
+        z = self.frozen["vqgan"].encode_stage_2_inputs(image).float()
+        return self.norm(z.device).normalize(z)
 
     def latent_masks(self, batch: dict[str, torch.Tensor], latent_shape: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         return (sampling.latent_mask(batch["lesion"], latent_shape),
@@ -82,11 +111,12 @@ class LINetTask(Task):
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(tuple(z0.shape), generator=gen).to(dev)
         # as the pipeline does: clamp predicted latents to the codebook's range (see sampling.make_ddim)
-        sched = sampling.make_ddim(self.schedule, steps=steps, clip_range=sampling.codebook_range(self.frozen["vqgan"]))
+        norm = self.norm(dev)
+        sched = sampling.make_ddim(self.schedule, steps=steps, clip_range=sampling.codebook_range(self.frozen["vqgan"], norm))
         with engine.autocast():
             z = sampling.inpaint_latent(engine.model_for_export("linet"), z0, m, context.to(dev), sched, noise,
                                         guidance_scale=self.schedule.guidance_scale if guidance is None else guidance)
-            dec = self.frozen["vqgan"].decode_stage_2_outputs(z.to(z0.dtype)).float().clamp(-1, 1)
+            dec = self.frozen["vqgan"].decode_stage_2_outputs(norm.denormalize(z.float())).float().clamp(-1, 1)
         out = dec * mask + image * (1 - mask)
         return unwindow(out, self.hu_window)
 
@@ -132,8 +162,14 @@ def build_task(bundle: Any, manifest: Manifest, opts: PretrainOptions) -> LINetT
     table = PhraseTable(bundle, dataset_phrases(manifest, "image"))
     cfg = diffusion_config(bundle.config.crop.linet_size, opts)
     check_crop(bundle, "linet", cfg.crop, bundle.config.vq_factor)
+    # continuing a trained LINet keeps the standardisation it was trained with; otherwise fit it anew
+    keep = bundle.config.latent_norm if "linet" in bundle.config.notes else None
+
+    def store(norm: LatentNorm) -> None:
+        bundle.config.latent_norm = norm  # written to config.yaml together with the LINet weights
+
     return LINetTask(bundle.linet, bundle.vqgan, manifest, table, bundle.config.schedule, cfg,
-                     tuple(bundle.config.hu_window), seed=opts.train.seed)
+                     tuple(bundle.config.hu_window), seed=opts.train.seed, latent_norm=keep, on_fit=store)
 
 
 def train(opts: PretrainOptions) -> dict[str, Any]:

@@ -107,3 +107,45 @@ def test_cli_init_info_embed(tmp_path, capsys):
     assert main(["bundle", "embed", str(out), "--phrase", "shape: like a pear"]) == 0
     assert "shape: like a pear" in Bundle.load(out).cache
     assert main(["bundle", "info", str(tmp_path / "missing")]) == 2
+
+
+def test_latent_norm_round_trip_and_standardises():
+    from lesiondiffusion.models.vqgan import LatentNorm
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(6, 4, 5, 5, 5, generator=g) * torch.tensor([0.1, 0.2, 0.05, 1.0]).view(1, 4, 1, 1, 1) \
+        + torch.tensor([0.5, -0.2, 0.0, 3.0]).view(1, 4, 1, 1, 1)
+    norm = LatentNorm.fit(z)
+    zn = norm.normalize(z)
+    torch.testing.assert_close(zn.mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=1e-5, rtol=0)
+    torch.testing.assert_close(zn.std(dim=(0, 2, 3, 4)), torch.ones(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(norm.denormalize(zn), z, atol=1e-5, rtol=0)
+    assert LatentNorm.identity(4).is_identity and not norm.is_identity
+    torch.testing.assert_close(LatentNorm.identity(4).normalize(z), z)
+
+
+def test_latent_norm_is_saved_and_checked(saved, tmp_path):
+    from lesiondiffusion.models.vqgan import LatentNorm
+
+    bundle, path = saved
+    assert Bundle.load(path).config.latents.is_identity  # untrained bundles: identity
+    out = tmp_path / "n"
+    bundle.config.latent_norm = LatentNorm((0.1, -0.2, 0.3, 0.0), (10.0, 8.0, 9.0, 12.5))
+    try:
+        bundle.save(out)
+    finally:
+        bundle.config.latent_norm = None
+    assert Bundle.load(out).config.latents == LatentNorm((0.1, -0.2, 0.3, 0.0), (10.0, 8.0, 9.0, 12.5))
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    for bad, match in ((
+            {"shift": [0, 0, 0], "scale": [1, 1, 1]}, r"latent_norm.shift has 3 values but the VQ-GAN has 4"),
+            ({"shift": [0, 0, 0, 0], "scale": [1, 1, 0, 1]}, r"latent_norm.scale=.* must be positive"),
+            ({"shift": [0, 0, float("nan"), 0], "scale": [1, 1, 1, 1]}, r"latent_norm.shift=.*NaN"),
+            ({"scale": [1, 1, 1, 1]}, r"keys shift and scale")):
+        cfg["latent_norm"] = bad
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+        with pytest.raises(BundleError, match=match):
+            Bundle.load(out)
+    del cfg["latent_norm"]  # bundles written before the key existed load as identity
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    assert Bundle.load(out).config.latent_norm is None

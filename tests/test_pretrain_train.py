@@ -176,3 +176,40 @@ def test_crop_not_matching_unet_depth_is_a_clear_error(toy, tmp_path, capsys):
                "--steps", "1", "--no-progress", "--device", "cpu", "--cache", str(tmp_path / "cache")])
     assert rc == 2
     assert "crop.linet_size = [12, 12, 12] must be a multiple of 8" in capsys.readouterr().err
+
+
+def test_linet_fits_latent_standardisation_and_vqgan_retrain_resets_it(toy, tmp_path, caplog):
+    """LINet trains on unit-variance latents (VQ codebooks sit at ~0.1 scale); the fitted shift/scale
+    go into the bundle with LINet, and a later VQ-GAN retrain invalidates both."""
+    from lesiondiffusion import sampling
+    from lesiondiffusion.bundle import Bundle
+    from lesiondiffusion.pretrain.data import LesionCropDataset, Manifest
+
+    bundle = _bundle(toy, tmp_path)
+    train_vqgan.train(_opts(toy, tmp_path, "vqgan", 1, bundle))
+    train_linet.train(_opts(toy, tmp_path, "linet", 1, bundle))
+    b = Bundle.load(bundle)
+    norm = b.config.latents
+    assert not norm.is_identity and b.config.notes.get("linet")
+    # on the training crops, the stored mapping gives zero-mean unit-variance latents per channel
+    man = Manifest.load(toy["cache"])
+    table = common.PhraseTable(b, common.dataset_phrases(man, "image"))
+    ds = LesionCropDataset(man, tuple(b.config.crop.linet_size), table.index, kind="image", seed=0)
+    with torch.no_grad():
+        z = b.vqgan.encode_stage_2_inputs(torch.stack([ds[i]["image"] for i in range(len(ds))]))
+    zn = norm.normalize(z)
+    torch.testing.assert_close(zn.mean(dim=(0, 2, 3, 4)), torch.zeros(4), atol=1e-4, rtol=0)
+    torch.testing.assert_close(zn.std(dim=(0, 2, 3, 4)), torch.ones(4), atol=1e-3, rtol=0)
+    lo, hi = sampling.codebook_range(b.vqgan, norm)
+    assert lo <= float(zn.min()) and float(zn.max()) <= hi  # the DDIM clip range covers every clean latent
+
+    # continuing LINet keeps the stored standardisation
+    cont = _opts(toy, tmp_path / "cont", "linet", 1, bundle)
+    train_linet.train(cont)
+    assert Bundle.load(bundle).config.latents == norm
+
+    caplog.set_level("WARNING")
+    train_vqgan.train(_opts(toy, tmp_path / "again", "vqgan", 1, bundle))
+    b2 = Bundle.load(bundle)
+    assert b2.config.latent_norm is None and "linet" not in b2.config.notes
+    assert "pretrain linet` again" in caplog.text

@@ -72,6 +72,8 @@ class BundleConfig:
     linet: dict[str, Any]
     version: int = BUNDLE_VERSION
     notes: dict[str, Any] = field(default_factory=dict)
+    # LINet's latent standardisation (models.vqgan.LatentNorm); None = identity (untrained LINet)
+    latent_norm: vqgan_mod.LatentNorm | None = None
 
     @property
     def latent_channels(self) -> int:
@@ -85,6 +87,11 @@ class BundleConfig:
     def text_dim(self) -> int:
         return int(self.encoder["dim"])
 
+    @property
+    def latents(self) -> vqgan_mod.LatentNorm:
+        """The VQ latent -> LINet space mapping (identity until LINet training fits one)."""
+        return self.latent_norm or vqgan_mod.LatentNorm.identity(self.latent_channels)
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "version": self.version,
@@ -97,6 +104,7 @@ class BundleConfig:
             "vqgan": copy.deepcopy(self.vqgan),
             "lmnet": copy.deepcopy(self.lmnet),
             "linet": copy.deepcopy(self.linet),
+            "latent_norm": self.latents.to_dict(),
             "notes": dict(self.notes),
         }
 
@@ -115,9 +123,10 @@ class BundleConfig:
         missing = [k for k in required if k not in data]
         if missing:
             raise BundleError(f"{source} is missing key(s) {missing}; compare with a fresh `lesiondiffusion bundle init` config.")
-        unknown = sorted(set(data) - set(required) - {"version", "notes"})
+        optional = {"version", "notes", "latent_norm"}
+        unknown = sorted(set(data) - set(required) - optional)
         if unknown:
-            raise BundleError(f"{source} has unknown key(s) {unknown}; allowed: {sorted(required) + ['notes', 'version']}.")
+            raise BundleError(f"{source} has unknown key(s) {unknown}; allowed: {sorted(set(required) | optional)}.")
         try:
             crop_fields = {f.name for f in fields(CropConfig)}
             if set(data["crop"]) != crop_fields:
@@ -148,6 +157,9 @@ class BundleConfig:
             notes=dict(data.get("notes") or {}),
         )
         cfg.check(source)
+        if data.get("latent_norm") is not None:  # absent in bundles written before it existed: identity
+            norm = vqgan_mod.LatentNorm.from_dict(data["latent_norm"], cfg.latent_channels, source)
+            cfg.latent_norm = None if norm.is_identity else norm
         return cfg
 
     def check(self, source: str) -> None:

@@ -406,15 +406,16 @@ class LesionSynthesizer:
                 masks.append(_forward_region(it.geometry, it.mask.astype(np.float32), it.region))
             mask_t = torch.from_numpy(np.stack(masks)[:, None]).to(self.device)
             x = hu_to_unit(torch.from_numpy(np.stack([it.ct_crop for it in batch])[:, None]).to(self.device), window)
-            z0 = self.bundle.vqgan.encode_stage_2_inputs(x)
+            norm = bcfg.latents  # LINet works on standardised latents (models.vqgan.LatentNorm)
+            z0 = norm.normalize(self.bundle.vqgan.encode_stage_2_inputs(x))
             lmask = latent_mask(mask_t, tuple(z0.shape[2:]))
             context = self.bundle.context([it.report.image_phrases() for it in batch]).to(self.device)
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(
-                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, steps, clip_range=codebook_range(self.bundle.vqgan)), noise, scale
+                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, steps, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale
                 )
-            recon = self.bundle.vqgan.decode_stage_2_outputs(z.float())
+            recon = self.bundle.vqgan.decode_stage_2_outputs(norm.denormalize(z.float()))
             finite = torch.isfinite(recon.float()).flatten(1).all(dim=1).cpu().tolist()
             hu = unit_to_hu(recon, window).float().cpu().numpy()[:, 0]
             dt = (time.perf_counter() - t) / len(batch)

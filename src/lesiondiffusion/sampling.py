@@ -80,9 +80,14 @@ def make_ddim(
     return sched
 
 
-def codebook_range(vqgan: torch.nn.Module) -> tuple[float, float]:
-    """(min, max) over all entries of a MONAI VQVAE codebook: the range of any clean latent."""
-    weight = vqgan.quantizer.quantizer.embedding.weight
+def codebook_range(vqgan: torch.nn.Module, norm: Any = None) -> tuple[float, float]:
+    """(min, max) over all entries of a MONAI VQVAE codebook: the range of any clean latent.
+
+    ``norm`` (``models.vqgan.LatentNorm``): the range in LINet's standardised latent space instead.
+    """
+    weight = vqgan.quantizer.quantizer.embedding.weight.detach()  # [codes, channels]
+    if norm is not None:
+        weight = norm.normalize(weight[:, :, None])[:, :, 0]
     return float(weight.min()), float(weight.max())
 
 
