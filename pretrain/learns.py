@@ -42,14 +42,24 @@ class _Eval:
 
 
 def make_bundle(path: Path, spacing: float, lmnet_crop: int, linet_crop: int, seed: int,
-                hu_window: tuple[float, float], attention_init: bool = True, attention_std: float = 0.02) -> None:
+                hu_window: tuple[float, float], attention_init: bool = True, attention_std: float = 0.02,
+                prediction: dict[str, str] | None = None, attention: dict[str, str] | None = None) -> None:
     """A tiny-preset bundle at a finer spacing and smaller crops: toy lesions span ~9 voxels, and
-    every crop holds one lesion with context."""
+    every crop holds one lesion with context. ``prediction`` ({"linet": "epsilon"}) and ``attention``
+    ({"lmnet": "FFT"}: cross-attention at the coarsest level only) override the preset for ablations."""
     from lesiondiffusion.bundle import Bundle
-
-    from lesiondiffusion.models.lmnet import init_attention_outputs
+    from lesiondiffusion.models.lmnet import build_unet, init_attention_outputs
 
     b = Bundle.init("tiny", encoder="hashing", seed=seed, for_training=attention_init)
+    for net, kind in (prediction or {}).items():
+        setattr(b.config.schedule, f"{net}_prediction", kind)
+    for net, levels in (attention or {}).items():
+        getattr(b.config, net)["attention_levels"] = [c == "T" for c in levels]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            setattr(b, net, build_unet(getattr(b.config, net)))
+            if attention_init:
+                init_attention_outputs(getattr(b, net))
     if attention_init and attention_std != 0.02:  # experiment: a larger start for the text path
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -243,6 +253,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="ablation: keep MONAI's zero attention output projections (Bundle.init default)")
     p.add_argument("--attention-init-std", type=float, default=0.02,
                    help="std of the attention output projections at init (Bundle.init(for_training=True): 0.02)")
+    for net in ("lmnet", "linet"):
+        p.add_argument(f"--{net}-prediction", choices=("epsilon", "v_prediction"),
+                       help=f"ablation: {net} prediction target (tiny preset: "
+                            f"{'epsilon' if net == 'lmnet' else 'v_prediction'})")
+        p.add_argument(f"--{net}-attention", metavar="TTT",
+                       help=f"ablation: {net} cross-attention per level, T/F from the top (tiny preset: TTT)")
     p.add_argument("--nets", default="vqgan,lmnet,linet", help="which networks to train (rest reused)")
     p.add_argument("--eval-only", action="store_true", help="evaluate the bundle already trained in --out")
     a = p.parse_args(argv)
@@ -258,7 +274,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("bundle", "bundle_init"):  # bundle_init: the untrained start, for the VQ-GAN baseline
         if not (out / name / "config.yaml").exists():
             make_bundle(out / name, spacing=2.5, lmnet_crop=12, linet_crop=16, seed=0, hu_window=tuple(a.hu_window),
-                        attention_init=not a.zero_attention_init, attention_std=a.attention_init_std)
+                        attention_init=not a.zero_attention_init, attention_std=a.attention_init_std,
+                        prediction={n: k for n in ("lmnet", "linet") if (k := getattr(a, f"{n}_prediction"))},
+                        attention={n: k for n in ("lmnet", "linet") if (k := getattr(a, f"{n}_attention"))})
     from lesiondiffusion.bundle import Bundle
 
     from .common import prep_config

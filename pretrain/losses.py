@@ -60,29 +60,32 @@ class VQGANLoss:
         return 0.5 * (fake + real)
 
 
-def lmnet_loss(eps: torch.Tensor, eps_pred: torch.Tensor, box: torch.Tensor, gamma: float = 1e-3) -> torch.Tensor:
-    """Box-weighted noise loss of LMNet, averaged over the batch:
+def lmnet_loss(target: torch.Tensor, pred: torch.Tensor, box: torch.Tensor, gamma: float = 1e-3) -> torch.Tensor:
+    """Box-weighted loss of LMNet, averaged over the batch:
 
-        L = ||(eps - eps_theta) * B||_2^2 + gamma * ||eps - eps_theta||_2^2
+        L = ||(y - y_theta) * B||_2^2 + gamma * ||y - y_theta||_2^2
 
-    Both squared norms are means over voxels (sums would tie the scale to the crop size); B is the
-    {0,1} lesion bounding box, so errors inside the box count (1 + gamma) times, outside only gamma.
+    y is the network's target: the noise eps for ``epsilon`` prediction (the method's loss), or the
+    velocity for ``v_prediction`` (``sampling.training_target``). Both squared norms are means over
+    voxels (sums would tie the scale to the crop size); B is the {0,1} lesion bounding box, so errors
+    inside the box count (1 + gamma) times, outside only gamma.
     """
-    diff2 = (eps.float() - eps_pred.float()) ** 2
+    diff2 = (target.float() - pred.float()) ** 2
     return (diff2 * box.float()).mean() + gamma * diff2.mean()
 
 
-def linet_loss(eps: torch.Tensor, eps_pred: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
-    """L1 noise loss of LINet restricted to the latent lesion box B' and normalised by its size:
+def linet_loss(target: torch.Tensor, pred: torch.Tensor, box: torch.Tensor) -> torch.Tensor:
+    """L1 loss of LINet restricted to the latent lesion box B' and normalised by its size:
 
-        L = sum(|eps - eps_theta| * B') / (|B'| * C)
+        L = sum(|y - y_theta| * B') / (|B'| * C)
 
-    summed over the batch, with |B'| the number of latent cells in the box (times C channels), so
-    small and large lesions weigh the same per cell. An empty box contributes nothing.
+    y is the noise for ``epsilon`` prediction (the method's loss) or the velocity for
+    ``v_prediction``; summed over the batch, with |B'| the number of latent cells in the box (times C
+    channels), so small and large lesions weigh the same per cell. An empty box contributes nothing.
     """
-    box = box.float().expand_as(eps)
+    box = box.float().expand_as(target)
     denom = box.sum().clamp_min(1.0)
-    return ((eps.float() - eps_pred.float()).abs() * box).sum() / denom
+    return ((target.float() - pred.float()).abs() * box).sum() / denom
 
 
 def drop_attributes(context: torch.Tensor, p_token: float, p_all: float,

@@ -1,7 +1,8 @@
 """LINet pretraining task: masked latent diffusion on the frozen VQ-GAN's latents of lesion crops,
 conditioned on the 8 image-attribute phrases (with attribute dropout for CFG).
 
-Loss: ``losses.linet_loss`` (L1 on the noise inside the latent lesion box B', normalised by |B'|).
+Loss: ``losses.linet_loss`` (L1 on the target inside the latent lesion box B', normalised by |B'|; the
+target is the noise, or the velocity for ``schedule.linet_prediction: v_prediction``).
 Noising and inputs use ``sampling.masked_add_noise`` / ``sampling.linet_inputs`` as synthesis does.
 """
 
@@ -40,7 +41,7 @@ class LINetTask(Task):
         self.phrases = phrases
         self.phrases_added = phrases.added
         self.schedule = schedule
-        self.scheduler = sampling.make_train_scheduler(schedule)
+        self.scheduler = sampling.make_train_scheduler(schedule, "linet")
         self.cfg = cfg
         self.hu_window = hu_window
         self.seed = seed
@@ -94,7 +95,7 @@ class LINetTask(Task):
         zt = sampling.masked_add_noise(self.scheduler, z0, noise, m, t)
         with engine.autocast():
             pred = engine.models["linet"](sampling.linet_inputs(zt, m), timesteps=t, context=ctx)
-        loss = linet_loss(noise, pred, box)
+        loss = linet_loss(sampling.training_target(self.scheduler, z0, noise, t), pred, box)
         gnorm = engine.optimize("linet", loss)
         return {"loss": float(loss.detach()), "gnorm": gnorm}
 
@@ -112,7 +113,7 @@ class LINetTask(Task):
         noise = torch.randn(tuple(z0.shape), generator=gen).to(dev)
         # as the pipeline does: clamp predicted latents to the codebook's range (see sampling.make_ddim)
         norm = self.norm(dev)
-        sched = sampling.make_ddim(self.schedule, steps=steps, clip_range=sampling.codebook_range(self.frozen["vqgan"], norm))
+        sched = sampling.make_ddim(self.schedule, "linet", steps=steps, clip_range=sampling.codebook_range(self.frozen["vqgan"], norm))
         with engine.autocast():
             z = sampling.inpaint_latent(engine.model_for_export("linet"), z0, m, context.to(dev), sched, noise,
                                         guidance_scale=self.schedule.guidance_scale if guidance is None else guidance)

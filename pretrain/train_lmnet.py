@@ -48,7 +48,7 @@ class LMNetTask(Task):
         self.phrases = phrases
         self.phrases_added = phrases.added
         self.schedule = schedule
-        self.scheduler = sampling.make_train_scheduler(schedule)
+        self.scheduler = sampling.make_train_scheduler(schedule, "lmnet")
         self.cfg = cfg
         self.seed = seed
 
@@ -68,7 +68,7 @@ class LMNetTask(Task):
         xt = self.scheduler.add_noise(original_samples=x0, noise=noise, timesteps=t)
         with engine.autocast():
             pred = engine.models["lmnet"](sampling.lmnet_inputs(xt, sem, organ, box), timesteps=t, context=ctx)
-        loss = lmnet_loss(noise, pred, box, self.cfg.gamma)
+        loss = lmnet_loss(sampling.training_target(self.scheduler, x0, noise, t), pred, box, self.cfg.gamma)
         gnorm = engine.optimize("lmnet", loss)
         return {"loss": float(loss.detach()), "gnorm": gnorm}
 
@@ -83,7 +83,7 @@ class LMNetTask(Task):
         sem, organ, box = (c.to(dev) for c in self.conditions(batch))
         gen = torch.Generator().manual_seed(seed)
         noise = torch.randn(tuple(box.shape), generator=gen).to(dev)
-        sched = sampling.make_ddim(self.schedule, steps=steps)
+        sched = sampling.make_ddim(self.schedule, "lmnet", steps=steps)
         model = engine.model_for_export("lmnet")
         with engine.autocast():
             x = sampling.sample_mask(model, torch.cat([sem, organ, box], 1), context.to(dev), sched, noise,

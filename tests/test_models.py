@@ -71,17 +71,17 @@ def test_unet_channel_contracts(nets):
 
 def test_schedule_is_cosine_with_1000_steps():
     cfg = S.ScheduleConfig()
-    sched = S.make_train_scheduler(cfg)
+    sched = S.make_train_scheduler(cfg, "lmnet")
     assert cfg.num_train_timesteps == 1000 and len(sched.alphas_cumprod) == 1000
     s = 8e-3
     f = lambda t: math.cos((t / 1000 + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
     assert sched.alphas_cumprod[499].item() == pytest.approx(f(500) / f(0), rel=1e-3)
-    ddim = S.make_ddim(cfg, steps=7)
+    ddim = S.make_ddim(cfg, "lmnet", steps=7)
     assert len(ddim.timesteps) == 7 and int(ddim.timesteps[0]) == 999
 
 
 def test_masked_add_noise_keeps_the_outside_clean():
-    sched = S.make_train_scheduler(S.ScheduleConfig())
+    sched = S.make_train_scheduler(S.ScheduleConfig(), "linet")
     z0 = torch.randn(2, 4, 8, 8, 8)
     mask = S.latent_mask((torch.rand(2, 1, 16, 16, 16) > 0.7).float(), (8, 8, 8))
     zt = S.masked_add_noise(sched, z0, torch.randn_like(z0), mask, torch.tensor([999, 300]))
@@ -106,8 +106,8 @@ def test_inpainting_keeps_known_latent_and_guidance_changes_it(nets):
     ctx = torch.randn(1, 8, DIM)
     noise = torch.randn(1, 4, 8, 8, 8, generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
-        runs = {g: S.inpaint_latent(li, z0, mask, ctx, S.make_ddim(cfg, 2, clip_range=None), noise, g) for g in (1.0, 2.5)}
-        again = S.inpaint_latent(li, z0, mask, ctx, S.make_ddim(cfg, 2, clip_range=None), noise, 2.5)
+        runs = {g: S.inpaint_latent(li, z0, mask, ctx, S.make_ddim(cfg, "linet", 2, clip_range=None), noise, g) for g in (1.0, 2.5)}
+        again = S.inpaint_latent(li, z0, mask, ctx, S.make_ddim(cfg, "linet", 2, clip_range=None), noise, 2.5)
     outside = (mask == 0).expand_as(z0)
     for z in runs.values():
         assert torch.equal(z[outside], z0[outside]) and torch.isfinite(z).all()
@@ -119,7 +119,7 @@ def test_mask_sampling_shapes_and_range(nets):
     _, lm, _ = nets
     cond = torch.cat([S.organ_semantics(torch.full((2, 1, 16, 16, 16), 3)), torch.ones(2, 2, 16, 16, 16)], dim=1)
     with torch.inference_mode():
-        x = S.sample_mask(lm, cond, torch.randn(2, 8, DIM), S.make_ddim(S.ScheduleConfig(), 2), torch.randn(2, 1, 16, 16, 16))
+        x = S.sample_mask(lm, cond, torch.randn(2, 8, DIM), S.make_ddim(S.ScheduleConfig(), "lmnet", 2), torch.randn(2, 1, 16, 16, 16))
     assert x.shape == (2, 1, 16, 16, 16) and x.min() >= -1 and x.max() <= 1
 
 
@@ -136,3 +136,33 @@ def test_guided_noise_formula():
     assert calls == [2]  # one doubled batch
     assert torch.allclose(eps, torch.full_like(x, 6.0))  # 0 + 3 * (2 - 0): null context is all zeros
     assert torch.allclose(S.guided_noise(model, x, 5, ctx, 1.0), torch.full_like(x, 2.0))
+
+
+def test_prediction_targets_and_per_network_config():
+    sched = S.make_train_scheduler(S.ScheduleConfig(linet_prediction="v_prediction"), "linet")
+    x0, eps = torch.randn(3, 4, 4, 4, 4), torch.randn(3, 4, 4, 4, 4)
+    t = torch.tensor([0, 500, 999])
+    v = S.training_target(sched, x0, eps, t)
+    ab = sched.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
+    torch.testing.assert_close(v, ab.sqrt() * eps - (1 - ab).sqrt() * x0)
+    eps_sched = S.make_train_scheduler(S.ScheduleConfig(linet_prediction="v_prediction"), "lmnet")
+    assert torch.equal(S.training_target(eps_sched, x0, eps, t), eps)
+    # a DDIM step that is handed the exact v recovers x0 at the end of sampling, like eps does
+    for kind in ("epsilon", "v_prediction"):
+        cfg = S.ScheduleConfig(linet_prediction=kind)
+        train = S.make_train_scheduler(cfg, "linet")
+        ddim = S.make_ddim(cfg, "linet", steps=5, clip_range=None)
+        x = train.add_noise(x0, eps, torch.full((3,), int(ddim.timesteps[0])))
+        for step_t in ddim.timesteps:
+            tt = torch.full((3,), int(step_t))
+            x_t_eps = (x - train.alphas_cumprod[tt].view(-1, 1, 1, 1, 1).sqrt() * x0) / (1 - train.alphas_cumprod[tt]).sqrt().view(-1, 1, 1, 1, 1)
+            out = S.training_target(train, x0, x_t_eps, tt)
+            x, _ = ddim.step(out, int(step_t), x)
+        torch.testing.assert_close(x, x0, atol=1e-3, rtol=1e-3)
+    # legacy single key maps to both; bad values name the key
+    legacy = S.ScheduleConfig.from_dict({"prediction_type": "v_prediction"})
+    assert legacy.lmnet_prediction == legacy.linet_prediction == "v_prediction"
+    from lesiondiffusion.errors import BundleError
+
+    with pytest.raises(BundleError, match=r"schedule.linet_prediction='velocity' is not one of"):
+        S.ScheduleConfig.from_dict({"linet_prediction": "velocity"})

@@ -46,7 +46,8 @@ PRESETS: dict[str, dict[str, Any]] = {
         "hu_window": [-1000.0, 1000.0],
         "spacing_mm": [3.0, 3.0, 3.0],
         "crop": {"lmnet_size": [16, 16, 16], "linet_size": [32, 32, 32], "mask_margin_mm": 6.0, "context_margin_mm": 12.0},
-        "schedule": {"ddim_steps": 10},
+        # v prediction: a short (CPU) LINet run follows the density prompt only with it (ScheduleConfig)
+        "schedule": {"ddim_steps": 10, "linet_prediction": "v_prediction"},
     },
     "paper": {
         "hu_window": [-1000.0, 1000.0],

@@ -334,7 +334,7 @@ class LesionSynthesizer:
                 shape = (1, 1) + tuple(batch[0].geometry.mask_size)  # type: ignore[union-attr]
                 noise = torch.cat([self._noise(shape, it.seed + 1000003 * it.attempts) for it in batch]).to(self.device)
                 with self._autocast():
-                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_ddim(self.bundle.config.schedule, steps), noise, scale)
+                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_ddim(self.bundle.config.schedule, "lmnet", steps), noise, scale)
                 x0 = x0.float().cpu().numpy()[:, 0]
                 dt = (time.perf_counter() - t) / len(batch)
                 for it, sample in zip(batch, x0):
@@ -413,7 +413,7 @@ class LesionSynthesizer:
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(
-                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, steps, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale
+                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, "linet", steps, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale
                 )
             recon = self.bundle.vqgan.decode_stage_2_outputs(norm.denormalize(z.float()))
             finite = torch.isfinite(recon.float()).flatten(1).all(dim=1).cpu().tolist()

@@ -99,15 +99,17 @@ def unit_to_hu(x: torch.Tensor, window: tuple[float, float]) -> torch.Tensor:
 class LatentNorm:
     """Per-channel standardisation of VQ latents before LINet sees them: z_n = (z - shift) * scale.
 
-    A VQ codebook settles wherever training puts it; measured on the toy benchmark its latents had a
-    standard deviation of ~0.1 per channel and a hyperdense-vs-hypodense difference of ~0.06, against
-    the unit Gaussian noise the diffusion schedule assumes. At that scale every timestep is 100x
-    noisier than designed and the density signal is invisible to the noise loss, so LINet never
-    learned to follow the density prompt. Latent diffusion therefore rescales latents to unit
-    variance (Rombach et al. 2022, "scale factor"; MONAI's ``LatentDiffusionInferer(scale_factor=)``
-    takes one global factor). Per channel, with a shift, because the codebook channels differ in
-    both mean and spread. Fitted once on the training crops (``fit``) when LINet training starts and
-    stored in the bundle's config.yaml; identity for untrained bundles.
+    A VQ codebook settles wherever training puts it: the tiny toy VQ-GAN's latents have a standard
+    deviation of ~0.1 per channel. Against the unit Gaussian noise of the diffusion schedule that
+    makes every timestep ~100x noisier than the cosine schedule was designed for, so the lesion's
+    content would only be decided in the last few sampling steps. Latent diffusion therefore rescales
+    latents to unit variance (Rombach et al. 2022, "scale factor"; MONAI's
+    ``LatentDiffusionInferer(scale_factor=)`` takes one global factor); here per channel, with a
+    shift, because the codebook channels differ in both mean and spread. (Measured on the toy
+    benchmark, it is not what made LINet follow the density prompt: v prediction and attention at
+    the lesion's resolution did, with or without it; docs/pretraining.md section 6.) Fitted once on
+    the training crops when LINet training starts and stored in the bundle's config.yaml; identity
+    for untrained bundles.
     """
 
     shift: tuple[float, ...]
