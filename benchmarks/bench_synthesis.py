@@ -107,7 +107,7 @@ def pipeline_part(args, device: torch.device) -> None:
     for preset in args.pipeline_presets.split(","):
         bundle = Bundle.init(preset, "hashing", seed=0)
         configs = [("crop", 2.5, 1), ("crop", 1.0, 1), ("crop", 2.5, args.batch)]
-        if preset == "tiny" or device.type == "cuda":
+        if (preset == "tiny" or device.type == "cuda") and not args.skip_whole:
             configs.append(("whole", 2.5, 1))
         for mode, guidance, batch in configs:
             if mode == "whole" and preset != "tiny":
@@ -222,6 +222,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=2, help="timing repeats (best is kept; whole-volume runs once)")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="part 2: skip the warm-up pass (paper on CPU)")
     p.add_argument("--skip-pipeline", action="store_true")
+    p.add_argument("--skip-whole", action="store_true",
+                   help="skip the whole-volume runs (self-attention over every latent cell: minutes on CPU)")
     p.add_argument("--skip-networks", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
