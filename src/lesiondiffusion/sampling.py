@@ -201,7 +201,10 @@ def guided_noise(
     context: torch.Tensor,
     guidance_scale: float,
 ) -> torch.Tensor:
-    """Classifier-free guidance: eps = eps(x, null) + s * (eps(x, c) - eps(x, null)).
+    """Classifier-free guidance: out = out(x, null) + s * (out(x, c) - out(x, null)).
+
+    ``out`` is whatever the network predicts (noise, or velocity for ``v_prediction``): guidance is
+    linear in either, and the DDIM step that follows converts it according to the scheduler's type.
 
     Both branches run as one doubled batch; ``guidance_scale == 1`` runs the conditional branch only.
     """
@@ -224,7 +227,7 @@ def sample_mask(
     guidance_scale: float = 2.5,
     progress: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
-    """LMNet DDIM sampling: x_T = noise; x_{t-1} = DDIM(x_t, eps_guided(x_t, t)); returns x_0 in [-1, 1].
+    """LMNet DDIM sampling: x_T = noise; x_{t-1} = DDIM(x_t, guided(x_t, t)); returns x_0 in [-1, 1].
 
     ``condition`` holds the three conditioning channels [B, 3, ...] (organ semantics, target organ,
     box) in ``lmnet_inputs`` order after the noisy mask.
@@ -261,7 +264,7 @@ def inpaint_latent(
     """Masked latent inpainting with DDIM and classifier-free guidance (LINet).
 
     Start: z_T = eps * m + z_0 * (1 - m). Each step:
-        z' = DDIM(z_t, eps_guided(linet_inputs(z_t, m), t, c))
+        z' = DDIM(z_t, guided(linet_inputs(z_t, m), t, c))
         z_{t-1} = z' * m + z_0 * (1 - m)
     The known clean latent is re-imposed outside the mask, not re-noised, matching the training
     input where the outside of the mask is always clean (``masked_add_noise``).
