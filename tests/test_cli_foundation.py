@@ -190,3 +190,18 @@ def test_place_on_the_real_ct(capsys, tmp_path, shared_ct_dir):
     c = np.round(box["voxel"]["center"]).astype(int)
     assert labels[tuple(c)] == 21  # urinary_bladder, v2 id
     assert np.allclose(nib.load(str(tmp_path / "box.nii.gz")).affine, nib.load(str(seg)).affine)
+
+
+def test_catalogs_list_marks_a_broken_user_catalog_and_lists_the_rest(capsys, tmp_path, monkeypatch):
+    (tmp_path / "broken_type.yaml").write_text("name: broken_type\norgan_type: parenchymal organ\norgans: [\n")
+    shutil.copy(CATALOG_DIR / "kidney_cyst.yaml", tmp_path / "my_cyst.yaml")
+    text = (tmp_path / "my_cyst.yaml").read_text().replace("name: kidney_cyst", "name: my_cyst")
+    (tmp_path / "my_cyst.yaml").write_text(text)
+    monkeypatch.setenv("LESIONDIFFUSION_CATALOG_PATH", str(tmp_path))
+    rc, out, _ = _run(capsys, "catalogs", "list")
+    assert rc == 0
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line[0].isdigit()}
+    assert "BROKEN" in lines["broken_type"] and "YAML syntax error" in lines["broken_type"]
+    assert "broken_type.yaml" in lines["broken_type"]
+    assert len(lines) == 17 and "BROKEN" not in lines["my_cyst"] and "BROKEN" not in lines["liver_tumor"]
+    assert "1 of 17 catalog(s) are broken" in out

@@ -357,7 +357,8 @@ def catalog_dirs() -> list[Path]:
     return dirs
 
 
-def _catalog_files() -> dict[str, Path]:
+def catalog_files() -> dict[str, Path]:
+    """Lesion type name -> catalog file (the first folder of ``catalog_dirs()`` that has it wins)."""
     found: dict[str, Path] = {}
     for d in catalog_dirs():
         if not d.is_dir():
@@ -371,7 +372,7 @@ def _catalog_files() -> dict[str, Path]:
 
 def list_catalogs() -> list[str]:
     """Names of the available catalogs (shipped plus ``$LESIONDIFFUSION_CATALOG_PATH``), sorted."""
-    return sorted(_catalog_files())
+    return sorted(catalog_files())
 
 
 def load_catalog(name_or_path: str | Path) -> Catalog:
@@ -382,7 +383,7 @@ def load_catalog(name_or_path: str | Path) -> Catalog:
             raise CatalogError(f"Catalog file not found: {p}. Check the path, or run `lesiondiffusion catalogs list`.")
         path = p.resolve()
     else:
-        files = _catalog_files()
+        files = catalog_files()
         if str(name_or_path) not in files:
             raise CatalogError(
                 f"Unknown lesion type {str(name_or_path)!r}. Available catalogs: {', '.join(sorted(files))}. "

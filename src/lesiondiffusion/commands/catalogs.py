@@ -25,17 +25,32 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from ..catalog import list_catalogs, load_catalog
+    from ..catalog import catalog_files, load_catalog
+    from ..errors import CatalogError
 
-    names = list_catalogs()
-    width = max(len(n) for n in names) if names else 10
-    for name in names:
-        c = load_catalog(name)
+    files = catalog_files()
+    width = max(len(n) for n in files) if files else 10
+    broken = 0
+    for name, path in sorted(files.items()):
+        # one broken user catalog must not hide the others: it is listed with its error instead
+        try:
+            c = load_catalog(path)
+        except CatalogError as exc:
+            broken += 1
+            first = str(exc).splitlines()
+            detail = " ".join(line.strip() for line in first[1:3]) or first[0]
+            print(f"{name:<{width}}  BROKEN  {detail}" + ("  (more: `lesiondiffusion catalogs validate "
+                                                         f"{path}`)" if len(first) > 3 else "")
+                  + (f"  [{path}]" if args.paths else ""))
+            continue
         organs = ", ".join(f"{o} ({'/'.join(c.organ_names(o))})" for o, w in c.organ_weights.items() if w > 0)
         line = f"{name:<{width}}  {c.organ_type:<17}  {organs}"
         if args.paths:
             line += f"  [{c.path}]"
         print(line)
+    if broken:
+        print(f"{broken} of {len(files)} catalog(s) are broken and cannot be used until fixed "
+              "(`lesiondiffusion catalogs validate FILE` lists every problem).")
     return 0
 
 
