@@ -1,7 +1,8 @@
 """The ``lesiondiffusion`` command: a thin dispatcher over ``lesiondiffusion.commands``.
 
 Errors caused by user input (``LesionDiffusionError``) are printed as one clear message with exit
-code 2; anything else is a bug and keeps its traceback.
+code 2; operating-system failures (read-only folder, full disk) as one line with exit code 1; anything
+else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -45,6 +46,13 @@ def main(argv: list[str] | None = None) -> int:
     except LesionDiffusionError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # the environment, not the code: read-only folders, full disks, paths under files
+        from .io import os_error_message
+
+        logging.getLogger(__name__).debug("operating-system error", exc_info=True)
+        print(f"error: {os_error_message(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted; finished outputs are kept, partial ones were discarded", file=sys.stderr)
         return 130

@@ -7,8 +7,12 @@ an interrupted run never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
+import re
+import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +28,102 @@ def _current_umask() -> int:
     return mask
 
 
+_FIXES = {
+    errno.ENOSPC: "the disk is full; free space or choose an output on another disk",
+    errno.EDQUOT: "the disk quota is exceeded; free space or choose an output on another disk",
+    errno.EACCES: "it is not writable; choose a writable output folder or fix its permissions",
+    errno.EPERM: "it is not writable; choose a writable output folder or fix its permissions",
+    errno.EROFS: "it is on a read-only file system; choose a writable output folder",
+    errno.ENOTDIR: "a part of the path is a file, not a folder; choose an output path under a folder",
+    errno.EEXIST: "a file of that name exists where a folder is needed; choose another output path",
+    errno.EISDIR: "it is a folder; give a file name",
+    errno.ENAMETOOLONG: "the name is too long; choose a shorter output path",
+}
+
+
+def os_error_message(exc: OSError, path: str | os.PathLike | None = None, action: str = "Cannot write") -> str:
+    """One line for an operating-system failure: what failed, on which path, and the fix."""
+    where = path if path is not None else (exc.filename or "?")
+    if path is None and exc.filename2:
+        where = f"{exc.filename} -> {exc.filename2}"
+    if exc.errno == errno.ENOENT:
+        return f"{where}: no such file or folder — check the path."
+    fix = _FIXES.get(exc.errno or -1, "check the path, its permissions and the free disk space")
+    return f"{action} {where}: {exc.strerror or exc} — {fix}."
+
+
+def ensure_output_dir(path: str | os.PathLike, option: str | None = None) -> Path:
+    """Create an output folder (and its parents) or raise one clear error saying why it cannot be used."""
+    path = Path(path)
+    label = f"{option} {path}" if option else str(path)
+    if path.exists() and not path.is_dir():
+        raise LesionDiffusionError(f"Output folder {label} is a file; choose a folder path (or remove the file).")
+    for parent in path.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LesionDiffusionError(
+                    f"Output folder {label} lies under {parent}, which is a file, not a folder; choose another path.")
+            break
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise LesionDiffusionError(os_error_message(exc, label)) from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise LesionDiffusionError(
+            f"Cannot write {label}: it is read-only for this user — choose a writable output folder or fix its permissions.")
+    return path
+
+
+def temp_tag() -> str:
+    """Part of a temporary name that says which process owns it, so a later run can tell a crashed
+    run's leftovers (removed) from a live run's work in progress (kept)."""
+    return f"pid{os.getpid()}@{_host()}."
+
+
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname())
+
+
+_TAG = re.compile(r"pid(\d+)@([^.]+)\.")
+
+
+def _owner_alive(name: str) -> bool:
+    m = _TAG.search(name)
+    if not m:
+        return False  # made before names carried their owner: a crashed run's leftover
+    if m.group(2) != _host():
+        return True  # another machine's run on a shared disk: cannot tell, keep it
+    pid = int(m.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete entries of ``folder`` whose name matches ``pattern`` (a crashed run's temporaries) unless
+    the process that made them still runs; returns what was removed."""
+    removed = []
+    rx = re.compile(pattern)
+    folder = Path(folder)
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if not rx.fullmatch(entry.name) or _owner_alive(entry.name):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
@@ -31,10 +131,13 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     ``suffix`` keeps the file extension for writers that dispatch on it (nibabel, matplotlib).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     if suffix is None:
         suffix = "".join(path.suffixes) or ".tmp"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    ensure_output_dir(path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{temp_tag()}", suffix=suffix, dir=path.parent)
+    except OSError as exc:
+        raise LesionDiffusionError(os_error_message(exc, path)) from exc
     os.close(fd)
     tmp_path = Path(tmp)
     # mkstemp creates owner-only files; give the final file the permissions a plain open() would
@@ -42,6 +145,8 @@ def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as exc:
+        raise LesionDiffusionError(os_error_message(exc, path)) from exc
     finally:
         if tmp_path.exists():
             tmp_path.unlink()
@@ -62,15 +167,45 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
-def refuse_overwrite_input(output: str | os.PathLike, *inputs: str | os.PathLike | None) -> None:
-    """Raise if ``output`` resolves to one of the ``inputs``: user inputs are never overwritten."""
-    out = Path(output).resolve()
-    for item in inputs:
-        if item is not None and Path(item).resolve() == out:
-            raise LesionDiffusionError(
-                f"Output path {output} is the same file as the input {item}; inputs are never "
-                "overwritten. Choose a different output path."
-            )
+def _forms(path: str | os.PathLike) -> set[Path]:
+    """The literal absolute path and its symlink-resolved form (a link and its target both count)."""
+    return {Path(os.path.abspath(path)), Path(path).resolve()}
+
+
+def _overlap(out: Path, item: Path) -> str | None:
+    if out == item:
+        return "is"
+    if out in item.parents:
+        return "contains"
+    if item in out.parents:
+        return "lies inside"
+    return None
+
+
+def refuse_overwrite_input(output: str | os.PathLike, *inputs: str | os.PathLike | None,
+                           names: dict[str, str | os.PathLike | None] | None = None,
+                           may_contain: bool = False) -> None:
+    """Raise if ``output`` is, contains or lies inside one of the inputs: user inputs are never overwritten.
+
+    Paths are compared literally and resolved through symlinks, so a link to an input, or an output
+    folder reached through a link, is caught too. ``names`` maps an option name (``--ct``) to an input
+    so the message names the option. ``may_contain`` allows an output folder that only receives new
+    entries (checked one by one by the caller) to hold inputs.
+    """
+    items: list[tuple[str, str | os.PathLike]] = [("input", p) for p in inputs if p is not None]
+    items += [(k, p) for k, p in (names or {}).items() if p is not None]
+    outs = _forms(output)
+    for label, item in items:
+        for o in outs:
+            for i in _forms(item):
+                how = _overlap(o, i)
+                if how is not None and not (how == "contains" and may_contain):
+                    what = {"is": "is the same path as", "contains": "contains",
+                            "lies inside": "lies inside"}[how]
+                    raise LesionDiffusionError(
+                        f"Output path {output} {what} the {label} {item}; inputs are never overwritten or "
+                        "deleted. Choose an output path outside every input (and not holding one)."
+                    )
 
 
 def load_nifti(path: str | os.PathLike, dtype: Any = None) -> tuple[np.ndarray, np.ndarray, Any]:

@@ -33,7 +33,7 @@ from typing import Any, Callable, Protocol
 import numpy as np
 
 from .errors import LesionDiffusionError, SynthesisError
-from .io import atomic_path, write_json
+from .io import atomic_path, remove_stale_temporaries, write_json
 
 log = logging.getLogger(__name__)
 
@@ -444,6 +444,8 @@ class OfflineCache:
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "cases").mkdir(exist_ok=True)
         (self.root / "failed").mkdir(exist_ok=True)
+        for sub in ("cases", "failed"):  # a killed build's half-written temporaries (live builds' are kept)
+            remove_stale_temporaries(self.root / sub, r"\.(synth_\d+\.(npz|json)|\d+\.json)\..+")
         self._check_identity()
         good = self._valid_indices()
         failed = {int(p.stem) for p in (self.root / "failed").glob("*.json")}

@@ -22,6 +22,7 @@ def _build(args: argparse.Namespace) -> int:
     from ..nnunet_integration.config import load_config
     from ..nnunet_integration.data import FactorySpec, initial_patch_size
     from ..nnunet_integration.trainers import cache_identity, default_cache_dir
+    from ..io import refuse_overwrite_input
     from ..store import OfflineCache
 
     if args.n < 1:
@@ -66,6 +67,16 @@ def _build(args: argparse.Namespace) -> int:
         identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
     out = Path(args.output) if args.output else (
         Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else default_cache_dir(str(pre), pm.plans_name, args.configuration))
+    inputs: dict[str, str | os.PathLike | None] = {"--config": args.config, "generator.bundle": cfg.generator.bundle,
+                                                   "preprocessed data": data_folder, "plans": plans_file}
+    if nnUNet_raw.is_set():
+        inputs["raw dataset"] = os.path.join(nnUNet_raw.get(), name)
+    for k, folder in enumerate(cfg.templates.folders):
+        inputs[f"templates.folders[{k}]"] = folder
+    for e in cfg.catalogs:
+        if Path(e.name).suffix in (".yaml", ".yml"):
+            inputs[f"catalog {e.name}"] = e.name
+    refuse_overwrite_input(out, names=inputs)
     spec = FactorySpec(config=cfg, plans=plans, configuration=args.configuration, dataset_json=dataset_json,
                        dataset_name=name, preprocessed_folder=str(data_folder),
                        raw_folder=os.path.join(nnUNet_raw.get(), name) if nnUNet_raw.is_set() else None,

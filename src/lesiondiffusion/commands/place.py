@@ -13,6 +13,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-o", "--output", type=Path, required=True, metavar="BBOX_JSON", help="box in voxel and world coordinates")
     p.add_argument("--mask-out", type=Path, metavar="BOX_NII", help="also write the box as a uint8 NIfTI (input affine kept)")
     p.add_argument("--ellipsoid", action="store_true", help="--mask-out holds the box's inscribed ellipsoid instead of the box")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --mask-out file")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--mapping", default="auto", help="label ids: v1, v2, auto (default) or a JSON file name->id")
     p.add_argument("--catalog", help="catalog name or path (default: the report's lesion_type)")
@@ -23,15 +24,24 @@ def _place(args: argparse.Namespace) -> int:
     import time
 
     from ..catalog import load_catalog
+    from ..errors import LesionDiffusionError
     from ..io import refuse_overwrite_input, save_nifti, write_json
     from ..organs import load_organ_map
     from ..placement import box_mask, place_lesion
     from ..report import LesionReport
 
-    inputs = [args.organs, args.report] + ([Path(args.mapping)] if Path(args.mapping).suffix == ".json" else [])
-    refuse_overwrite_input(args.output, *inputs)
+    inputs = {"--organs": args.organs, "--report": args.report}
+    if Path(args.mapping).suffix == ".json":
+        inputs["--mapping"] = Path(args.mapping)
+    if args.catalog is not None and (Path(args.catalog).suffix in (".yaml", ".yml") or Path(args.catalog).exists()):
+        inputs["--catalog"] = Path(args.catalog)
+    refuse_overwrite_input(args.output, names=inputs)
     if args.mask_out is not None:
-        refuse_overwrite_input(args.mask_out, *inputs)
+        refuse_overwrite_input(args.mask_out, names=inputs)
+        refuse_overwrite_input(args.mask_out, names={"-o": args.output})
+        if args.mask_out.exists() and not args.overwrite:
+            raise LesionDiffusionError(
+                f"--mask-out {args.mask_out} already exists; pass --overwrite to replace it or choose another path.")
     report = LesionReport.from_yaml(args.report)
     catalog = load_catalog(args.catalog or report.lesion_type)
     organs = load_organ_map(args.organs, args.mapping)

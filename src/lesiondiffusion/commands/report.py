@@ -48,7 +48,11 @@ def _sample(args: argparse.Namespace) -> int:
 
     from ..catalog import load_catalog
 
+    from ..io import refuse_overwrite_input
+
     catalog = load_catalog(args.lesion_type)
+    if args.output is not None:
+        refuse_overwrite_input(args.output, names={"catalog": catalog.path})
     report = catalog.sample(args.seed, parse_fixed(args.fixed))
     if args.output is None:
         sys.stdout.write(yaml.safe_dump(report.to_dict(), sort_keys=False))

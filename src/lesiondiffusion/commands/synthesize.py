@@ -38,6 +38,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_synthesize)
 
 
+# temporary sample folders (see _write_sample): .sample_000.<tag> and .sample_000.old.<tag>
+_TMP_PATTERN = r"\.(sample_\d{3,}|failures\.yaml)\..+"
+
+
 def _sample_dir(out: Path, i: int) -> Path:
     return out / f"sample_{i:03d}"
 
@@ -48,7 +52,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
     from ..catalog import load_catalog
     from ..errors import LesionDiffusionError
-    from ..io import load_nifti, refuse_overwrite_input
+    from ..io import ensure_output_dir, load_nifti, refuse_overwrite_input, remove_stale_temporaries
     from ..organs import load_organ_map
     from ..pipeline import LesionSynthesizer
     from ..report import LesionReport
@@ -63,18 +67,21 @@ def _synthesize(args: argparse.Namespace) -> int:
     if args.report is not None and args.fixed:
         raise LesionDiffusionError("--report and --set both fix attributes; edit the report file instead of passing --set.")
     out: Path = args.output
-    for path in (args.ct, args.organs, args.report, args.bundle):
-        if path is not None:
-            refuse_overwrite_input(out, path)
+    inputs = {"--ct": args.ct, "--organs": args.organs, "--report": args.report, "--bundle": args.bundle}
+    if Path(args.catalog).suffix in (".yaml", ".yml") or Path(args.catalog).exists():
+        inputs["--catalog"] = Path(args.catalog)
+    if Path(args.mapping).suffix == ".json":
+        inputs["--mapping"] = Path(args.mapping)
+    refuse_overwrite_input(out, names=inputs, may_contain=True)
+    # every folder this run may create or replace must hold no input (--overwrite deletes the old one)
+    for i in range(args.n):
+        refuse_overwrite_input(_sample_dir(out, i), names=inputs)
+    refuse_overwrite_input(out / "failures.yaml", names=inputs)
     existing = [_sample_dir(out, i) for i in range(args.n) if _sample_dir(out, i).exists()]
     if existing and not args.overwrite:
         raise LesionDiffusionError(
             f"{existing[0]} already exists ({len(existing)} sample folder(s) in {out}); choose another -o or pass --overwrite."
         )
-    inputs = {Path(p).resolve() for p in (args.ct, args.organs) if p is not None}
-    for d in existing:
-        if any(Path(d).resolve() in q.parents for q in inputs):
-            raise LesionDiffusionError(f"{d} contains an input file; inputs are never overwritten. Choose another -o.")
 
     catalog = load_catalog(args.catalog)
     fixed = parse_fixed(args.fixed)
@@ -102,7 +109,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         overrides["guidance_scale"] = args.guidance
     synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
 
-    out.mkdir(parents=True, exist_ok=True)
+    ensure_output_dir(out, "-o")
+    remove_stale_temporaries(out, _TMP_PATTERN)
     written, failed = 0, []
     with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
         for start in range(0, args.n, args.batch_size):
@@ -129,11 +137,11 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
     import numpy as np
     import yaml
 
-    from ..io import atomic_write_text, save_nifti
+    from ..io import atomic_write_text, save_nifti, temp_tag
     from ..preview import save_preview
 
     final = _sample_dir(out, i)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=out))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{temp_tag()}", dir=out))
     try:
         save_nifti(tmp / "image.nii.gz", result.image, affine, header)
         mask_header = header.copy() if header is not None else None
@@ -161,7 +169,7 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
             f.chmod(0o666 & ~umask)
         tmp.chmod(0o777 & ~umask)
         if final.exists():  # --overwrite: swap the folders so a crash never leaves neither
-            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.", dir=out))
+            trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old.{temp_tag()}", dir=out))
             os.replace(final, trash / final.name)
             os.replace(tmp, final)
             shutil.rmtree(trash, ignore_errors=True)

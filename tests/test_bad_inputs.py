@@ -1,0 +1,229 @@
+"""Bad inputs and faults, one table row each (issue 13): every row runs the real CLI and asserts the exit
+code, the key words of the message, and that every input file is byte-identical afterwards.
+
+The world (a 32x32x24 phantom CT and organ map, a tiny random bundle, reports) is built once per module;
+a row's ``setup`` adds what that row needs in its own folder and returns the argv. Runs are in-process
+(``lesiondiffusion.cli.main``) except where a real process exit matters.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import nibabel as nib
+import numpy as np
+import pytest
+import yaml
+
+from lesiondiffusion.cli import main
+from lesiondiffusion.phantoms import make_phantom
+
+
+@dataclass
+class Case:
+    id: str
+    category: str  # the issue's headings: data loss, machine, silent, traceback, blame, minor
+    setup: Callable[["World", Path], list[str]]
+    rc: int
+    words: tuple[str, ...]
+    # files a row may change on purpose (relative to its folder), e.g. a stale temporary it asks to remove
+    may_change: tuple[str, ...] = ()
+    after: Callable[["World", Path], None] | None = None
+    fault: Callable[[pytest.MonkeyPatch], None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class World:
+    root: Path
+    ct: Path
+    seg: Path
+    bundle: Path
+    report: Path
+
+    def synth(self, *extra: str, ct: Path | None = None, seg: Path | None = None, bundle: Path | None = None,
+              out: Path | None = None) -> list[str]:
+        return ["synthesize", "--bundle", str(bundle or self.bundle), "--ct", str(ct or self.ct),
+                "--organs", str(seg or self.seg), "--catalog", "kidney_tumor", "--ddim-steps", "1", "--no-preview",
+                "-o", str(out or self.root / "never"), *extra]
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("world")
+    p = make_phantom((32, 32, 24), (3.0, 3.0, 4.0), seed=1)
+    ct, seg = root / "ct.nii.gz", root / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(p.ct.astype(np.int16), p.affine), str(ct))
+    nib.save(nib.Nifti1Image(p.organs.astype(np.uint8), p.affine), str(seg))
+    bundle = root / "bundle"
+    assert main(["bundle", "init", "--preset", "tiny", "-o", str(bundle), "--encoder", "hashing:64"]) == 0
+    report = root / "report.yaml"
+    assert main(["report", "sample", "kidney_tumor", "--seed", "0", "--set", "size_mm=15,12,14",
+                 "--set", "lesion_location=within the parenchymal organ", "-o", str(report)]) == 0
+    return World(root, ct, seg, bundle, report)
+
+
+def _hashes(*folders: Path) -> dict[Path, str]:
+    out = {}
+    for folder in folders:
+        for p in folder.rglob("*"):
+            if p.is_file() and not p.is_symlink():
+                out[p] = hashlib.sha256(p.read_bytes()).hexdigest()
+    return out
+
+
+def _report_with(world: World, d: Path, name: str = "r.yaml", **changes) -> Path:
+    doc = yaml.safe_load(world.report.read_text())
+    for k, v in changes.items():
+        if v is None:
+            doc.pop(k, None)
+        else:
+            doc[k] = v
+    path = d / name
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return path
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. data loss
+
+def _bundle_in_sample(w: World, d: Path) -> list[str]:
+    out = d / "out"
+    (out / "sample_000").mkdir(parents=True)
+    shutil.copytree(w.bundle, out / "sample_000" / "bundle")
+    return w.synth("--overwrite", bundle=out / "sample_000" / "bundle", out=out)
+
+
+def _report_in_sample(w: World, d: Path) -> list[str]:
+    out = d / "out"
+    (out / "sample_000").mkdir(parents=True)
+    rep = shutil.copy(w.report, out / "sample_000" / "report.yaml")
+    return w.synth("--overwrite", "--report", str(rep), out=out)
+
+
+def _ct_in_sample_via_link(w: World, d: Path) -> list[str]:
+    out = d / "out"
+    (out / "sample_000").mkdir(parents=True)
+    shutil.copy(w.ct, out / "sample_000" / "ct.nii.gz")
+    (d / "link").symlink_to(out / "sample_000")
+    return w.synth("--overwrite", ct=d / "link" / "ct.nii.gz", out=out)
+
+
+def _ct_behind_symlinked_out(w: World, d: Path) -> list[str]:
+    real = d / "real"
+    (real / "sample_001").mkdir(parents=True)
+    shutil.copy(w.ct, real / "sample_001" / "ct.nii.gz")
+    (d / "alias").symlink_to(real)
+    return w.synth("--overwrite", "-n", "2", ct=real / "sample_001" / "ct.nii.gz", out=d / "alias")
+
+
+def _catalog_in_sample(w: World, d: Path) -> list[str]:
+    from lesiondiffusion.catalog import load_catalog
+
+    out = d / "out"
+    (out / "sample_000").mkdir(parents=True)
+    cat = shutil.copy(load_catalog("kidney_tumor").path, out / "sample_000" / "kidney_tumor.yaml")
+    argv = w.synth("--overwrite", out=out)
+    argv[argv.index("kidney_tumor")] = str(cat)
+    return argv
+
+
+def _out_inside_bundle(w: World, d: Path) -> list[str]:
+    b = d / "bundle"
+    shutil.copytree(w.bundle, b)
+    return w.synth(bundle=b, out=b / "samples")
+
+
+def _out_is_ct(w: World, d: Path) -> list[str]:
+    return w.synth(out=w.ct)
+
+
+def _mask_out_is_ct(w: World, d: Path) -> list[str]:
+    ct = shutil.copy(w.ct, d / "ct.nii.gz")
+    return ["place", "--organs", str(w.seg), "--report", str(w.report), "-o", str(d / "b.json"), "--mask-out", str(ct)]
+
+
+def _mask_out_is_organs(w: World, d: Path) -> list[str]:
+    return ["place", "--organs", str(w.seg), "--report", str(w.report), "-o", str(d / "b.json"),
+            "--mask-out", str(w.seg), "--overwrite"]
+
+
+def _mask_out_links_to_report(w: World, d: Path) -> list[str]:
+    (d / "box.nii.gz").symlink_to(w.seg)
+    return ["place", "--organs", str(w.seg), "--report", str(w.report), "-o", str(d / "b.json"),
+            "--mask-out", str(d / "box.nii.gz"), "--overwrite"]
+
+
+def _bbox_is_report(w: World, d: Path) -> list[str]:
+    rep = shutil.copy(w.report, d / "r.yaml")
+    return ["place", "--organs", str(w.seg), "--report", str(rep), "-o", str(rep)]
+
+
+def _report_sample_over_catalog(w: World, d: Path) -> list[str]:
+    from lesiondiffusion.catalog import load_catalog
+
+    cat = shutil.copy(load_catalog("kidney_tumor").path, d / "kidney_tumor.yaml")
+    return ["report", "sample", str(cat), "-o", str(cat)]
+
+
+# ------------------------------------------------------------------------------------------------
+# 7. leftovers of a killed run
+
+def _stale_temporaries(w: World, d: Path) -> list[str]:
+    out = d / "out"
+    (out / ".sample_000.k3j2l1").mkdir(parents=True)  # a killed older run's folder
+    (out / ".sample_000.k3j2l1" / "image.nii.gz").write_bytes(b"partial")
+    (out / ".sample_001.pid999999999@elsewhere_host.abc").mkdir()  # another machine's live run: kept
+    return w.synth("--set", "size_mm=15,12,14", "--set", "lesion_location=within the parenchymal organ", out=out)
+
+
+def _stale_temporaries_after(w: World, d: Path) -> None:
+    names = sorted(p.name for p in (d / "out").iterdir())
+    assert names == [".sample_001.pid999999999@elsewhere_host.abc", "sample_000"], names
+
+
+CASES: list[Case] = [
+    Case("bundle-inside-replaced-sample", "data loss", _bundle_in_sample, 2, ("sample_000", "contains", "--bundle")),
+    Case("report-inside-replaced-sample", "data loss", _report_in_sample, 2, ("contains", "--report")),
+    Case("ct-in-sample-through-symlink", "data loss", _ct_in_sample_via_link, 2, ("contains", "--ct")),
+    Case("ct-behind-symlinked-output", "data loss", _ct_behind_symlinked_out, 2, ("sample_001", "--ct")),
+    Case("catalog-inside-replaced-sample", "data loss", _catalog_in_sample, 2, ("contains", "--catalog")),
+    Case("output-inside-bundle", "data loss", _out_inside_bundle, 2, ("lies inside", "--bundle")),
+    Case("output-is-the-ct", "data loss", _out_is_ct, 2, ("--ct", "same path")),
+    Case("mask-out-existing-file", "data loss", _mask_out_is_ct, 2, ("already exists", "--overwrite")),
+    Case("mask-out-is-organs", "data loss", _mask_out_is_organs, 2, ("--organs", "same path")),
+    Case("mask-out-symlink-to-organs", "data loss", _mask_out_links_to_report, 2, ("--organs", "never overwritten")),
+    Case("bbox-json-is-report", "data loss", _bbox_is_report, 2, ("--report", "same path")),
+    Case("report-sample-over-catalog", "data loss", _report_sample_over_catalog, 2, ("catalog", "same path")),
+    Case("stale-temporaries-removed", "minor", _stale_temporaries, 0, ("wrote 1 sample",),
+         may_change=("out/.sample_000.k3j2l1/image.nii.gz",), after=_stale_temporaries_after),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, world: World, tmp_path: Path, capsys, monkeypatch) -> None:
+    argv = case.setup(world, tmp_path)
+    before = _hashes(world.root, tmp_path)
+    if case.fault is not None:
+        case.fault(monkeypatch)
+    rc = main(argv)
+    monkeypatch.undo()
+    captured = capsys.readouterr()
+    message = captured.out + captured.err
+    assert rc == case.rc, message
+    for word in case.words:
+        assert word.lower() in message.lower(), f"{word!r} not in: {message}"
+    assert "Traceback" not in message
+    allowed = {tmp_path / p for p in case.may_change}
+    after = _hashes(world.root, tmp_path)
+    for path, digest in before.items():
+        if path in allowed:
+            continue
+        assert after.get(path) == digest, f"input {path} changed or vanished"
+    if case.after is not None:
+        case.after(world, tmp_path)
