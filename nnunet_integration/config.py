@@ -58,6 +58,13 @@ class GeneratorConfig:
     device: str = "cpu"
     options: dict[str, Any] = field(default_factory=dict)   # extra kwargs for the backend
 
+    def device_for_rank(self, local_rank: int | None) -> str:
+        """Where this process's generator runs: plain ``cuda`` means the process's own GPU (``cuda:LOCAL_RANK``
+        under DDP or torchrun); ``cuda:N`` is a dedicated generator GPU shared by every rank; ``cpu`` stays."""
+        if self.device == "cuda" and local_rank is not None:
+            return f"cuda:{int(local_rank)}"
+        return self.device
+
 
 @dataclass
 class CatalogEntry:

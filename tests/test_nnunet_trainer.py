@@ -119,8 +119,9 @@ def test_train_online_rule_based_then_predict(nnunet_root):
 
 
 def test_offline_cache_build_resume_and_synth_only_training(nnunet_root, tmp_path):
-    """`lesiondiffusion cache build` (LesionDiffusion backend, tiny random bundle) is resumable; the
-    synthetic-only trainer then trains from the cache without loading a generator."""
+    """`lesiondiffusion cache build --shard K/2` in two processes at once (LesionDiffusion backend, tiny
+    random bundle) fills one cache, an unsharded re-run resumes/extends it; the synthetic-only trainer
+    then trains from the cache without loading a generator."""
     root = nnunet_root
     env = _env(root)
     bundle = tmp_path / "bundle"
@@ -131,11 +132,15 @@ def test_offline_cache_build_resume_and_synth_only_training(nnunet_root, tmp_pat
                         mode="offline", offline={"cache_dir": str(tmp_path / "cache")})
     build = [str(BIN / "lesiondiffusion"), "cache", "build", "--config", str(cfg), "--dataset", str(DATASET_ID),
              "-n", "3", "-q"]
-    proc = _run(build, env)
-    assert proc.returncode == 0, proc.stderr
+    shards = [subprocess.Popen(build + ["--shard", f"{k}/2"], env=env, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True) for k in range(2)]
+    for proc in shards:
+        out, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-3000:]
     cache = tmp_path / "cache"
     manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["n_cases"] == 3 and manifest["identity"]["backend"] == "lesiondiffusion"
+    assert len({c["seed"] for c in manifest["cases"]}) == 3
     assert all(c["meta"]["report"]["lesion_type"] == "kidney_tumor" and "seed" in c for c in manifest["cases"])
     # an interrupted build: a case lost, a partial temp file left behind; the re-run completes it
     first = cache / "cases" / manifest["cases"][0]["file"]

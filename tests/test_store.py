@@ -14,6 +14,7 @@ from lesiondiffusion.store import (
     OfflineCacheReader,
     ProducerCrashed,
     SampleStore,
+    Shard,
     SyntheticCase,
     load_case,
     save_case,
@@ -188,3 +189,52 @@ def test_offline_cache_interrupted_build_finishes_without_duplicates(tmp_path):
 def test_missing_cache_names_the_fix(tmp_path):
     with pytest.raises(Exception, match="lesiondiffusion cache build"):
         OfflineCacheReader(tmp_path / "nope")
+
+
+def _build_shard(root: str, shard: str, n: int) -> None:
+    # runs in a spawned process: one shard of a sharded build, as `cache build --shard K/N` does
+    OfflineCache(root, {"plans": "p"}).build(FakeFactory(nan_every=5).build, n, seed=0, progress=False, lazy=True,
+                                             shard=Shard.parse(shard))
+
+
+def test_two_processes_fill_one_sharded_cache_then_verify(tmp_path):
+    """Two processes build shards 0/2 and 1/2 of one cache at the same time: no index twice, each
+    case's seed is seed + index, failures are skipped inside each shard, and the manifest lists all n."""
+    import multiprocessing as mp
+
+    root = tmp_path / "cache"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_build_shard, args=(str(root), f"{k}/2", 7)) for k in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+        assert proc.exitcode == 0
+    manifest = json.loads((root / "manifest.json").read_text())
+    idx = [c["index"] for c in manifest["cases"]]
+    assert manifest["n_cases"] == 7 and len(set(idx)) == 7
+    assert all(c["seed"] == c["index"] for c in manifest["cases"])
+    assert {f["index"] for f in manifest["failures"]} == {1, 6}  # NaN seeds, replaced within their own shard
+    assert sorted(idx) == [0, 2, 3, 4, 5, 7, 8]
+    assert sum(i % 2 == 0 for i in idx) == Shard(0, 2).quota(7) == 4
+    # resuming a finished shard loads no generator
+    assert OfflineCache(root, {"plans": "p"}).build(lambda: pytest.fail("generator built"), 7, progress=False,
+                                                     lazy=True, shard=Shard(1, 2))["n_cases"] == 7
+    # a shard that finishes first leaves no manifest; verify sets a damaged case aside and writes one
+    (root / "manifest.json").unlink()
+    with pytest.raises(Exception, match="cache verify"):
+        OfflineCacheReader(root)
+    bad = root / "cases" / manifest["cases"][0]["file"]
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    manifest, problems = OfflineCache(root).verify()
+    assert len(problems) == 1 and bad.name in problems[0] and (root / "rejected" / bad.name).is_file()
+    assert manifest["n_cases"] == 6 and manifest["identity"] == {"plans": "p"}
+    assert OfflineCacheReader(root, expect={"plans": "p"}).draw().seg.max() == 1
+
+
+def test_shard_parsing_names_the_fix():
+    assert Shard.parse("1/4") == Shard(1, 4) and [Shard(k, 3).quota(7) for k in range(3)] == [3, 2, 2]
+    assert Shard.from_env({"RANK": "2", "WORLD_SIZE": "3"}) == Shard(2, 3) and Shard.from_env({}) is None
+    for bad in ("4/4", "x", "1/0"):
+        with pytest.raises(Exception, match="K/N|0..N-1"):
+            Shard.parse(bad)

@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 import traceback
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Protocol
@@ -410,13 +411,55 @@ def _jsonable(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
+@dataclass(frozen=True)
+class Shard:
+    """Shard ``index`` of ``count``: owns the case indices ``i`` with ``i % count == index``.
+
+    Case ``i`` always has seed ``seed + i`` and its own file names, so N shards writing one cache folder
+    never touch the same file and together produce exactly the cases one unsharded build would.
+    """
+
+    index: int = 0
+    count: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> "Shard":
+        try:
+            k, n = (int(v) for v in str(text).split("/"))
+        except ValueError:
+            raise LesionDiffusionError(f"--shard {text!r}: write it as K/N, e.g. 0/4 for the first of 4 shards.") from None
+        if n < 1 or not 0 <= k < n:
+            raise LesionDiffusionError(f"--shard {text!r}: K must be in 0..N-1 and N >= 1 (e.g. 0/4 ... 3/4).")
+        return cls(k, n)
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> "Shard | None":
+        """The shard of this process under ``torchrun`` (RANK / WORLD_SIZE), or None outside it."""
+        env = dict(os.environ) if env is None else env
+        if "RANK" not in env or "WORLD_SIZE" not in env:
+            return None
+        return cls.parse(f"{env['RANK']}/{env['WORLD_SIZE']}")
+
+    def owns(self, index: int) -> bool:
+        return index % self.count == self.index
+
+    def quota(self, n: int) -> int:
+        """Good cases this shard contributes to a cache of ``n``; the quotas of all shards sum to ``n``."""
+        return len(range(self.index, n, self.count))
+
+    def __str__(self) -> str:
+        return f"{self.index}/{self.count}"
+
+
 class OfflineCache:
-    """Build N synthetic cases on disk once: resumable, atomic, with a manifest of reports and seeds.
+    """Build N synthetic cases on disk once: resumable, atomic, shardable, with a manifest of reports and seeds.
 
     Case ``i`` always uses seed ``seed + i`` and lives in ``cases/synth_{i:06d}.npz`` with a JSON
     sidecar written after it; a failed synthesis leaves ``failed/{i}.json``. A re-run skips every
     index that has a valid sidecar (or a failure record), so an interrupted build finishes without
-    duplicates, and a half-written file never appears under a final name.
+    duplicates, and a half-written file never appears under a final name. With ``shard=Shard(k, N)``
+    a process only works on its own indices until it has its quota of good cases; whichever shard
+    finishes and finds ``n`` good cases in the folder writes the manifest (``verify`` does it too).
     """
 
     def __init__(self, root: str | os.PathLike, identity: dict[str, Any] | None = None) -> None:
@@ -432,29 +475,34 @@ class OfflineCache:
                 raise LesionDiffusionError(
                     f"{path}: this cache was built with different settings (keys differ: {', '.join(diff)}). "
                     "Use a new output folder or delete the old cache.")
-        else:
+        else:  # shards starting together all write the same content; the rename is atomic
             write_json(path, json.loads(json.dumps(self.identity, default=_jsonable)))
 
     def build(self, factory: CaseFactory | Callable[[], CaseFactory], n: int, *, seed: int = 0,
-              progress: bool = True, lazy: bool = False, max_consecutive_failures: int = 50) -> dict[str, Any]:
-        """Synthesise until ``n`` good cases exist; ``lazy=True`` means ``factory`` is a builder called
-        only if work remains (so a finished cache needs no generator)."""
+              progress: bool = True, lazy: bool = False, max_consecutive_failures: int = 50,
+              shard: Shard | None = None) -> dict[str, Any] | None:
+        """Synthesise until ``n`` good cases exist (this shard's quota of them with ``shard``);
+        ``lazy=True`` means ``factory`` is a builder called only if work remains (so a finished cache
+        needs no generator). Returns the manifest, or None when other shards still have work."""
         from tqdm import tqdm
 
+        shard = shard or Shard()
         self.root.mkdir(parents=True, exist_ok=True)
         (self.root / "cases").mkdir(exist_ok=True)
         (self.root / "failed").mkdir(exist_ok=True)
         for sub in ("cases", "failed"):  # a killed build's half-written temporaries (live builds' are kept)
             remove_stale_temporaries(self.root / sub, r"\.(synth_\d+\.(npz|json)|\d+\.json)\..+")
         self._check_identity()
-        good = self._valid_indices()
-        failed = {int(p.stem) for p in (self.root / "failed").glob("*.json")}
-        bar = tqdm(total=n, initial=min(len(good), n), desc="synthetic cases", disable=not progress, unit="case")
-        i, consecutive = 0, 0
+        good = {i for i in self._valid_indices() if shard.owns(i)}
+        failed = {int(p.stem) for p in (self.root / "failed").glob("*.json") if shard.owns(int(p.stem))}
+        quota = shard.quota(n)
+        desc = "synthetic cases" + (f" (shard {shard})" if shard.count > 1 else "")
+        bar = tqdm(total=quota, initial=min(len(good), quota), desc=desc, disable=not progress, unit="case")
+        i, consecutive = shard.index, 0
         built = None
-        while len(good) < n:
+        while len(good) < quota:
             if i in good or i in failed:
-                i += 1
+                i += shard.count
                 continue
             if built is None:
                 built = factory() if lazy else factory
@@ -467,7 +515,7 @@ class OfflineCache:
                 consecutive += 1
                 if consecutive >= max_consecutive_failures:
                     raise SynthesisError(f"{consecutive} syntheses in a row failed (last: {reason}); the cache at "
-                                         f"{self.root} keeps the {len(good)} finished cases.")
+                                         f"{self.root} keeps the {len(good)} finished cases of shard {shard}.")
             else:
                 consecutive = 0
                 npz, side = _case_paths(self.root, i)
@@ -476,8 +524,10 @@ class OfflineCache:
                                   "meta": json.loads(json.dumps(case.meta, default=_jsonable))})
                 good.add(i)
                 bar.update(1)
-            i += 1
+            i += shard.count
         bar.close()
+        if shard.count > 1 and len(self._valid_indices()) < n:
+            return None  # the last shard to finish sees all n cases and writes the manifest
         return self.write_manifest(n)
 
     def _valid_indices(self) -> set[int]:
@@ -491,6 +541,30 @@ class OfflineCache:
             except (ValueError, KeyError, OSError):
                 side.unlink(missing_ok=True)  # a corrupt sidecar means the case is redone
         return good
+
+    def verify(self, n: int | None = None) -> tuple[dict[str, Any], list[str]]:
+        """Load every finished case, move unreadable or invalid ones to ``rejected/`` (a re-run of the
+        build redoes them) and write the manifest of the rest; returns (manifest, problems)."""
+        if not (self.root / "cases").is_dir():
+            raise LesionDiffusionError(f"{self.root}: no cases/ folder; this is not an offline cache. Build one with "
+                                       "'lesiondiffusion cache build'.")
+        identity = self.root / "identity.json"
+        if not self.identity and identity.is_file():
+            self.identity = json.loads(identity.read_text())
+        problems = []
+        for idx in sorted(self._valid_indices()):
+            npz, side = _case_paths(self.root, idx)
+            try:
+                reason = validate_case(load_case(npz))
+            except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+                reason = f"unreadable ({type(exc).__name__}: {exc})"
+            if reason is not None:
+                problems.append(f"{npz.name}: {reason}")
+                rejected = self.root / "rejected"
+                rejected.mkdir(exist_ok=True)
+                side.replace(rejected / side.name)  # sidecar first: the index is no longer 'finished'
+                npz.replace(rejected / npz.name)
+        return self.write_manifest(n), problems
 
     def write_manifest(self, n: int | None = None) -> dict[str, Any]:
         cases = []
@@ -514,6 +588,11 @@ class OfflineCacheReader:
         self.root = Path(root)
         path = self.root / MANIFEST
         if not path.is_file():
+            if any((self.root / "cases").glob("synth_*.npz")):
+                raise LesionDiffusionError(
+                    f"The offline cache at {self.root} has cases but no {MANIFEST}: a sharded build has not finished. "
+                    f"Finish every shard (re-run its 'lesiondiffusion cache build --shard K/N'), or write the manifest "
+                    f"of the cases there with 'lesiondiffusion cache verify {self.root}'.")
             raise LesionDiffusionError(
                 f"No offline cache at {self.root} ({MANIFEST} missing). Build it with 'lesiondiffusion cache build "
                 "--config CFG --dataset DATASET -n N', or set mode: online.")

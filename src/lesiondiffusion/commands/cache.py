@@ -1,7 +1,8 @@
-"""``lesiondiffusion cache build``: synthesise N preprocessed cases to disk for offline training.
+"""``lesiondiffusion cache build|verify``: synthesise N preprocessed cases to disk for offline training.
 
 The trainer then reads the cache (config ``mode: offline``) with no generator loaded. The build is
-resumable and atomic; see ``lesiondiffusion.store.OfflineCache``.
+resumable and atomic; ``--shard K/N`` (or ``torchrun``, which sets RANK/WORLD_SIZE) lets N processes,
+GPUs or nodes fill one cache; see ``lesiondiffusion.store.OfflineCache``.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ def _build(args: argparse.Namespace) -> int:
     from ..nnunet_integration.data import FactorySpec, initial_patch_size
     from ..nnunet_integration.trainers import cache_identity, default_cache_dir
     from ..io import refuse_overwrite_input
-    from ..store import OfflineCache
+    from ..store import OfflineCache, Shard
 
+    shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
     if args.n < 1:
         raise LesionDiffusionError(f"-n {args.n}: give the number of synthetic cases to build (>= 1).")
     if not nnUNet_preprocessed.is_set():
@@ -80,14 +82,42 @@ def _build(args: argparse.Namespace) -> int:
     spec = FactorySpec(config=cfg, plans=plans, configuration=args.configuration, dataset_json=dataset_json,
                        dataset_name=name, preprocessed_folder=str(data_folder),
                        raw_folder=os.path.join(nnUNet_raw.get(), name) if nnUNet_raw.is_set() else None,
-                       identifiers=list(identifiers), crop_size=crop, device=args.device)
+                       identifiers=list(identifiers), crop_size=crop,
+                       device=args.device or cfg.generator.device_for_rank(_local_rank(shard)))
     identity = cache_identity(pm, args.configuration, crop)
     identity.update({"backend": cfg.generator.backend, "bundle": cfg.generator.bundle, "seed": cfg.seed,
                      "catalogs": [e.name for e in cfg.catalogs], "fold": args.fold})
     manifest = OfflineCache(out, identity).build(spec.build, args.n, seed=cfg.seed, lazy=True,
-                                                 progress=not args.quiet)
+                                                 progress=not args.quiet, shard=shard)
+    if manifest is None:
+        print(f"shard {shard}: done ({shard.quota(args.n) if shard else args.n} cases); other shards are still "
+              f"building {out}; the last one to finish writes the manifest ('lesiondiffusion cache verify {out}' "
+              "writes it from whatever is there)")
+        return 0
     print(f"{manifest['n_cases']} synthetic cases in {out} ({len(manifest['failures'])} failed syntheses skipped); "
           f"train with 'mode: offline' in {cfg.source}")
+    return 0
+
+
+def _local_rank(shard) -> int | None:
+    """The GPU index of this process under torchrun; None for a process started by hand."""
+    if shard is None or "LOCAL_RANK" not in os.environ:
+        return None
+    return int(os.environ["LOCAL_RANK"])
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from ..store import MANIFEST, OfflineCache
+
+    manifest, problems = OfflineCache(args.cache).verify(args.n)
+    for line in problems:
+        print(f"rejected {line}")
+    print(f"{manifest['n_cases']} valid synthetic cases in {args.cache} ({len(manifest['failures'])} failed syntheses "
+          f"recorded, {len(problems)} rejected into rejected/); {MANIFEST} written")
+    if args.n is not None and manifest["n_cases"] < args.n:
+        print(f"only {manifest['n_cases']} of the {args.n} cases requested: re-run the same 'lesiondiffusion cache "
+              "build' (every shard) to fill the gaps, then verify again")
+        return 1
     return 0
 
 
@@ -105,5 +135,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     b.add_argument("-o", "--output", help="cache folder (default: offline.cache_dir or "
                    "$nnUNet_preprocessed/DATASET/lesiondiffusion_cache/PLANS__CONFIG)")
     b.add_argument("--device", help="override generator.device")
+    b.add_argument("--shard", help="K/N: build only shard K of N (N processes, GPUs or nodes fill one cache); "
+                   "default under torchrun: RANK/WORLD_SIZE, with generator.device 'cuda' meaning cuda:LOCAL_RANK")
     b.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     b.set_defaults(func=_build)
+    v = sub.add_parser("verify", help="check every case of a cache, set bad ones aside and write the manifest "
+                       "(e.g. after a sharded build on several nodes)")
+    v.add_argument("cache", help="cache folder")
+    v.add_argument("-n", type=int, help="number of cases the manifest lists (default: all valid); exit 1 if fewer")
+    v.set_defaults(func=_verify)
