@@ -223,14 +223,17 @@ def _independent_measures(om, box: LesionBox, organ: np.ndarray, depth: np.ndarr
     return dict(frac=frac, organ=organ, depth=depth, pair=pair, max_depth=depth.max())
 
 
-def _rule_ok(category, m, box, wall_mm, inside_needed):
+def _rule_ok(category, m, box, wall_mm, spec):
     a, b = m["pair"]
+    inside_needed = spec.inside_fraction
     if category == "within_parenchyma":
         return m["frac"] >= inside_needed
     if category == "protruding":
-        return a != b and m["organ"][a] != m["organ"][b] and 0.1 <= m["frac"] <= 0.9
+        return (a != b and m["organ"][a] != m["organ"][b]
+                and spec.min_organ_fraction <= m["frac"] <= spec.max_organ_fraction)
     if category == "wall":
-        return a == b and m["organ"][a] and m["depth"][a] <= wall_mm + 1e-6
+        return (a == b and m["organ"][a] and m["depth"][a] <= wall_mm + 1e-6
+                and m["frac"] >= spec.min_organ_fraction)
     if category == "lumen":
         return (a == b and m["organ"][a] and m["depth"][a] >= lumen_depth_threshold(m["max_depth"], wall_mm) - 1e-6
                 and m["frac"] >= inside_needed)
@@ -277,7 +280,7 @@ def test_real_ct_placement_rules(real_maps, name, location):
         assert all(0 <= a < b <= n for a, b, n in zip(box.lo, box.hi, om.shape))
         assert max(box.report.size_mm) >= min(cat.size.min, max(rep.size_mm)) - 0.01
         m = _independent_measures(om, box, organ, depth)
-        satisfied += bool(_rule_ok(category, m, box, wall_mm, cat.placement.inside_fraction))
+        satisfied += bool(_rule_ok(category, m, box, wall_mm, cat.placement))
     assert placed >= 0.95 * N_SEEDS, f"{name}/{category}: placed {placed}/{N_SEEDS}"
     assert satisfied == placed, f"{name}/{category}: rule held for {satisfied}/{placed}"
     assert elapsed / N_SEEDS < 0.05  # ms-scale placement once the distance maps are cached

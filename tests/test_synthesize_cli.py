@@ -90,3 +90,29 @@ def test_interrupted_write_leaves_no_partial_sample(shared_ct_dir, bundle_dir, t
     assert main(argv) == 130
     assert "interrupted" in capsys.readouterr().err
     assert list(out.iterdir()) == []  # neither sample_000 nor temporary folders/files
+
+
+def test_synthesize_redraws_and_prints_tries_on_a_thin_organ(shared_ct_dir, bundle_dir, tmp_path, capsys):
+    import yaml
+
+    out = tmp_path / "thin"
+    argv = ["synthesize", "--bundle", str(bundle_dir), "--ct", str(shared_ct_dir / "example_ct_sm.nii.gz"),
+            "--organs", str(shared_ct_dir / "example_seg.nii.gz"), "--catalog", "pancreatic_tumor",
+            "--set", "lesion_location=protruding from the parenchymal organ", "-n", "3", "--seed", "1",
+            "--ddim-steps", "1", "--batch-size", "3", "--max-tries", "4", "--no-preview", "-o", str(out)]
+    rc = main(argv)
+    text = capsys.readouterr().out
+    line = next(x for x in text.splitlines() if x.startswith("tries per sample"))
+    tries = {int(k): int(v) for k, v in (p.split(": ") for p in line.split("): ", 1)[1].split(", "))}
+    assert sorted(tries) == [0, 1, 2] and all(1 <= t <= 4 for t in tries.values())
+    for i, t in tries.items():
+        d = out / f"sample_{i:03d}"
+        if d.exists():
+            doc = yaml.safe_load((d / "report.yaml").read_text())
+            assert doc["synthesis"]["tries"] == t
+            frac = doc["synthesis"]["organ_fraction"]
+            assert 0.25 <= frac <= 0.9  # the same rule the box passed at placement
+        else:
+            assert t == 4 and rc == 1
+            fails = yaml.safe_load((out / "failures.yaml").read_text())
+            assert any(f["sample"] == i and f["tries"] == 4 for f in fails)

@@ -40,7 +40,7 @@ TOP_KEYS = ("name", "label_name", "description", "organ_type", "organs", "attrib
             "constraints", "free_text", "placement")
 REQUIRED_TOP_KEYS = ("label_name", "organ_type", "organs", "attributes", "size_mm", "hu")
 SIZE_KEYS = ("distribution", "median", "sigma", "min", "max", "aspect")
-PLACEMENT_KEYS = ("inside_fraction", "wall_mm", "max_tries", "shrink_factor")
+PLACEMENT_KEYS = ("inside_fraction", "min_organ_fraction", "max_organ_fraction", "wall_mm", "max_tries", "shrink_factor")
 MAX_SAMPLE_TRIES = 200
 
 
@@ -116,6 +116,8 @@ class PlacementSpec:
     """Placement tolerances for this lesion type (see placement.py)."""
 
     inside_fraction: float = 0.9  # within_parenchyma/lumen: share of the lesion ellipsoid inside the organ
+    min_organ_fraction: float = 0.25  # protruding/wall: least share inside the organ (box and mask alike)
+    max_organ_fraction: float = 0.9  # protruding: most share inside the organ (else it does not protrude)
     wall_mm: float = 4.0          # wall: thickness of the wall shell in mm
     max_tries: int = 40           # candidate centres tried per size
     shrink_factor: float = 0.8    # size multiplier when no centre fits
@@ -722,7 +724,8 @@ def _parse_catalog(path: Path) -> Catalog:
                     P.add(("placement", key), f"unknown key; allowed: {', '.join(PLACEMENT_KEYS)}")
                 elif x is None:
                     P.add(("placement", key), f"must be a number, got {v!r}")
-                elif key in ("inside_fraction", "shrink_factor") and not 0 < x < 1.0 + (key == "inside_fraction"):
+                elif key in ("inside_fraction", "shrink_factor", "min_organ_fraction", "max_organ_fraction") \
+                        and not 0 < x < 1.0 + (key != "shrink_factor"):
                     P.add(("placement", key), f"must be in (0, 1], got {v!r}")
                 elif key in ("wall_mm",) and x <= 0:
                     P.add(("placement", key), f"must be > 0 mm, got {v!r}")
@@ -731,6 +734,10 @@ def _parse_catalog(path: Path) -> Catalog:
                 else:
                     kw[key] = int(x) if key == "max_tries" else x
             placement = PlacementSpec(**kw)
+            if placement.min_organ_fraction > placement.max_organ_fraction:
+                P.add(("placement", "min_organ_fraction"),
+                      f"{placement.min_organ_fraction:g} exceeds max_organ_fraction {placement.max_organ_fraction:g}; "
+                      "a protruding lesion could never be accepted")
 
     # cross-checks: every reachable density/enhancement pair needs an HU range
     if attributes.get("density") and attributes.get("enhancement") and isinstance(raw_hu, dict):

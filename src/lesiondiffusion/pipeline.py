@@ -14,6 +14,7 @@ input; spacing per axis comes from the affine's column norms (oblique affines ar
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import time
@@ -30,12 +31,14 @@ from .errors import LesionDiffusionError, SynthesisError
 from .generator import SynthesisResult
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
+from .placement import organ_fraction_rule
 from .sampling import codebook_range, inpaint_latent, latent_mask, make_ddim, organ_semantics, sample_mask
 
 log = logging.getLogger(__name__)
 
 # Placement categories whose lesion must stay inside the organ (the mask is clipped to it); the others
-# may leave the organ but must overlap it by ``min_organ_fraction``.
+# may leave the organ but must overlap it as ``placement.organ_fraction_rule`` says (the same rule
+# placement applied to the box).
 INSIDE_ORGAN = ("within_parenchyma", "lumen")
 
 
@@ -48,7 +51,7 @@ class SynthesisConfig:
     mask_threshold: float = 0.0  # LMNet samples masks in [-1, 1]; > threshold is lesion
     max_retries: int = 2  # new LMNet noise after a rejected mask, per lesion
     min_volume_fraction: float = 0.1  # of the report's ellipsoid volume (pi/6 * x * y * z)
-    min_organ_fraction: float = 0.25  # protruding / wall lesions: share of voxels inside the organ
+    min_organ_fraction: float | None = None  # None: the catalog's placement.min_organ_fraction (benchmarks: 0)
     blend_dilation: int = 1  # voxels: the region that may change is the mask dilated this much
     feather_sigma: float = 0.7  # voxels: soft weight in the dilation ring (1 inside the mask)
     hu_clip: tuple[float, float] = (-1024.0, 3071.0)  # valid CT range applied to changed voxels
@@ -383,11 +386,12 @@ class LesionSynthesizer:
                 f"{expected_ml:.3f} ml ({list(it.report.size_mm)} mm)"
             )
         organ_fraction = float((mask & organ).sum()) / float(mask.sum())
-        if not inside and organ_fraction < self.config.min_organ_fraction:
-            return (
-                f"only {organ_fraction:.0%} of the mask lies in {box.organ_names} "
-                f"(a {box.category} lesion needs >= {self.config.min_organ_fraction:.0%})"
-            )
+        spec = it.catalog.placement
+        if self.config.min_organ_fraction is not None:
+            spec = dataclasses.replace(spec, min_organ_fraction=self.config.min_organ_fraction)
+        problem = organ_fraction_rule(box.category, organ_fraction, spec)
+        if problem is not None:
+            return f"mask: {problem.replace('lies in the organ', f'lies in {box.organ_names}')}"
         it.mask = mask
         it.info.update(mask_volume_ml=volume_ml, expected_volume_ml=expected_ml, organ_fraction=organ_fraction, attempts=it.attempts)
         return None

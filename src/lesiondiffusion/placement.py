@@ -10,11 +10,16 @@ Rules, with the tolerances they are checked against (``PlacementSpec`` in the ca
   inscribed in the box lie inside the organ (a box corner is never inside a rounded organ, so the
   ellipsoid, i.e. the lesion's own extent, is what is tested; voxels beyond the image count as outside).
 * ``protruding``: the centre lies on the organ surface, i.e. half a voxel from an organ voxel towards
-  a face neighbour outside the organ, and between 10 % and 90 % of the ellipsoid lies inside the organ.
+  a face neighbour outside the organ, and between ``min_organ_fraction`` (25 %) and
+  ``max_organ_fraction`` (90 %) of the ellipsoid lies inside the organ.
 * ``wall``: the centre voxel is inside the organ at most ``wall_mm`` (or one voxel, if larger) from
-  its outside, i.e. on the wall shell.
+  its outside, i.e. on the wall shell, and at least ``min_organ_fraction`` of the ellipsoid is inside.
 * ``lumen``: the centre voxel is inside the organ at least ``max(wall_mm, half the organ's largest
   inner distance)`` from its outside, and ``inside_fraction`` of the ellipsoid lies inside the organ.
+
+The organ-fraction part of these rules is ``organ_fraction_rule``: the synthesis pipeline accepts a
+generated mask by the same function, so a box that placement accepts is never one whose mask must fail
+for lying outside the organ.
 
 Organ voxels on the image border are never boundary or shell centres (the organ's true surface is
 beyond the scan there).
@@ -39,7 +44,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CATEGORIES: tuple[str, ...] = ("within_parenchyma", "protruding", "wall", "lumen")
-PROTRUDE_FRACTION = (0.1, 0.9)
 
 
 @dataclass
@@ -303,7 +307,7 @@ def place_lesion(
                     # the surface lies half a voxel beyond a boundary voxel, towards an outside neighbour
                     centre = centre + 0.5 * _outward_step(geom.mask, local, rng)
                 frac = inside_fraction(geom.mask, geom.offset, centre, semi)
-                ok, score = _accept(category, frac, spec.inside_fraction)
+                ok, score = _accept(category, frac, spec)
                 if ok:
                     return _make_box(organs, report, catalog, category, names, ids, geom, centre, local, cur,
                                      extent, semi, frac, shape, scale, wall_mm)
@@ -342,13 +346,34 @@ def lumen_depth_threshold(max_depth_mm: float, wall_mm: float) -> float:
     return min(max(wall_mm, 0.5 * max_depth_mm), max_depth_mm)
 
 
-def _accept(category: str, frac: float, needed: float) -> tuple[bool, float]:
+def organ_fraction_bounds(category: str, spec: Any) -> tuple[float, float]:
+    """The [low, high] share of a lesion that must lie inside its organ, by placement rule.
+
+    The one acceptance rule of the package: placement tests the box's ellipsoid with it and the
+    synthesis pipeline tests the generated mask with it (``spec`` is the catalog's ``PlacementSpec``).
+    """
     if category in ("within_parenchyma", "lumen"):
-        return frac >= needed, frac
+        return float(spec.inside_fraction), 1.0
     if category == "protruding":
-        lo, hi = PROTRUDE_FRACTION
-        return lo <= frac <= hi, -abs(frac - 0.5)
-    return True, frac  # wall: the centre on the shell is the whole rule
+        return float(spec.min_organ_fraction), float(spec.max_organ_fraction)
+    return float(spec.min_organ_fraction), 1.0  # wall
+
+
+def organ_fraction_rule(category: str, fraction: float, spec: Any) -> str | None:
+    """``None`` when ``fraction`` (share inside the organ) is acceptable for ``category``, else why not."""
+    lo, hi = organ_fraction_bounds(category, spec)
+    if fraction < lo - 1e-9:
+        return f"only {fraction:.0%} lies in the organ (a {category} lesion needs >= {lo:.0%})"
+    if fraction > hi + 1e-9:
+        return f"{fraction:.0%} lies in the organ (a {category} lesion needs <= {hi:.0%})"
+    return None
+
+
+def _accept(category: str, frac: float, spec: Any) -> tuple[bool, float]:
+    ok = organ_fraction_rule(category, frac, spec) is None
+    lo, hi = organ_fraction_bounds(category, spec)
+    # score of a near miss (reported when nothing fits): distance into the accepted interval
+    return ok, min(frac - lo, hi - frac)
 
 
 _FACE_STEPS = np.array([[1, 0, 0], [-1, 0, 0], [0, 1, 0], [0, -1, 0], [0, 0, 1], [0, 0, -1]])

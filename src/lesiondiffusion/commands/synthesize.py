@@ -32,6 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
     p.add_argument("--batch-size", type=int, default=4, help="lesions per network batch (default 4)")
     p.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
+    p.add_argument("--max-tries", type=int, default=5, metavar="N",
+                   help="draws per sample before it counts as failed: a new report when reports are sampled, a "
+                        "new placement and noise otherwise (default 5)")
     p.add_argument("--no-preview", action="store_true", help="skip preview.png")
     p.add_argument("--overwrite", action="store_true", help="replace existing sample folders in OUT")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
@@ -62,6 +65,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         raise LesionDiffusionError(f"-n {args.n}: the number of samples must be >= 1.")
     if args.batch_size < 1:
         raise LesionDiffusionError(f"--batch-size {args.batch_size}: must be >= 1.")
+    if args.max_tries < 1:
+        raise LesionDiffusionError(f"--max-tries {args.max_tries}: must be >= 1.")
     if args.ddim_steps is not None and args.ddim_steps < 1:
         raise LesionDiffusionError(f"--ddim-steps {args.ddim_steps}: must be >= 1.")
     if args.report is not None and args.fixed:
@@ -111,25 +116,52 @@ def _synthesize(args: argparse.Namespace) -> int:
 
     ensure_output_dir(out, "-o")
     remove_stale_temporaries(out, _TMP_PATTERN)
-    written, failed = 0, []
+    sampled = args.report is None
+
+    def redraw(i: int, attempt: int):  # noqa: ANN202 - the report of sample i at try `attempt` (0-based)
+        if not sampled or attempt == 0:
+            return reports[i]
+        # a sampled report that cannot be synthesised (e.g. too large for a thin organ) is replaced,
+        # seeded by (seed, sample, try) so reruns give the same samples
+        return catalog.sample(np.random.default_rng([args.seed, i, attempt]), fixed or None)
+
+    written, failed, tries = 0, [], {}
     with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
         for start in range(0, args.n, args.batch_size):
-            chunk = reports[start : start + args.batch_size]
-            results = synth(ct, organs, chunk, catalog, seed=args.seed + start)
-            for k, result in enumerate(results):
-                i = start + k
-                if result.ok:
-                    _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
-                    written += 1
-                else:
-                    failed.append((i, result.failure))
-                    log.warning("sample %03d failed: %s", i, result.failure)
-                bar.update(1)
+            pending = list(range(start, min(start + args.batch_size, args.n)))
+            for attempt in range(args.max_tries):
+                chunk = [redraw(i, attempt) for i in pending]
+                # try 0 keeps the seed of a plain run; later tries get new placements and noise
+                seed = args.seed + start if attempt == 0 else int(
+                    np.random.SeedSequence([args.seed, start, attempt]).generate_state(1)[0])
+                results = synth(ct, organs, chunk, catalog, seed=seed)
+                retry = []
+                for i, result in zip(pending, results):
+                    tries[i] = attempt + 1
+                    if result.ok:
+                        result.info["tries"] = attempt + 1
+                        _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
+                        written += 1
+                        bar.update(1)
+                    elif attempt + 1 < args.max_tries:
+                        log.info("sample %03d try %d failed (%s); drawing again", i, attempt + 1, result.failure)
+                        retry.append(i)
+                    else:
+                        failed.append((i, result.failure))
+                        log.warning("sample %03d failed after %d tries: %s", i, attempt + 1, result.failure)
+                        bar.update(1)
+                pending = retry
+                if not pending:
+                    break
     if failed:
         from ..io import write_yaml
 
-        write_yaml(out / "failures.yaml", [{"sample": i, "reason": r} for i, r in failed])
-    print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed (see {out / 'failures.yaml'})" if failed else ""))
+        write_yaml(out / "failures.yaml", [{"sample": i, "tries": tries[i], "reason": r} for i, r in failed])
+    what = "report and placement" if sampled else "placement"
+    print("tries per sample (a try draws a new " + what + "): "
+          + ", ".join(f"{i:03d}: {tries[i]}" for i in sorted(tries)))
+    print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed after {args.max_tries} tries "
+                                                 f"(see {out / 'failures.yaml'})" if failed else ""))
     return 0 if not failed else 1
 
 
