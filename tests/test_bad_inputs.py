@@ -172,6 +172,96 @@ def _report_sample_over_catalog(w: World, d: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# 2. sizes beyond the catalog (a 5 m lesion once took the machine down in placement)
+
+_HUGE = [5000, 4000, 4000]
+
+
+def _set_huge(w: World, d: Path) -> list[str]:
+    return ["report", "sample", "kidney_tumor", "--set", "size_mm=5000,4000,4000"]
+
+
+def _check_huge(w: World, d: Path) -> list[str]:
+    return ["report", "check", str(_report_with(w, d, size_mm=_HUGE, size=None))]
+
+
+def _place_huge(w: World, d: Path) -> list[str]:
+    return ["place", "--organs", str(w.seg), "--report", str(_report_with(w, d, size_mm=_HUGE, size=None)),
+            "-o", str(d / "b.json"), "--mask-out", str(d / "box.nii.gz"), "--ellipsoid"]
+
+
+def _synth_report_huge(w: World, d: Path) -> list[str]:
+    return w.synth("--report", str(_report_with(w, d, size_mm=_HUGE, size=None)), out=d / "out")
+
+
+def _synth_set_tiny(w: World, d: Path) -> list[str]:
+    return w.synth("--set", "size_mm=1,1,1", out=d / "out")
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. silent wrong results: size_mm shape, lesion type, CT scale, swapped inputs
+
+def _size_one_number(w: World, d: Path) -> list[str]:
+    return ["report", "check", str(_report_with(w, d, size_mm=[30], size=None))]
+
+
+def _size_bool(w: World, d: Path) -> list[str]:
+    return ["report", "check", str(_report_with(w, d, size_mm=[True, 20, 20], size=None))]
+
+
+def _size_nan(w: World, d: Path) -> list[str]:
+    path = _report_with(w, d, size=None)
+    path.write_text(path.read_text().replace("size_mm:", "size_mm: [.nan, 20, 20]\nold_size_mm:"))
+    doc = yaml.safe_load(path.read_text())
+    doc.pop("old_size_mm")
+    path.write_text(yaml.safe_dump(doc))
+    return ["report", "check", str(path)]
+
+
+def _size_two_numbers_set(w: World, d: Path) -> list[str]:
+    return ["report", "sample", "kidney_tumor", "--set", "size_mm=20,20"]
+
+
+def _size_one_number_set(w: World, d: Path) -> list[str]:
+    return ["report", "sample", "kidney_tumor", "--set", "size_mm=30"]
+
+
+def _unicorn(w: World, d: Path) -> list[str]:
+    return w.synth("--report", str(_report_with(w, d, lesion_type="unicorn_tumor")), out=d / "out")
+
+
+def _other_type(w: World, d: Path) -> list[str]:
+    argv = w.synth("--report", str(w.report), out=d / "out")
+    argv[argv.index("kidney_tumor")] = "liver_tumor"
+    return argv
+
+
+def _uint8_ct(w: World, d: Path) -> list[str]:
+    img = nib.load(str(w.ct))
+    hu = np.asanyarray(img.dataobj).astype(np.float32)
+    eight_bit = np.clip((hu + 160) / 400 * 255, 0, 255).astype(np.uint8)  # a soft-tissue window export
+    path = d / "ct8.nii.gz"
+    nib.save(nib.Nifti1Image(eight_bit, img.affine), str(path))
+    return w.synth(ct=path, out=d / "out")
+
+
+def _normalised_ct(w: World, d: Path) -> list[str]:
+    img = nib.load(str(w.ct))
+    hu = np.asanyarray(img.dataobj).astype(np.float32)
+    path = d / "ct01.nii.gz"
+    nib.save(nib.Nifti1Image((hu + 1024) / 4095, img.affine), str(path))
+    return w.synth(ct=path, out=d / "out")
+
+
+def _swapped(w: World, d: Path) -> list[str]:
+    return w.synth(ct=w.seg, seg=w.ct, out=d / "out")
+
+
+def _ct_as_organs_in_place(w: World, d: Path) -> list[str]:
+    return ["place", "--organs", str(w.ct), "--report", str(w.report), "-o", str(d / "b.json")]
+
+
+# ------------------------------------------------------------------------------------------------
 # 7. leftovers of a killed run
 
 def _stale_temporaries(w: World, d: Path) -> list[str]:
@@ -200,6 +290,22 @@ CASES: list[Case] = [
     Case("mask-out-symlink-to-organs", "data loss", _mask_out_links_to_report, 2, ("--organs", "never overwritten")),
     Case("bbox-json-is-report", "data loss", _bbox_is_report, 2, ("--report", "same path")),
     Case("report-sample-over-catalog", "data loss", _report_sample_over_catalog, 2, ("catalog", "same path")),
+    Case("set-size-beyond-catalog", "machine", _set_huge, 2, ("size_mm", "8-120 mm", "outside")),
+    Case("report-check-size-beyond-catalog", "machine", _check_huge, 2, ("5000", "8-120 mm")),
+    Case("place-size-beyond-catalog", "machine", _place_huge, 2, ("--report", "8-120 mm")),
+    Case("synthesize-report-size-beyond-catalog", "machine", _synth_report_huge, 2, ("--report", "8-120 mm")),
+    Case("synthesize-set-size-below-catalog", "machine", _synth_set_tiny, 2, ("size_mm", "8-120 mm")),
+    Case("size-one-number", "silent", _size_one_number, 2, ("size_mm", "three", "[30]")),
+    Case("size-boolean", "silent", _size_bool, 2, ("size_mm", "three numbers", "True")),
+    Case("size-nan", "silent", _size_nan, 2, ("size_mm", "finite")),
+    Case("set-size-two-numbers", "silent", _size_two_numbers_set, 2, ("size_mm", "three")),
+    Case("set-size-one-number", "silent", _size_one_number_set, 2, ("size_mm", "three")),
+    Case("report-lesion-type-unknown", "silent", _unicorn, 2, ("unicorn_tumor", "lesion_type", "--catalog")),
+    Case("report-lesion-type-other-catalog", "silent", _other_type, 2, ("kidney_tumor", "liver_tumor")),
+    Case("ct-uint8-not-hu", "silent", _uint8_ct, 2, ("--ct", "Hounsfield", "--allow-non-hu")),
+    Case("ct-normalised-not-hu", "silent", _normalised_ct, 2, ("--ct", "Hounsfield", "--allow-non-hu")),
+    Case("ct-and-organs-swapped", "blame", _swapped, 2, ("swapped", "--ct", "--organs")),
+    Case("place-organs-is-a-ct", "blame", _ct_as_organs_in_place, 2, ("looks like a CT", "ct.nii.gz")),
     Case("stale-temporaries-removed", "minor", _stale_temporaries, 0, ("wrote 1 sample",),
          may_change=("out/.sample_000.k3j2l1/image.nii.gz",), after=_stale_temporaries_after),
 ]
@@ -227,3 +333,25 @@ def test_bad_input(case: Case, world: World, tmp_path: Path, capsys, monkeypatch
         assert after.get(path) == digest, f"input {path} changed or vanished"
     if case.after is not None:
         case.after(world, tmp_path)
+
+
+def test_placement_memory_is_bounded_by_the_organ_not_the_size(world: World) -> None:
+    """The library API takes any report: a 5 m lesion is shrunk to fit (or refused), never allocating ~22 GiB."""
+    import tracemalloc
+
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.organs import load_organ_map
+    from lesiondiffusion.placement import place_lesion
+    from lesiondiffusion.report import LesionReport
+
+    organs = load_organ_map(world.seg)
+    huge = LesionReport.from_yaml(world.report).with_size_mm(_HUGE)
+    tracemalloc.start()
+    try:
+        box = place_lesion(organs, huge, load_catalog("kidney_tumor"), seed=0, on_failure="skip")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 64 * 2**20, f"placement peaked at {peak / 2**20:.0f} MiB"
+    if box:
+        assert max(box.size_mm) < 120 and box.measures["shrink"] < 0.05

@@ -71,7 +71,8 @@ def test_synthesize_bad_input_is_explained(shared_ct_dir, bundle_dir, tmp_path, 
     if other.exists():
         assert main(base + ["--organs", str(other)]) == 2
         assert "same voxel grid" in capsys.readouterr().err
-    assert main(base + ["--organs", str(shared_ct_dir / "example_seg.nii.gz"), "--bundle", str(tmp_path)]) == 2
+    (tmp_path / "not_a_bundle").mkdir()
+    assert main(base + ["--organs", str(shared_ct_dir / "example_seg.nii.gz"), "--bundle", str(tmp_path / "not_a_bundle")]) == 2
     assert "config.yaml is missing" in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 

@@ -210,6 +210,9 @@ class Catalog:
                     size_mm = _parse_size_mm(value, f"fixed size_mm for {self.name}")
                 except ReportError as exc:
                     raise CatalogError(str(exc)) from None
+                problem = self.size_problem(size_mm)
+                if problem:
+                    raise CatalogError(f"Cannot fix {problem}")
                 continue
             if key not in ATTRIBUTES:
                 raise CatalogError(
@@ -330,7 +333,28 @@ class Catalog:
         for rule in self.constraints:
             if not rule.satisfied(values):
                 problems.append(f"breaks {rule.describe()}")
+        size = self.size_problem(report.size_mm)
+        if size:
+            problems.append(size)
+        if report.lesion_type != self.name:
+            problems.append(f"lesion_type={report.lesion_type!r} is not this catalog's type {self.name!r} "
+                            f"(pass --catalog {report.lesion_type} or fix lesion_type)")
         return problems
+
+    def size_problem(self, size_mm: Iterable[float]) -> str | None:
+        """Why ``size_mm`` lies outside this catalog's diameter range, or None.
+
+        Sizes enter from reports and ``--set``; bounding them here keeps every later allocation
+        (placement, crops, masks) bounded too.
+        """
+        size_mm = [float(v) for v in size_mm]
+        largest = max(size_mm)
+        # sampled sizes are rounded to 0.01 mm, so allow that much above max
+        if largest > self.size.max + 0.01 or largest < self.size.min - 0.01:
+            return (f"size_mm={size_mm}: largest extent {largest:g} mm is outside catalog {self.name}'s range "
+                    f"{self.size.min:g}-{self.size.max:g} mm ({self.path}: size_mm.min/max). Give a size in that "
+                    "range, or widen the catalog's size_mm range if such lesions are real.")
+        return None
 
 
 def _weighted_choice(rng: np.random.Generator, dom: Mapping[str, float]) -> str:

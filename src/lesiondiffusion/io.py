@@ -231,6 +231,22 @@ def load_nifti(path: str | os.PathLike, dtype: Any = None) -> tuple[np.ndarray, 
     return data, np.asarray(img.affine, dtype=np.float64), img.header
 
 
+def hu_problem(ct: np.ndarray) -> str | None:
+    """Why a CT volume does not look like Hounsfield units, or None.
+
+    Every CT field of view holds air (about -1000 HU) outside the body, in the lungs or the bowel; a
+    minimum above -200 means another scale (8-bit export 0-255, unrescaled 0-4095 storage, [0, 1]
+    normalisation), for which the catalogs' HU ranges would paint wrong lesions.
+    """
+    lo, hi = float(np.min(ct)), float(np.max(ct))
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        return "holds NaN or infinite values"
+    if lo > -200.0:
+        return (f"has values {lo:g} to {hi:g} ({np.asarray(ct).dtype}); a CT in Hounsfield units has air near "
+                "-1000 HU, so this looks like another scale (8-bit export, unrescaled storage or normalised)")
+    return None
+
+
 def save_nifti(
     path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, header: Any = None
 ) -> None:

@@ -219,6 +219,30 @@ def guess_version(labels: np.ndarray, affine: np.ndarray) -> tuple[str, str]:
     return version, "; ".join(f"{why} -> {v}" for v, why in votes)
 
 
+MAX_LABELS = 512  # TotalSegmentator's largest table has 117 classes; thousands of values mean an image
+
+
+def label_map_problem(labels: np.ndarray) -> str | None:
+    """Why an integer volume cannot be an organ label map (negative ids, too many distinct values), or None."""
+    lo, hi = int(labels.min()), int(labels.max())
+    if lo < 0:
+        return f"holds negative values (from {lo} to {hi})"
+    if hi >= MAX_LABELS and len(np.unique(labels)) > MAX_LABELS:
+        return f"holds more than {MAX_LABELS} distinct values (from {lo} to {hi})"
+    return None
+
+
+def looks_like_label_map(array: np.ndarray) -> bool:
+    """True for an integer-valued, non-negative volume with few distinct values (an organ map, not a CT)."""
+    a = np.asarray(array)
+    if not np.issubdtype(a.dtype, np.integer):
+        if not np.all(np.isfinite(a)) or not np.all(np.mod(a, 1) == 0):
+            return False
+    if a.min() < 0 or a.max() >= MAX_LABELS:
+        return False
+    return len(np.unique(a)) <= 128  # TotalSegmentator v2 has 117 classes + background
+
+
 def load_organ_map(path: str | Path, mapping: str | Mapping[str, Any] | Path = "auto") -> OrganMap:
     """Read an organ label map (NIfTI) and attach class names.
 
@@ -254,6 +278,13 @@ def organ_map_from_array(
                 "(TotalSegmentator output). Pass the segmentation, not the CT."
             )
         labels = labels.astype(np.int32)
+    if labels.ndim == 3:
+        problem = label_map_problem(labels)
+        if problem:
+            raise OrganMapError(
+                f"Organ label map {where} {problem}: it looks like a CT image, not a label map. Pass the "
+                "TotalSegmentator segmentation of the CT (if --ct and --organs are swapped, swap them)."
+            )
     if isinstance(mapping, Mapping):
         names, source = _mapping_from_obj(mapping, "<dict>"), "dict"
     else:

@@ -263,14 +263,18 @@ def vocabulary_phrases() -> list[str]:
 def _parse_size_mm(value: Any, source: str) -> tuple[float, float, float]:
     if isinstance(value, str):
         value = [p for p in re.split(r"[,\sx×]+", value.strip()) if p]
+    # no broadcasting of one number and no booleans (YAML true is 1): a size is read exactly as written
+    if isinstance(value, (bool, int, float)) or any(isinstance(v, bool) for v in value or ()):
+        raise ReportError(
+            f"{source}: size_mm must be a list of three numbers in mm (x, y, z), got {value!r}. "
+            "Example: size_mm: [22, 18, 20]."
+        )
     try:
         numbers = tuple(float(v) for v in value)
     except (TypeError, ValueError):
         raise ReportError(
             f"{source}: size_mm must be three numbers in mm (x, y, z), got {value!r}. Example: size_mm: [22, 18, 20]."
         ) from None
-    if len(numbers) == 1:
-        numbers = numbers * 3
     if len(numbers) != 3 or not all(math.isfinite(v) and v > 0 for v in numbers):
         raise ReportError(
             f"{source}: size_mm must be three positive finite numbers in mm (x, y, z), got {value!r}. "

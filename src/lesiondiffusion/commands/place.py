@@ -24,7 +24,7 @@ def _place(args: argparse.Namespace) -> int:
     import time
 
     from ..catalog import load_catalog
-    from ..errors import LesionDiffusionError
+    from ..errors import LesionDiffusionError, ReportError
     from ..io import refuse_overwrite_input, save_nifti, write_json
     from ..organs import load_organ_map
     from ..placement import box_mask, place_lesion
@@ -44,6 +44,10 @@ def _place(args: argparse.Namespace) -> int:
                 f"--mask-out {args.mask_out} already exists; pass --overwrite to replace it or choose another path.")
     report = LesionReport.from_yaml(args.report)
     catalog = load_catalog(args.catalog or report.lesion_type)
+    problems = catalog.check_report(report)
+    if problems:
+        raise ReportError(f"--report {args.report} does not fit catalog {catalog.name} ({catalog.path}):\n  "
+                          + "\n  ".join(problems))
     organs = load_organ_map(args.organs, args.mapping)
     t0 = time.perf_counter()
     box = place_lesion(organs, report, catalog, args.seed)

@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="draws per sample before it counts as failed: a new report when reports are sampled, a "
                         "new placement and noise otherwise (default 5)")
     p.add_argument("--no-preview", action="store_true", help="skip preview.png")
+    p.add_argument("--allow-non-hu", action="store_true",
+                   help="accept a CT whose values do not look like Hounsfield units (no air near -1000)")
     p.add_argument("--overwrite", action="store_true", help="replace existing sample folders in OUT")
     p.add_argument("-o", "--output", type=Path, required=True, metavar="OUT", help="output folder")
     p.set_defaults(func=_synthesize)
@@ -54,9 +56,9 @@ def _synthesize(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from ..catalog import load_catalog
-    from ..errors import LesionDiffusionError
-    from ..io import ensure_output_dir, load_nifti, refuse_overwrite_input, remove_stale_temporaries
-    from ..organs import load_organ_map
+    from ..errors import LesionDiffusionError, OrganMapError, ReportError
+    from ..io import ensure_output_dir, hu_problem, load_nifti, refuse_overwrite_input, remove_stale_temporaries
+    from ..organs import load_organ_map, looks_like_label_map
     from ..pipeline import LesionSynthesizer
     from ..report import LesionReport
     from .report import parse_fixed
@@ -91,12 +93,34 @@ def _synthesize(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     fixed = parse_fixed(args.fixed)
     if args.report is not None:
-        reports = [LesionReport.from_yaml(args.report)] * args.n
+        report = LesionReport.from_yaml(args.report)
+        problems = catalog.check_report(report)
+        if problems:
+            raise ReportError(f"--report {args.report} does not fit --catalog {args.catalog} ({catalog.path}):\n  "
+                              + "\n  ".join(problems))
+        reports = [report] * args.n
     else:
         reports = [catalog.sample(args.seed + i, fixed or None) for i in range(args.n)]
 
     ct, affine, header = load_nifti(args.ct)
-    organs = load_organ_map(args.organs, args.mapping)
+    try:
+        organs = load_organ_map(args.organs, args.mapping)
+    except OrganMapError as exc:
+        if "looks like a CT" in str(exc) and looks_like_label_map(ct):
+            raise OrganMapError(
+                f"--ct {args.ct} and --organs {args.organs} look swapped: --ct holds {len(np.unique(ct))} integer "
+                f"values from {ct.min():g} to {ct.max():g} (a label map) and --organs looks like a CT image. Pass "
+                "the CT as --ct and its TotalSegmentator map as --organs."
+            ) from None
+        raise
+    problem = hu_problem(ct)
+    if problem is not None and ("NaN" in problem or not args.allow_non_hu):
+        label_like = " It looks like a label map: is it the organ map?" if looks_like_label_map(ct) else ""
+        raise LesionDiffusionError(
+            f"--ct {args.ct} {problem}.{label_like} Lesion intensities come from the catalog in HU, so a CT "
+            "in another scale gets wrong lesions: convert it to HU (apply the scanner's rescale slope and "
+            "intercept), or pass --allow-non-hu if you know the intensities are what you want."
+        )
     if ct.shape != organs.shape:
         raise LesionDiffusionError(
             f"--organs {args.organs} has shape {organs.shape} but --ct {args.ct} has {ct.shape}; the label map must be "
