@@ -25,6 +25,7 @@ MODES = ("online", "offline")
 REFRESH = ("continuous", "once")
 ON_MISS = ("real", "wait")
 WORKERS = ("process", "thread")
+HU_CORRECTIONS = ("off", "shift", "clip")  # the pipeline's SynthesisConfig.hu_correction values
 
 EXAMPLE = """\
 # lesiondiffusion.yaml (beside the dataset's preprocessed folder, or $LESIONDIFFUSION_CONFIG)
@@ -32,6 +33,7 @@ generator:
   backend: lesiondiffusion        # lesiondiffusion (default) | rule_based (baseline, no weights)
   bundle: /path/to/bundle         # model bundle folder (lesiondiffusion backend)
   device: cuda                    # where the generator runs: cpu | cuda | cuda:N
+  hu_correction: shift            # lesion mean outside the catalog's HU range: shift | clip | off
 catalogs:
   - name: kidney_tumor            # built-in catalog name or path to a catalog YAML
     weight: 1.0                   # relative sampling weight
@@ -56,6 +58,7 @@ class GeneratorConfig:
     backend: str = "lesiondiffusion"
     bundle: str | None = None
     device: str = "cpu"
+    hu_correction: str = "shift"     # off | shift | clip (lesiondiffusion backend; see pipeline.correct_hu)
     options: dict[str, Any] = field(default_factory=dict)   # extra kwargs for the backend
 
     def device_for_rank(self, local_rank: int | None) -> str:
@@ -204,6 +207,13 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
         raise _err(p, "generator.device", g.device, "Use 'cpu', 'cuda' or 'cuda:N'.")
     if not isinstance(g.options, dict):
         raise _err(p, "generator.options", g.options, "Use a mapping of keyword arguments for the backend.")
+    if g.hu_correction not in HU_CORRECTIONS:
+        raise _err(p, "generator.hu_correction", g.hu_correction,
+                   f"Use one of: {', '.join(HU_CORRECTIONS)} (shift: move the lesion mean into the catalog's HU range, "
+                   "clip: clip lesion voxels into it, off: keep the model's intensities).")
+    if "hu_correction" in g.options:
+        raise _err(p, "generator.options.hu_correction", g.options["hu_correction"],
+                   "Set it once, as generator.hu_correction.")
     if cfg.mode not in MODES:
         raise _err(p, "mode", cfg.mode, f"Use one of: {', '.join(MODES)}.")
     if g.backend == "lesiondiffusion" and cfg.mode == "online":

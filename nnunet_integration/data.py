@@ -251,7 +251,8 @@ def build_generator(config: LesionDiffusionConfig, device: str | None = None) ->
     except ImportError as exc:
         raise LesionDiffusionError(f"The LesionDiffusion backend is unavailable ({exc}). Reinstall the package, or set "
                                    f"'generator: {{backend: rule_based}}' in {config.source} to use the baseline.") from exc
-    return LesionSynthesizer.from_bundle(os.path.expandvars(str(g.bundle)), device=device or g.device, **g.options)
+    return LesionSynthesizer.from_bundle(os.path.expandvars(str(g.bundle)), device=device or g.device,
+                                         hu_correction=g.hu_correction, **g.options)
 
 
 class SyntheticCaseFactory:

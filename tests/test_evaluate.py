@@ -137,6 +137,14 @@ def test_alignment_cli_on_tiny_bundle(tmp_path, phantom_case):
     for s in ok:  # successful lesions carry finite measurements
         assert 0 < float(s["volume_mm3"])
         assert math.isfinite(float(s["lesion_hu_mean"]))
+    # no HU correction: the untrained bundle's lesions are not moved into the prompts' catalog ranges
+    dens = [s for s in ok if s["group"] == "density"]
+
+    def outside(s):  # outside the prompt's range under every enhancement status (csv has no enhancement)
+        ranges = [cat.hu_range(s["prompt"], e) for e in cat.domain("enhancement")]
+        return not any(lo - 1 <= float(s["lesion_hu_mean"]) <= hi + 1 for lo, hi in ranges)
+
+    assert dens and any(outside(s) for s in dens)
     assert (out / "alignment.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "group" in r.stdout and "shape" in r.stdout and "density" in r.stdout
 

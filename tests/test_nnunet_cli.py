@@ -76,6 +76,7 @@ def _cfg(**over):
     (_cfg(store={"sise": 4}), "store.sise", "allowed keys under 'store'"),
     (_cfg(synthetic_probability=1.5), "synthetic_probability", "between 0.0 and 1.0"),
     (_cfg(mode="sometimes"), "mode", "online, offline"),
+    (_cfg(generator={"backend": "rule_based", "hu_correction": "yes"}), "generator.hu_correction", "off, shift, clip"),
     (_cfg(catalogs=[]), "catalogs", "at least one catalog"),
     (_cfg(generator={"backend": "gan"}), "generator.backend", "lesiondiffusion, rule_based"),
     (_cfg(templates={"folders": ["/nonexistent/x"]}), "templates.folders[0]", "organsTr"),
@@ -93,6 +94,8 @@ def test_defaults_and_file_lookup(tmp_path, monkeypatch):
     cfg = config_from_dict(_cfg(), "x.yaml")
     assert cfg.store.reuse == 8 and cfg.store.size == 32 and cfg.mode == "online"
     assert cfg.schedule.pretrain_fraction == 0.5 and cfg.catalogs[0].weight == 1.0
+    assert cfg.generator.hu_correction == "shift"
+    assert config_from_dict(_cfg(generator={"backend": "rule_based", "hu_correction": "off"})).generator.hu_correction == "off"
     assert yaml.safe_load(cfg.to_yaml())["generator"]["backend"] == "rule_based"
     monkeypatch.delenv("LESIONDIFFUSION_CONFIG", raising=False)
     assert config_path_for(tmp_path) == tmp_path / "lesiondiffusion.yaml"

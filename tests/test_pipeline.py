@@ -160,3 +160,51 @@ def test_crop_geometry_resamples_and_grows_with_the_lesion(scene, synth):
     assert small.image_size == (32, 32, 32) and small.mask_size == (16, 16, 16)
     assert all(b > s for b, s in zip(big.image_size, small.image_size))
     assert all(s % 8 == 0 for s in big.image_size) and all(s % 4 == 0 for s in big.mask_size)
+
+
+def test_hu_correction_off_shift_clip(scene, results):
+    ct, organs, bundle, catalog, reports = scene
+    out = {mode: LesionSynthesizer(bundle, "cpu", SynthesisConfig(ddim_steps=2, hu_correction=mode))(
+        ct, organs, reports[:1], catalog, seed=0)[0] for mode in ("off", "clip")}
+    assert all(r.ok for r in out.values())
+    off, clip = out["off"], out["clip"]
+    shift = results[0]  # the default is shift; lesion 0 does not depend on the rest of its batch
+    mask = off.lesion_mask.astype(bool)
+    assert np.array_equal(mask, shift.lesion_mask.astype(bool))  # same seed: same mask, only intensities differ
+    # off: the model's own mean, nothing moved
+    assert "hu_shift" not in off.info and abs(off.image[mask].mean() - off.info["generated_mean_hu"]) < 1.0
+    lo, hi = shift.info["hu_range"]
+    assert shift.info["generated_mean_hu"] == pytest.approx(off.info["generated_mean_hu"], abs=1e-3)
+    assert lo - 1 <= shift.image[mask].mean() <= hi + 1
+    acted = not (lo <= off.info["generated_mean_hu"] <= hi)
+    assert shift.info["hu_corrected"] == acted and acted  # the random tiny bundle misses the range
+    # the blend ring moved with the lesion: the change is the shift times the ring's blend weight (> 0)
+    ring = (off.image != ct) & ~mask
+    diff = shift.image[ring].astype(float) - off.image[ring]
+    assert np.all(np.sign(diff[np.abs(diff) > 1]) == np.sign(shift.info["hu_shift"]))
+    assert clip.image[mask].min() >= lo - 0.5 and clip.image[mask].max() <= hi + 0.5
+    with pytest.raises(Exception, match="hu_correction"):
+        SynthesisConfig(hu_correction="yes")
+
+
+def test_shifted_lesion_leaves_no_halo_in_the_blend_ring():
+    """A model whose output is biased everywhere (as measured: brain rings of -12..3 HU in 35-41 HU brain):
+    the shift that brings the lesion into range is applied to the ring too, so the ring stays at the CT."""
+    from lesiondiffusion.pipeline import blend, correct_hu
+
+    rng = np.random.default_rng(0)
+    orig = (38 + rng.normal(0, 2, (24, 24, 24))).astype(np.float32)
+    mask = np.sum((np.indices(orig.shape) - 11.5) ** 2, axis=0) <= 6 ** 2
+    bias = -45.0
+    gen = orig + bias
+    gen[mask] = 55 + bias + rng.normal(0, 3, int(mask.sum()))  # a hyperdense lesion, 45 HU too dark
+    corrected, info = correct_hu(gen, mask, (50.0, 90.0), "shift")
+    assert info["hu_corrected"] and info["generated_mean_hu"] < 50 and info["corrected_mean_hu"] == pytest.approx(50, abs=0.01)
+    out, changed = blend(orig, corrected, mask, 1, 0.7, (-1024, 3071))
+    ring = changed & ~mask
+    assert ring.sum() > 100
+    assert np.abs(out[ring] - orig[ring]).max() < 6.0  # within a few HU of the original CT there
+    # the lesion-only shift of before left a dark halo
+    old = gen + np.float32(info["hu_shift"]) * mask
+    halo, _ = blend(orig, old, mask, 1, 0.7, (-1024, 3071))
+    assert (halo[ring] - orig[ring]).mean() < -10

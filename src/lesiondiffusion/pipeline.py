@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 # may leave the organ but must overlap it as ``placement.organ_fraction_rule`` says (the same rule
 # placement applied to the box).
 INSIDE_ORGAN = ("within_parenchyma", "lumen")
+HU_CORRECTIONS = ("off", "shift", "clip")
 
 
 @dataclass
@@ -55,13 +56,21 @@ class SynthesisConfig:
     blend_dilation: int = 1  # voxels: the region that may change is the mask dilated this much
     feather_sigma: float = 0.7  # voxels: soft weight in the dilation ring (1 inside the mask)
     hu_clip: tuple[float, float] = (-1024.0, 3071.0)  # valid CT range applied to changed voxels
-    enforce_hu_range: bool = True  # shift a lesion whose mean HU leaves the catalog's density range
+    # what to do when the lesion's mean HU leaves the catalog's range for its density: "off" keeps what the
+    # model made (evaluation), "shift" moves the whole generated patch so the mean reaches the nearest bound
+    # (texture kept), "clip" clips lesion voxels into the range (the surroundings move by the mean change)
+    hu_correction: str = "shift"
     batch_size: int = 8  # lesions per network batch
     use_crop: bool = True  # False: run on the whole volume (benchmark of the crop's benefit)
     amp: bool = True  # bf16 (or fp16) autocast for the diffusion networks on CUDA
     on_failure: str = "result"  # "result": failed lesions come back with .failure; "raise": SynthesisError
 
     def __post_init__(self) -> None:
+        if self.hu_correction not in HU_CORRECTIONS:
+            raise LesionDiffusionError(
+                f"hu_correction={self.hu_correction!r}: use one of {', '.join(HU_CORRECTIONS)} (off keeps the model's "
+                "intensities, shift moves the lesion mean into the catalog's range, clip clips lesion voxels)."
+            )
         if self.on_failure not in ("result", "raise"):
             raise LesionDiffusionError(f"on_failure={self.on_failure!r}: use 'result' or 'raise'.")
         if self.max_retries < 0 or self.batch_size < 1 or self.blend_dilation < 0:
@@ -437,24 +446,20 @@ class LesionSynthesizer:
         region, mask = it.region, it.mask
         assert region is not None and mask is not None
         gen = it.info.pop("generated")
-        lesion = gen[mask]
-        if cfg.enforce_hu_range:
+        if cfg.hu_correction != "off":
             # the catalog's HU interval defines the density label; a lesion whose mean leaves it would
-            # train the segmenter on a mislabelled density, so shift it (texture kept) to the interval
+            # train the segmenter on a mislabelled density (off: keep what the model made, e.g. to evaluate it)
             try:
                 lo, hi = it.catalog.hu_range(it.report.density, it.report.enhancement)
             except LesionDiffusionError as exc:  # free-text density or a catalog without that range
                 it.info["hu_range_skipped"] = str(exc)
             else:
-                mean = float(lesion.mean())
-                shift = (lo - mean) if mean < lo else (hi - mean) if mean > hi else 0.0
-                gen = gen + np.float32(shift) * mask
-                it.info.update(hu_range=[lo, hi], generated_mean_hu=mean, hu_shift=shift)
-        changed = ndimage.binary_dilation(mask, iterations=cfg.blend_dilation) if cfg.blend_dilation else mask.copy()
-        weight = ndimage.gaussian_filter(mask.astype(np.float32), cfg.feather_sigma) if cfg.feather_sigma > 0 else mask.astype(np.float32)
-        weight = np.where(mask, 1.0, np.clip(weight, 0.0, 1.0)) * changed
+                gen, correction = correct_hu(gen, mask, (lo, hi), cfg.hu_correction)
+                it.info.update(correction)
+        else:
+            it.info.update(hu_correction="off", generated_mean_hu=float(gen[mask].mean()))
         orig = ct[region].astype(np.float32)
-        blended = np.clip(weight * gen + (1.0 - weight) * orig, *cfg.hu_clip)
+        blended, changed = blend(orig, gen, mask, cfg.blend_dilation, cfg.feather_sigma, cfg.hu_clip)
         if not np.isfinite(blended[changed]).all():
             return SynthesisResult(None, None, it.report, it.box, failure="blended image has NaN/inf values", info=it.info)
         image = ct.copy()
@@ -469,6 +474,44 @@ class LesionSynthesizer:
         lesion_mask[region] = mask.astype(np.uint8)
         it.info.update(changed_voxels=int(changed.sum()), lesion_voxels=int(mask.sum()))
         return SynthesisResult(image=image, lesion_mask=lesion_mask, report=it.report, box=it.box, info=it.info)
+
+
+def blend(orig: np.ndarray, gen: np.ndarray, mask: np.ndarray, dilation: int, sigma: float,
+          hu_clip: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """Blend ``gen`` into ``orig``: weight 1 inside ``mask``, a Gaussian-feathered weight in the ring of
+    ``dilation`` voxels around it, 0 beyond; returns the blended patch and the voxels that may change."""
+    changed = ndimage.binary_dilation(mask, iterations=dilation) if dilation else mask.copy()
+    weight = ndimage.gaussian_filter(mask.astype(np.float32), sigma) if sigma > 0 else mask.astype(np.float32)
+    weight = np.where(mask, 1.0, np.clip(weight, 0.0, 1.0)) * changed
+    return np.clip(weight * gen + (1.0 - weight) * orig, *hu_clip), changed
+
+
+def correct_hu(gen: np.ndarray, mask: np.ndarray, hu_range: tuple[float, float], mode: str) -> tuple[np.ndarray, dict[str, Any]]:
+    """Bring the generated lesion's mean HU into ``hu_range``; returns the corrected patch and what was done.
+
+    ``shift`` adds one offset to the whole patch (lesion, blend ring and all), so the ring that is blended
+    with the original CT moves with the lesion and no halo of uncorrected model output remains. ``clip``
+    clips lesion voxels into the range and moves the rest of the patch by the resulting change of the
+    lesion mean. The info records the mode, the range, the pre-correction mean and the applied shift.
+    """
+    lo, hi = float(hu_range[0]), float(hu_range[1])
+    mean = float(gen[mask].mean())
+    info: dict[str, Any] = {"hu_correction": mode, "hu_range": [lo, hi], "generated_mean_hu": mean}
+    if mode == "shift":
+        shift = (lo - mean) if mean < lo else (hi - mean) if mean > hi else 0.0
+        out = gen + np.float32(shift)
+    elif mode == "clip":
+        out = gen.copy()
+        out[mask] = np.clip(gen[mask], lo, hi)
+        info["clipped_fraction"] = float(np.mean((gen[mask] < lo) | (gen[mask] > hi)))
+        shift = float(out[mask].mean()) - mean
+        out[~mask] = gen[~mask] + np.float32(shift)
+    else:
+        raise LesionDiffusionError(f"hu correction {mode!r}: use one of {', '.join(HU_CORRECTIONS)}.")
+    info["hu_shift"] = float(shift)
+    info["corrected_mean_hu"] = float(out[mask].mean())
+    info["hu_corrected"] = bool(shift != 0.0 or info.get("clipped_fraction", 0.0) > 0)
+    return out.astype(np.float32, copy=False), info
 
 
 def _forward_region(geo: CropGeometry | None, values: np.ndarray, region: tuple[slice, ...] | None) -> np.ndarray:
@@ -488,4 +531,4 @@ def _forward_region(geo: CropGeometry | None, values: np.ndarray, region: tuple[
     return (out >= 0.5).astype(np.float32)
 
 
-__all__ = ["LesionSynthesizer", "SynthesisConfig", "CropGeometry"]
+__all__ = ["LesionSynthesizer", "SynthesisConfig", "CropGeometry", "correct_hu", "blend", "HU_CORRECTIONS"]

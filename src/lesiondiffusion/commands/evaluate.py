@@ -97,8 +97,10 @@ def run_alignment(args: argparse.Namespace) -> int:
             raise LesionDiffusionError("--bundle DIR is required for the lesiondiffusion backend.")
         from lesiondiffusion.pipeline import LesionSynthesizer
 
+        # the density half measures what the model makes: a catalog HU correction would move every
+        # lesion into the prompt's range and measure the catalog instead
         overrides = {"ddim_steps": args.ddim_steps} if args.ddim_steps else {}
-        generator = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
+        generator = LesionSynthesizer.from_bundle(args.bundle, device=args.device, hu_correction="off", **overrides)
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     bad = [g for g in groups if g not in ("shape", "density")]
     if bad or not groups:

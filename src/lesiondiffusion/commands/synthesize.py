@@ -32,6 +32,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
     p.add_argument("--batch-size", type=int, default=4, help="lesions per network batch (default 4)")
     p.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
+    p.add_argument("--hu-correction", choices=("off", "shift", "clip"), default="shift",
+                   help="when the lesion's mean HU leaves the catalog's range for its density: shift the generated "
+                        "patch into it (default), clip lesion voxels into it, or off (keep the model's intensities); "
+                        "a correction that acts is printed with the pre-correction mean")
     p.add_argument("--max-tries", type=int, default=5, metavar="N",
                    help="draws per sample before it counts as failed: a new report when reports are sampled, a "
                         "new placement and noise otherwise (default 5)")
@@ -131,7 +135,7 @@ def _synthesize(args: argparse.Namespace) -> int:
             f"--organs {args.organs} and --ct {args.ct} have different affines; they must share one voxel grid "
             "(resample the label map to the CT with nearest-neighbour interpolation)."
         )
-    overrides = {"batch_size": args.batch_size}
+    overrides = {"batch_size": args.batch_size, "hu_correction": args.hu_correction}
     if args.ddim_steps is not None:
         overrides["ddim_steps"] = args.ddim_steps
     if args.guidance is not None:
@@ -164,6 +168,7 @@ def _synthesize(args: argparse.Namespace) -> int:
                     tries[i] = attempt + 1
                     if result.ok:
                         result.info["tries"] = attempt + 1
+                        _say_hu_correction(i, result)
                         _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
                         written += 1
                         bar.update(1)
@@ -187,6 +192,20 @@ def _synthesize(args: argparse.Namespace) -> int:
     print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed after {args.max_tries} tries "
                                                  f"(see {out / 'failures.yaml'})" if failed else ""))
     return 0 if not failed else 1
+
+
+def _say_hu_correction(i: int, result) -> None:  # noqa: ANN001
+    """One line when the HU correction changed what the model made (report.yaml keeps the figures)."""
+    info = result.info
+    if not info.get("hu_corrected"):
+        return
+    lo, hi = info["hu_range"]
+    r = result.report
+    extra = f", {info['clipped_fraction']:.0%} of lesion voxels clipped" if "clipped_fraction" in info else ""
+    print(f"sample {i:03d}: HU correction {info['hu_correction']}: the generated lesion mean "
+          f"{info['generated_mean_hu']:.1f} HU lies outside the catalog's [{lo:g}, {hi:g}] HU for {r.density!r} "
+          f"under {r.enhancement!r}; now {info['corrected_mean_hu']:.1f} HU (shift {info['hu_shift']:+.1f} HU{extra}). "
+          "Use --hu-correction off to keep the model's intensities.")
 
 
 def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) -> None:  # noqa: ANN001
