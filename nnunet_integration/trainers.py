@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from nnunetv2.paths import nnUNet_raw
@@ -63,9 +64,17 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         self.ld_probability = mp.get_context("spawn").Value("d", 0.0)
         self.ld_phase: str | None = None
         self._ld_stats_prev = StoreStats()
+        self.ld_last_stats: StoreStats | None = None   # the last epoch's store statistics (all ranks)
         self._ld_train_dataset: MixedDataset | None = None
 
     # ------------------------------------------------------------------ configuration and schedule
+    @property
+    def ld_rank_world(self) -> tuple[int, int]:
+        """(rank, world size) under ``nnUNetv2_train -num_gpus N`` (DDP); (0, 1) in a single process."""
+        if self.is_ddp:
+            return dist.get_rank(), dist.get_world_size()
+        return 0, 1
+
     @property
     def pretrain_epochs(self) -> int:
         if self.synthetic_only:
@@ -91,6 +100,8 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
 
     def _save_config(self) -> None:
         assert self.ld_config is not None
+        if self.local_rank != 0:  # one writer per output folder under DDP
+            return
         text = f"# lesiondiffusion config used by {self.__class__.__name__} (from {self.ld_config.source})\n"
         text += self.ld_config.to_yaml()
         target = Path(self.output_folder) / CONFIG_FILENAME
@@ -130,15 +141,22 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
                               "nnUNet_raw (templates are read in HU with their organsTr maps) or list templates.folders "
                               "and set dataset_healthy: false.")
         tr_keys, _ = self.do_split()
+        # one producer per DDP rank: on the rank's own GPU for 'cuda', or the dedicated 'cuda:N' of the YAML
+        rank, world = self.ld_rank_world
+        device = cfg.generator.device_for_rank(self.local_rank if self.is_ddp else None)
         spec = FactorySpec(
             config=cfg, plans=deepcopy(self.plans_manager.plans), configuration=self.configuration_name,
             dataset_json=self.dataset_json, dataset_name=self.plans_manager.dataset_name,
             preprocessed_folder=self.preprocessed_dataset_folder,
-            raw_folder=raw_folder, identifiers=list(tr_keys), crop_size=crop)
+            raw_folder=raw_folder, identifiers=list(tr_keys), crop_size=crop, device=device)
+        base = cfg.seed + 1000003 * self.current_epoch
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,
-                                    seed=cfg.seed + 1000003 * self.current_epoch).start()
+                                    seed=base + rank, stride=world).start()
         self.ld_counters = self.ld_store.counters
+        if world > 1:
+            self.print_to_log_file(f"LesionDiffusion: rank {rank} of {world} has its own producer, generator on "
+                                   f"{device}, seeds {base + rank} + {world} k (rank r: {base} + r + {world} k)")
         if cfg.store.warmup:
             got = self.ld_store.wait_for(cfg.store.warmup, cfg.store.warmup_timeout_s)
             self.print_to_log_file(f"LesionDiffusion: store warm-up reached {got}/{cfg.store.warmup} cases")
@@ -188,13 +206,24 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
 
     def on_train_epoch_end(self, train_outputs):
         super().on_train_epoch_end(train_outputs)
+        self._ld_log_store_stats()
+
+    def _ld_log_store_stats(self) -> None:
+        """Log this epoch's store statistics, summed over the DDP ranks (a collective: every rank calls it)."""
         if self.ld_counters is None:
             return
         now = self.ld_store.stats() if self.ld_store is not None else self.ld_counters.snapshot()
         delta = now.minus(self._ld_stats_prev)
         self._ld_stats_prev = now
+        rank, world = self.ld_rank_world
+        if world > 1:  # every rank has its own producer and counters: log their sum
+            parts: list[Any] = [None] * world
+            dist.all_gather_object(parts, delta)
+            delta = StoreStats.total(parts)
         if delta.requests or self.ld_phase != "finetune":
-            self.print_to_log_file(f"LesionDiffusion store ({self.ld_phase}): {delta.summary()}")
+            ranks = f", sum over {world} ranks" if world > 1 else ""
+            self.print_to_log_file(f"LesionDiffusion store ({self.ld_phase}{ranks}): {delta.summary()}")
+        self.ld_last_stats = delta
 
     def on_train_end(self):
         try:

@@ -117,3 +117,13 @@ def test_cache_build_cli_reports_bad_input(tmp_path, monkeypatch, capsys):
     assert main(["cache", "build", "--config", str(cfg), "--dataset", "Dataset999_Nope", "-n", "2"]) == 2
     assert "nnUNetv2_plan_and_preprocess" in capsys.readouterr().err
     assert main(["cache", "build", "--config", str(cfg), "--dataset", "Dataset999_Nope", "-n", "0"]) == 2
+
+
+def test_generator_device_per_ddp_rank():
+    """'cuda' follows the rank's own GPU; 'cuda:N' is a dedicated generator GPU for every rank; cpu stays."""
+    from lesiondiffusion.nnunet_integration.config import GeneratorConfig
+
+    assert GeneratorConfig(device="cuda").device_for_rank(3) == "cuda:3"
+    assert GeneratorConfig(device="cuda").device_for_rank(None) == "cuda"
+    assert GeneratorConfig(device="cuda:7").device_for_rank(3) == "cuda:7"
+    assert GeneratorConfig(device="cpu").device_for_rank(1) == "cpu"

@@ -330,3 +330,64 @@ def test_resume_rebuilds_the_store_for_the_checkpoint_phase(trainer_factory):
     synth.load_checkpoint(str(ckpt))
     synth.on_train_start()
     assert synth.ld_store is not None and synth.ld_store.stats().produced >= 1
+
+
+def _ddp_rank(rank: int, world: int, root: str, cfg: str, init_file: str, out: str) -> None:
+    """One DDP rank on CPU (gloo): what nnUNetv2_train -num_gpus N runs per GPU, up to the CUDA-only parts."""
+    os.environ.update({k: v for k, v in _env(Path(root)).items() if k.startswith("nnUNet")})
+    os.environ["LESIONDIFFUSION_CONFIG"] = cfg
+    import torch
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    from lesiondiffusion.nnunet_integration import trainers
+
+    pre = Path(root) / "pre" / DS
+    plans = json.loads((pre / "nnUNetPlans.json").read_text())
+    plans["continue_training"] = False
+    dataset_json = json.loads((pre / "dataset.json").read_text())
+    tr = trainers.nnUNetTrainerLesionDiffusion_smoke(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    if rank == 0:
+        tr.do_split()  # writes splits_final.json once before the other rank reads it
+    dist.barrier()
+    try:
+        tr._ld_setup()
+        client = tr.ld_store.client(on_miss="wait")
+        seeds = [client.draw().meta["seed"] for _ in range(3)]
+        tr.ld_phase = "pretrain"
+        tr._ld_log_store_stats()
+        per_rank: list = [None] * world
+        dist.all_gather_object(per_rank, {"rank_world": tr.ld_rank_world, "seeds": seeds,
+                                          "own": tr.ld_store.stats().fresh, "sum": tr.ld_last_stats.fresh})
+        if rank == 0:
+            Path(out).write_text(json.dumps({"ranks": per_rank, "log": Path(tr.log_file).read_text()}))
+    finally:
+        tr._ld_shutdown()
+        dist.destroy_process_group()
+
+
+def test_ddp_ranks_own_producers_with_disjoint_seeds_and_summed_stats(nnunet_root, tmp_path):
+    """Two DDP processes (gloo on CPU; nnU-Net's own -num_gpus path needs CUDA/NCCL): each rank starts
+    its own producer with its own seed stream, and the store statistics in the log are summed over ranks."""
+    import multiprocessing as mp
+
+    cfg = _write_config(tmp_path / "ld.yaml", store={"size": 4, "reuse": 1, "warmup": 0})
+    out = tmp_path / "out.json"
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_ddp_rank, args=(r, 2, str(nnunet_root), str(cfg), str(tmp_path / "pg"), str(out)))
+             for r in range(2)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(240)
+        assert proc.exitcode == 0
+    res = json.loads(out.read_text())
+    ranks = res["ranks"]
+    assert [r["rank_world"] for r in ranks] == [[0, 2], [1, 2]]
+    base = 0  # seed 0, epoch 0: rank r synthesises seeds r, r + 2, r + 4, ...
+    for r, info in enumerate(ranks):
+        assert all((s - base) % 2 == r for s in info["seeds"]), info
+    assert not set(ranks[0]["seeds"]) & set(ranks[1]["seeds"])
+    assert ranks[0]["sum"] == ranks[1]["sum"] == ranks[0]["own"] + ranks[1]["own"] >= 6
+    assert "LesionDiffusion: rank 0 of 2 has its own producer, generator on cpu" in res["log"]
+    assert "LesionDiffusion store (pretrain, sum over 2 ranks): hit rate 100.0% (fresh 6" in res["log"]

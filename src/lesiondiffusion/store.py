@@ -99,6 +99,13 @@ class StoreStats:
     def hit_rate(self) -> float:
         return (self.fresh + self.reused) / self.requests if self.requests else float("nan")
 
+    @classmethod
+    def total(cls, parts: "list[StoreStats]") -> "StoreStats":
+        """Counters summed over stores (the DDP ranks' producers); ``queued`` too when every part knows it."""
+        vals = {k: sum(getattr(p, k) for p in parts) for k in _COUNTER_NAMES}
+        queued = -1 if any(p.queued < 0 for p in parts) else sum(p.queued for p in parts)
+        return cls(**vals, queued=queued)
+
     def minus(self, other: "StoreStats") -> "StoreStats":
         vals = {k: getattr(self, k) - getattr(other, k) for k in _COUNTER_NAMES}
         return StoreStats(**vals, queued=self.queued)
@@ -128,7 +135,7 @@ class SharedCounters:
 
 def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop: Any, crashed: Any, done: Any,
                    err_q: Any, counters: SharedCounters, seed: int, limit: int | None,
-                   max_consecutive_failures: int, spool: str, nice: int = 0) -> None:
+                   max_consecutive_failures: int, spool: str, nice: int = 0, stride: int = 1) -> None:
     """Runs in the producer process/thread: build the factory once, then keep the queue full."""
     factory = None
     try:
@@ -138,7 +145,8 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
         made, consecutive, i = 0, 0, 0
         reasons: dict[str, int] = {}
         while not stop.is_set() and (limit is None or made < limit):
-            case, reason = factory(seed + i)
+            case_seed = seed + i * stride  # stride = DDP world size: ranks draw disjoint seed streams
+            case, reason = factory(case_seed)
             i += 1
             if case is not None:
                 reason = validate_case(case)
@@ -154,7 +162,7 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
                         "contain the organs the catalogs need and that the generator works on them.")
                 continue
             consecutive = 0
-            path = os.path.join(spool, f"case_{seed + i - 1}.npz")
+            path = os.path.join(spool, f"case_{case_seed}.npz")
             save_case(Path(path), case)
             while not stop.is_set():
                 try:
@@ -195,10 +203,12 @@ class SampleStore:
     ``factory_builder`` must be picklable for ``worker="process"`` (it runs in a spawned process,
     which also keeps the generator's memory and GIL out of the training process). ``refresh="once"``
     stops the producer after ``size`` cases; the clients then recycle those cases without a limit.
+    The producer synthesises seeds ``seed, seed + stride, seed + 2 * stride, ...``: DDP rank r of W
+    passes ``seed = base + r`` and ``stride = W``, so no two ranks ever produce the same case.
     """
 
     def __init__(self, factory_builder: Callable[[], CaseFactory], *, size: int = 32, reuse: int = 8,
-                 refresh: str = "continuous", worker: str = "process", seed: int = 0,
+                 refresh: str = "continuous", worker: str = "process", seed: int = 0, stride: int = 1,
                  max_consecutive_failures: int = 50, nice: int = 0) -> None:
         self.size, self.reuse, self.refresh, self.worker = size, reuse, refresh, worker
         self._ctx = mp.get_context("spawn")
@@ -209,7 +219,7 @@ class SampleStore:
         self._err_q = self._ctx.Queue()
         self.counters = SharedCounters(self._ctx)
         self._builder = factory_builder
-        self._seed = seed
+        self._seed, self._stride = seed, max(1, int(stride))
         self._max_fail = max_consecutive_failures
         self._nice = nice
         self._runner: Any = None
@@ -220,7 +230,8 @@ class SampleStore:
 
     def start(self) -> "SampleStore":
         args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
-                self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool, self._nice)
+                self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool, self._nice,
+                self._stride)
         if self.worker == "thread":
             self._runner = threading.Thread(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
         else:
