@@ -355,3 +355,111 @@ def test_placement_memory_is_bounded_by_the_organ_not_the_size(world: World) -> 
     assert peak < 64 * 2**20, f"placement peaked at {peak / 2**20:.0f} MiB"
     if box:
         assert max(box.size_mm) < 120 and box.measures["shrink"] < 0.05
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. the offline cache: identity by content and options, per-file size + sha256
+
+def _tiny_case(seed: int):
+    from lesiondiffusion.store import SyntheticCase
+
+    rng = np.random.default_rng(seed)
+    seg = np.zeros((1, 6, 6, 6), np.int16)
+    seg[0, 2:4, 2:4, 2:4] = 1
+    return SyntheticCase(f"s{seed}", rng.standard_normal((1, 6, 6, 6)).astype(np.float32), seg,
+                         {"class_locations": {1: np.argwhere(seg > 0)}}, {"seed": seed}), None
+
+
+def _identity(bundle: Path, **changes):
+    from lesiondiffusion.commands.cache import generator_identity
+    from lesiondiffusion.nnunet_integration.config import config_from_dict
+
+    raw = {"generator": {"backend": "lesiondiffusion", "bundle": str(bundle), "options": {"ddim_steps": 10}},
+           "catalogs": [{"name": "kidney_tumor"}], "templates": {"dataset_healthy": True}, "seed": 0}
+    for key, value in changes.items():
+        section, _, sub = key.partition(".")
+        if sub:
+            raw[section] = {**raw[section], sub: value}
+        else:
+            raw[section] = value
+    return {"plans": "p", **generator_identity(config_from_dict(raw, "test.yaml"))}
+
+
+def _reinit_bundle(b: Path) -> dict:
+    shutil.rmtree(b)
+    assert main(["bundle", "init", "--preset", "tiny", "-o", str(b), "--encoder", "hashing:64", "--seed", "1"]) == 0
+    return {}
+
+
+def _user_catalog(b: Path) -> dict:
+    from lesiondiffusion.catalog import load_catalog
+
+    path = b.parent / "kidney_tumor.yaml"
+    text = load_catalog("kidney_tumor").path.read_text()
+    path.write_text(text.replace("median: 35", "median: 40"))
+    return {"catalogs": [{"name": str(path)}]}
+
+
+IDENTITY_CHANGES = [
+    ("bundle-reinitialised", _reinit_bundle, "bundle_sha256"),
+    ("ddim-steps", lambda b: {"generator.options": {"ddim_steps": 50}}, "generator_options.ddim_steps"),
+    ("guidance-added", lambda b: {"generator.options": {"ddim_steps": 10, "guidance_scale": 4.0}},
+     "generator_options.guidance_scale"),
+    ("backend", lambda b: {"generator.backend": "rule_based"}, "backend"),
+    ("seed", lambda b: {"seed": 7}, "seed"),
+    ("catalog-edited", _user_catalog, "catalogs"),
+    ("catalog-weight", lambda b: {"catalogs": [{"name": "kidney_tumor", "weight": 2.0}]}, "catalogs"),
+    ("template-mapping", lambda b: {"templates": {"dataset_healthy": True, "organ_mapping": "v1"}},
+     "templates.organ_mapping"),
+]
+
+
+@pytest.mark.parametrize("name,change,key", IDENTITY_CHANGES, ids=[c[0] for c in IDENTITY_CHANGES])
+def test_resumed_cache_refuses_a_changed_generator(name, change, key, world: World, tmp_path: Path) -> None:
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.store import OfflineCache
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(world.bundle, bundle)
+    root = tmp_path / "cache"
+    OfflineCache(root, _identity(bundle)).build(_tiny_case, 2, progress=False)
+    before = _hashes(root)
+    with pytest.raises(LesionDiffusionError) as err:
+        OfflineCache(root, _identity(bundle, **change(bundle))).build(_tiny_case, 3, progress=False)
+    assert key in str(err.value) and "mix cases" in str(err.value)
+    assert _hashes(root) == before  # nothing was added to the old cache
+    # the unchanged settings still resume (the bundle is only equal by content when unchanged)
+    if name != "bundle-reinitialised":
+        assert OfflineCache(root, _identity(bundle)).build(_tiny_case, 3, progress=False)["n_cases"] == 3
+
+
+def test_damaged_cache_files_are_rebuilt_on_resume_and_refused_by_the_reader(tmp_path: Path) -> None:
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.store import OfflineCache, OfflineCacheReader
+
+    root = tmp_path / "cache"
+    manifest = OfflineCache(root, {"plans": "p"}).build(_tiny_case, 3, progress=False)
+    assert all(len(c["sha256"]) == 64 and c["bytes"] > 0 for c in manifest["cases"])
+    first, second = (root / "cases" / c["file"] for c in manifest["cases"][:2])
+    # the trainer's reader refuses a file changed in place (same size, other bytes) and a truncated one
+    data = bytearray(second.read_bytes())
+    data[-30] ^= 0xFF
+    second.write_bytes(bytes(data))
+    reader = OfflineCacheReader(root, expect={"plans": "p"})
+    reader.files = [second]
+    with pytest.raises(LesionDiffusionError, match="sha256 differs.*cache verify"):
+        reader.draw()
+    first.write_bytes(first.read_bytes()[:-40])  # truncated
+    with pytest.raises(LesionDiffusionError, match="truncated"):
+        OfflineCacheReader(root, expect={"plans": "p"})
+    # resume sets both aside and rebuilds exactly those two cases
+    calls = []
+
+    def factory(seed):
+        calls.append(seed)
+        return _tiny_case(seed)
+
+    manifest = OfflineCache(root, {"plans": "p"}).build(factory, 3, progress=False)
+    assert sorted(calls) == [0, 1] and manifest["n_cases"] == 3
+    assert sorted(p.name for p in (root / "rejected").glob("*.npz")) == sorted([first.name, second.name])
+    assert OfflineCacheReader(root, expect={"plans": "p"}).draw().seg.max() == 1

@@ -16,6 +16,7 @@ never holds unread cases in its queue feeder.
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
 import logging
 import multiprocessing as mp
@@ -28,6 +29,7 @@ import time
 import traceback
 import zipfile
 from dataclasses import dataclass, field
+from io import BytesIO
 from pathlib import Path
 from typing import Any, Callable, Protocol
 
@@ -462,6 +464,74 @@ class Shard:
         return f"{self.index}/{self.count}"
 
 
+def file_digest(path: str | os.PathLike, chunk: int = 1 << 20) -> tuple[int, str]:
+    """``(size in bytes, sha256 hex)`` of one file, read in chunks."""
+    h = hashlib.sha256()
+    size = 0
+    with open(path, "rb") as fh:
+        while True:
+            block = fh.read(chunk)
+            if not block:
+                break
+            size += len(block)
+            h.update(block)
+    return size, h.hexdigest()
+
+
+def folder_digest(folder: str | os.PathLike) -> str:
+    """sha256 over every file of a folder (relative path + content, sorted): a bundle's identity by content,
+    so a re-initialised or re-trained bundle at the same path is a different generator."""
+    root = Path(folder)
+    if root.is_file():
+        return file_digest(root)[1]
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file() and not q.name.startswith(".")):
+        h.update(p.relative_to(root).as_posix().encode("utf-8") + b"\0")
+        h.update(file_digest(p)[1].encode("ascii"))
+    return h.hexdigest()
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(d, dict):
+        out: dict[str, Any] = {}
+        for k, v in d.items():
+            out.update(_flat(v, f"{prefix}{k}."))
+        return out if out or not prefix else {prefix[:-1]: {}}
+    return {prefix[:-1]: d}
+
+
+def identity_changes(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Dotted keys whose values differ between two cache identities, with both values (short)."""
+    a, b = _flat(old), _flat(new)
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if a.get(k) != b.get(k):
+            va, vb = repr(a.get(k, "<absent>")), repr(b.get(k, "<absent>"))
+            out.append(f"{k}: {va[:70]} -> {vb[:70]}")
+    return out
+
+
+def case_is_intact(root: Path, info: dict[str, Any]) -> str | None:
+    """Why a cached case file does not match the size and sha256 its sidecar recorded, or None.
+
+    Caches written before sidecars carried hashes are checked by the zip CRCs instead."""
+    npz = root / "cases" / info["file"]
+    if not npz.is_file():
+        return f"{npz} is missing"
+    if "sha256" not in info:
+        try:
+            with zipfile.ZipFile(npz) as z:
+                bad = z.testzip()
+        except (OSError, zipfile.BadZipFile) as exc:
+            return f"{npz} is unreadable ({exc})"
+        return None if bad is None else f"{npz}: member {bad} is corrupt"
+    if npz.stat().st_size != info.get("bytes"):
+        return f"{npz} has {npz.stat().st_size} bytes, the manifest records {info.get('bytes')} (truncated or replaced)"
+    if file_digest(npz)[1] != info["sha256"]:
+        return f"{npz}: sha256 differs from the manifest's (the file was changed or damaged)"
+    return None
+
+
 class OfflineCache:
     """Build N synthetic cases on disk once: resumable, atomic, shardable, with a manifest of reports and seeds.
 
@@ -476,16 +546,19 @@ class OfflineCache:
     def __init__(self, root: str | os.PathLike, identity: dict[str, Any] | None = None) -> None:
         self.root = Path(root)
         self.identity = identity or {}
+        self.damaged: list[str] = []  # cases whose file no longer matches its recorded size/sha256
 
     def _check_identity(self) -> None:
         path = self.root / "identity.json"
         if path.exists():
             old = json.loads(path.read_text())
-            if old != json.loads(json.dumps(self.identity, default=_jsonable)):
-                diff = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+            new = json.loads(json.dumps(self.identity, default=_jsonable))
+            if old != new:
+                changes = identity_changes(old, new)
                 raise LesionDiffusionError(
-                    f"{path}: this cache was built with different settings (keys differ: {', '.join(diff)}). "
-                    "Use a new output folder or delete the old cache.")
+                    f"{path}: this cache was built with different settings, so resuming would mix cases of two "
+                    f"generators. Changed:\n  " + "\n  ".join(changes) +
+                    "\nUse a new output folder, restore the old settings/bundle, or delete the old cache.")
         else:  # shards starting together all write the same content; the rename is atomic
             write_json(path, json.loads(json.dumps(self.identity, default=_jsonable)))
 
@@ -531,8 +604,9 @@ class OfflineCache:
                 consecutive = 0
                 npz, side = _case_paths(self.root, i)
                 save_case(npz, case)
-                write_json(side, {"index": i, "seed": seed + i, "file": npz.name, "name": case.name,
-                                  "meta": json.loads(json.dumps(case.meta, default=_jsonable))})
+                nbytes, digest = file_digest(npz)
+                write_json(side, {"index": i, "seed": seed + i, "file": npz.name, "bytes": nbytes, "sha256": digest,
+                                  "name": case.name, "meta": json.loads(json.dumps(case.meta, default=_jsonable))})
                 good.add(i)
                 bar.update(1)
             i += shard.count
@@ -546,12 +620,25 @@ class OfflineCache:
         for side in (self.root / "cases").glob("synth_*.json"):
             try:
                 info = json.loads(side.read_text())
-                npz = self.root / "cases" / info["file"]
-                if npz.is_file() and npz.stat().st_size > 0:
+                problem = case_is_intact(self.root, info)
+                if problem is None:
                     good.add(int(info["index"]))
+                    continue
+                log.warning("offline cache: %s; set aside in rejected/, the case is rebuilt", problem)
+                self.damaged.append(problem)
+                self._reject(side, self.root / "cases" / info["file"])
+                continue
             except (ValueError, KeyError, OSError):
-                side.unlink(missing_ok=True)  # a corrupt sidecar means the case is redone
+                pass
+            side.unlink(missing_ok=True)  # a corrupt sidecar means the case is redone
         return good
+
+    def _reject(self, side: Path, npz: Path) -> None:
+        rejected = self.root / "rejected"
+        rejected.mkdir(exist_ok=True)
+        side.replace(rejected / side.name)  # sidecar first: the index is no longer 'finished'
+        if npz.exists():
+            npz.replace(rejected / npz.name)
 
     def verify(self, n: int | None = None) -> tuple[dict[str, Any], list[str]]:
         """Load every finished case, move unreadable or invalid ones to ``rejected/`` (a re-run of the
@@ -563,7 +650,7 @@ class OfflineCache:
         if not self.identity and identity.is_file():
             self.identity = json.loads(identity.read_text())
         problems = []
-        for idx in sorted(self._valid_indices()):
+        for idx in sorted(self._valid_indices()):  # damaged files are dropped here (self.damaged)
             npz, side = _case_paths(self.root, idx)
             try:
                 reason = validate_case(load_case(npz))
@@ -571,11 +658,8 @@ class OfflineCache:
                 reason = f"unreadable ({type(exc).__name__}: {exc})"
             if reason is not None:
                 problems.append(f"{npz.name}: {reason}")
-                rejected = self.root / "rejected"
-                rejected.mkdir(exist_ok=True)
-                side.replace(rejected / side.name)  # sidecar first: the index is no longer 'finished'
-                npz.replace(rejected / npz.name)
-        return self.write_manifest(n), problems
+                self._reject(side, npz)
+        return self.write_manifest(n), self.damaged + problems
 
     def write_manifest(self, n: int | None = None) -> dict[str, Any]:
         cases = []
@@ -617,10 +701,24 @@ class OfflineCacheReader:
                     f"{path}: identity key '{key}' is {have!r} but training uses {value!r}; rebuild the cache for "
                     "these plans/configuration with 'lesiondiffusion cache build'.")
         self.files = [self.root / "cases" / c["file"] for c in manifest["cases"]]
+        self.records = {f: c for f, c in zip(self.files, manifest["cases"])}
+        for f, c in self.records.items():  # sizes now (cheap); hashes on each read, below
+            if not f.is_file() or ("bytes" in c and f.stat().st_size != c["bytes"]):
+                raise self._damaged(case_is_intact(self.root, c) or f"{f} is damaged")
         self.manifest = manifest
         self.counters = counters or SharedCounters()
 
+    def _damaged(self, problem: str) -> LesionDiffusionError:
+        return LesionDiffusionError(
+            f"Offline cache {self.root}: {problem}. Run 'lesiondiffusion cache verify {self.root}' (sets damaged "
+            "cases aside) and re-run the same 'lesiondiffusion cache build' to rebuild them.")
+
     def draw(self) -> SyntheticCase:
-        case = load_case(self.files[int(np.random.randint(len(self.files)))])
+        path = self.files[int(np.random.randint(len(self.files)))]
+        record = self.records[path]
+        data = path.read_bytes()
+        if "sha256" in record and (len(data) != record.get("bytes") or hashlib.sha256(data).hexdigest() != record["sha256"]):
+            raise self._damaged(f"{path}: size or sha256 differs from the manifest (changed or damaged since the build)")
+        case = load_case(BytesIO(data))
         self.counters.add(FRESH)
         return case

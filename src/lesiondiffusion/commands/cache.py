@@ -85,8 +85,8 @@ def _build(args: argparse.Namespace) -> int:
                        identifiers=list(identifiers), crop_size=crop,
                        device=args.device or cfg.generator.device_for_rank(_local_rank(shard)))
     identity = cache_identity(pm, args.configuration, crop)
-    identity.update({"backend": cfg.generator.backend, "bundle": cfg.generator.bundle, "seed": cfg.seed,
-                     "catalogs": [e.name for e in cfg.catalogs], "fold": args.fold})
+    identity.update(generator_identity(cfg))
+    identity["fold"] = args.fold
     manifest = OfflineCache(out, identity).build(spec.build, args.n, seed=cfg.seed, lazy=True,
                                                  progress=not args.quiet, shard=shard)
     if manifest is None:
@@ -97,6 +97,29 @@ def _build(args: argparse.Namespace) -> int:
     print(f"{manifest['n_cases']} synthetic cases in {out} ({len(manifest['failures'])} failed syntheses skipped); "
           f"train with 'mode: offline' in {cfg.source}")
     return 0
+
+
+def generator_identity(cfg) -> dict:  # noqa: ANN001 - LesionDiffusionConfig
+    """Everything that decides what a cached case holds: the bundle by content (a re-initialised or
+    re-trained bundle at the same path differs), every generator option, the catalogs by content, the
+    templates and the seed. The device is left out: shards on different GPUs build one cache."""
+    from dataclasses import asdict
+
+    from ..catalog import load_catalog
+    from ..store import file_digest, folder_digest
+
+    bundle = cfg.generator.bundle
+    bundle_dir = Path(os.path.expandvars(str(bundle))).expanduser() if bundle else None
+    return {
+        "backend": cfg.generator.backend,
+        "bundle": bundle,
+        "bundle_sha256": folder_digest(bundle_dir) if bundle_dir is not None and bundle_dir.exists() else None,
+        "generator_options": dict(cfg.generator.options),
+        "catalogs": [{**asdict(e), "sha256": file_digest(load_catalog(e.name).path)[1]} for e in cfg.catalogs],
+        "templates": asdict(cfg.templates),
+        "context_margin": cfg.store.context_margin,
+        "seed": cfg.seed,
+    }
 
 
 def _local_rank(shard) -> int | None:
