@@ -406,6 +406,7 @@ IDENTITY_CHANGES = [
     ("guidance-added", lambda b: {"generator.options": {"ddim_steps": 10, "guidance_scale": 4.0}},
      "generator_options.guidance_scale"),
     ("backend", lambda b: {"generator.backend": "rule_based"}, "backend"),
+    ("hu-correction", lambda b: {"generator.hu_correction": "clip"}, "generator.hu_correction"),
     ("seed", lambda b: {"seed": 7}, "seed"),
     ("catalog-edited", _user_catalog, "catalogs"),
     ("catalog-weight", lambda b: {"catalogs": [{"name": "kidney_tumor", "weight": 2.0}]}, "catalogs"),

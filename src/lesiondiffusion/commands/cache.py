@@ -110,10 +110,12 @@ def generator_identity(cfg) -> dict:  # noqa: ANN001 - LesionDiffusionConfig
 
     bundle = cfg.generator.bundle
     bundle_dir = Path(os.path.expandvars(str(bundle))).expanduser() if bundle else None
+    generator = {k: v for k, v in asdict(cfg.generator).items() if k not in ("backend", "bundle", "device", "options")}
     return {
         "backend": cfg.generator.backend,
         "bundle": bundle,
         "bundle_sha256": folder_digest(bundle_dir) if bundle_dir is not None and bundle_dir.exists() else None,
+        "generator": generator,  # every other generator field (hu_correction, ...), present and future
         "generator_options": dict(cfg.generator.options),
         "catalogs": [{**asdict(e), "sha256": file_digest(load_catalog(e.name).path)[1]} for e in cfg.catalogs],
         "templates": asdict(cfg.templates),
