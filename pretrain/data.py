@@ -200,7 +200,10 @@ def _header(path: Path, problems: list[str]) -> Any:
 
     try:
         img = nib.load(str(path))
-    except Exception as exc:  # nibabel raises many types for corrupt files
+        # nib.load reads only the header; a truncated .nii.gz fails when the voxels are read (EOFError),
+        # so read them here, once, and keep them in memory for the checks below
+        img = type(img)(np.asanyarray(img.dataobj), img.affine, img.header)
+    except Exception as exc:  # nibabel, gzip and zlib raise many types for corrupt files
         problems.append(f"{path}: cannot read as NIfTI ({type(exc).__name__}: {exc}). Re-export the file.")
         return None
     if len(img.shape) != 3:

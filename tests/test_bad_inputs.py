@@ -262,6 +262,86 @@ def _ct_as_organs_in_place(w: World, d: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# 5. the environment: unwritable or full disks, outputs under files, truncated NIfTI
+
+def _truncate(src: Path, dst: Path) -> Path:
+    data = src.read_bytes()
+    dst.write_bytes(data[: len(data) // 2])
+    return dst
+
+
+def _truncated_ct(w: World, d: Path) -> list[str]:
+    return w.synth(ct=_truncate(w.ct, d / "ct.nii.gz"), out=d / "out")
+
+
+def _truncated_organs_place(w: World, d: Path) -> list[str]:
+    return ["place", "--organs", str(_truncate(w.seg, d / "seg.nii.gz")), "--report", str(w.report),
+            "-o", str(d / "b.json")]
+
+
+def _toy(d: Path) -> Path:
+    from lesiondiffusion.pretrain.toydata import write_toy_dataset
+
+    return write_toy_dataset(d / "ds", n_lesion=1, n_healthy=0, shape=(16, 16, 12), seed=0)
+
+
+def _pretrain_truncated(sub: str):
+    def setup(w: World, d: Path) -> list[str]:
+        ds = _toy(d)
+        path = next((ds / sub).glob("*.nii.gz"))
+        _truncate(path, path)
+        return ["pretrain", "check", str(ds)]
+    return setup
+
+
+def _out_under_file(w: World, d: Path) -> list[str]:
+    (d / "notes.txt").write_text("a file, not a folder")
+    return w.synth("--set", "size_mm=15,12,14", out=d / "notes.txt" / "out")
+
+
+def _bbox_under_file(w: World, d: Path) -> list[str]:
+    (d / "notes.txt").write_text("a file, not a folder")
+    return ["place", "--organs", str(w.seg), "--report", str(w.report), "-o", str(d / "notes.txt" / "b.json")]
+
+
+def _read_only_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    def refuse(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
+        raise OSError(errno.EROFS, "Read-only file system", str(dir))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", refuse)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+
+
+def _disk_full_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+    def full(img, filename):
+        with open(filename, "wb") as fh:
+            fh.write(b"\x00" * 100)  # part of the file made it to disk
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(nib, "save", full)
+
+
+def _synth_ok(w: World, d: Path) -> list[str]:
+    return w.synth("--set", "size_mm=15,12,14", "--set", "lesion_location=within the parenchymal organ", out=d / "out")
+
+
+def _nothing_left(w: World, d: Path) -> None:
+    out = d / "out"
+    assert not out.exists() or not list(out.iterdir()), list(out.iterdir())
+
+
+def _place_ok(w: World, d: Path) -> list[str]:
+    return ["place", "--organs", str(w.seg), "--report", str(w.report), "-o", str(d / "b.json"),
+            "--mask-out", str(d / "box.nii.gz")]
+
+
+def _no_box(w: World, d: Path) -> None:
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(("box", ".box"))) == []
+
+
+# ------------------------------------------------------------------------------------------------
 # 7. leftovers of a killed run
 
 def _stale_temporaries(w: World, d: Path) -> list[str]:
@@ -306,6 +386,22 @@ CASES: list[Case] = [
     Case("ct-normalised-not-hu", "silent", _normalised_ct, 2, ("--ct", "Hounsfield", "--allow-non-hu")),
     Case("ct-and-organs-swapped", "blame", _swapped, 2, ("swapped", "--ct", "--organs")),
     Case("place-organs-is-a-ct", "blame", _ct_as_organs_in_place, 2, ("looks like a CT", "ct.nii.gz")),
+    Case("truncated-ct", "traceback", _truncated_ct, 2, ("Cannot read", "ct.nii.gz", "NIfTI")),
+    Case("truncated-organs-place", "traceback", _truncated_organs_place, 2, ("Cannot read", "seg.nii.gz")),
+    Case("pretrain-check-truncated-image", "traceback", _pretrain_truncated("imagesTr"), 2,
+         ("cannot read as NIfTI", "imagesTr", "Re-export")),
+    Case("pretrain-check-truncated-label", "traceback", _pretrain_truncated("labelsTr"), 2,
+         ("cannot read as NIfTI", "labelsTr")),
+    Case("pretrain-check-truncated-organs", "traceback", _pretrain_truncated("organsTr"), 2,
+         ("cannot read as NIfTI", "organsTr")),
+    Case("output-under-a-file", "traceback", _out_under_file, 2, ("notes.txt", "is a file")),
+    Case("bbox-under-a-file", "traceback", _bbox_under_file, 2, ("notes.txt", "is a file")),
+    Case("read-only-output", "traceback", _synth_ok, 1, ("Cannot write", "read-only", "out"),
+         fault=_read_only_fault, after=_nothing_left),
+    Case("disk-full-synthesize", "traceback", _synth_ok, 2, ("image.nii.gz", "disk is full", "free space"),
+         fault=_disk_full_fault, after=_nothing_left),
+    Case("disk-full-mask-out", "traceback", _place_ok, 2, ("box.nii.gz", "disk is full"),
+         fault=_disk_full_fault, after=_no_box),
     Case("stale-temporaries-removed", "minor", _stale_temporaries, 0, ("wrote 1 sample",),
          may_change=("out/.sample_000.k3j2l1/image.nii.gz",), after=_stale_temporaries_after),
 ]
