@@ -23,6 +23,7 @@ from .errors import CatalogError, ReportError
 from .organs import TOTALSEG_V1, TOTALSEG_V2
 from .report import (
     ATTRIBUTES,
+    declare_organ,
     SIZE_CATEGORIES,
     LesionReport,
     normalize_value,
@@ -40,6 +41,7 @@ TOP_KEYS = ("name", "label_name", "description", "organ_type", "organs", "attrib
             "constraints", "free_text", "placement")
 REQUIRED_TOP_KEYS = ("label_name", "organ_type", "organs", "attributes", "size_mm", "hu")
 SIZE_KEYS = ("distribution", "median", "sigma", "min", "max", "aspect")
+ORGAN_KEYS = ("weight", "v2", "v1", "names", "synonyms")
 PLACEMENT_KEYS = ("inside_fraction", "min_organ_fraction", "max_organ_fraction", "wall_mm", "max_tries", "shrink_factor")
 MAX_SAMPLE_TRIES = 200
 
@@ -158,7 +160,8 @@ class Catalog:
         return dict(self.attributes[attribute])
 
     def organ_names(self, organ: str | None = None) -> list[str]:
-        """TotalSegmentator class names (v2 then v1 spelling, deduplicated) of one organ value, or of all."""
+        """Class names of one organ value, or of all: TotalSegmentator v2, then v1 spelling, then the names
+        of a user label map (deduplicated); an organ map knows the ones its name table holds."""
         if organ is None:
             keys = list(self.organs)
         else:
@@ -174,7 +177,7 @@ class Catalog:
             keys = [key]
         out: list[str] = []
         for k in keys:
-            for version in ("v2", "v1"):
+            for version in ("v2", "v1", "names"):
                 for n in self.organs[k].get(version, []):
                     if n not in out:
                         out.append(n)
@@ -401,6 +404,26 @@ def list_catalogs() -> list[str]:
     return sorted(catalog_files())
 
 
+def declare_catalog_organs() -> None:
+    """Declare the organs of every loadable catalog on the catalog path (broken files are skipped: their
+    errors belong to ``catalogs list``/``validate``)."""
+    global _DECLARING
+    if _DECLARING:
+        return
+    _DECLARING = True
+    try:
+        for path in catalog_files().values():
+            try:
+                load_catalog(path)
+            except CatalogError:
+                continue
+    finally:
+        _DECLARING = False
+
+
+_DECLARING = False
+
+
 def load_catalog(name_or_path: str | Path) -> Catalog:
     """Load a catalog by name (``kidney_tumor``) or by path to a YAML file; validated, cached per file."""
     p = Path(name_or_path)
@@ -559,36 +582,51 @@ def _parse_catalog(path: Path) -> Catalog:
         P.add(("organs",), "must map organ values (e.g. kidney) to {weight, v2: [...], v1: [...]}")
     for organ_key, spec in (raw_organs or {}).items() if isinstance(raw_organs, dict) else []:
         k = ("organs", organ_key)
+        if not isinstance(spec, dict):
+            P.add(k, "must be a mapping with weight and class names (v2, v1 and/or names)")
+            continue
+        synonyms = spec.get("synonyms", [])
+        if not isinstance(synonyms, list) or not all(isinstance(x, str) and x.strip() for x in synonyms):
+            P.add(k + ("synonyms",), "must be a list of alternative names of this organ")
+            synonyms = []
         try:
             organ = normalize_value("organ", str(organ_key))
-        except ReportError as exc:
-            P.add(k, str(exc))
-            continue
-        if not isinstance(spec, dict):
-            P.add(k, "must be a mapping with weight, v2 and v1 class name lists")
-            continue
+        except ReportError:
+            # an organ outside the shipped vocabulary: the key is its display name in reports and prompts
+            organ = " ".join(str(organ_key).split())
+            if not organ or not isinstance(organ_key, str):
+                P.add(k, f"organ names are non-empty text, got {organ_key!r}")
+                continue
+            try:  # declared now, so rules and sampling below can name it
+                declare_organ(organ, synonyms)
+            except ReportError as exc:
+                P.add(k, str(exc))
+                continue
         for sub in spec:
-            if sub not in ("weight", "v1", "v2"):
-                P.add(k + (sub,), "unknown key; allowed: weight, v2, v1")
+            if sub not in ORGAN_KEYS:
+                P.add(k + (sub,), f"unknown key; allowed: {', '.join(ORGAN_KEYS)}")
         w = _number(spec.get("weight", 1.0))
         if w is None or w < 0:
             P.add(k + ("weight",), f"bad weight {spec.get('weight')!r}; weights are finite numbers >= 0")
             w = 0.0
         organ_weights[organ] = w
         organs[organ] = {}
-        for version, table in (("v2", TOTALSEG_V2), ("v1", TOTALSEG_V1)):
+        for version, table in (("v2", TOTALSEG_V2), ("v1", TOTALSEG_V1), ("names", None)):
             names = spec.get(version, [])
-            if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                P.add(k + (version,), "must be a list of TotalSegmentator class names")
+            if not isinstance(names, list) or not all(isinstance(n, str) and n.strip() for n in names):
+                what = "TotalSegmentator class names" if table else "class names of your label map's mapping file"
+                P.add(k + (version,), f"must be a list of {what}")
                 continue
-            for i, n in enumerate(names):
+            for i, n in enumerate(names if table is not None else []):
                 if n not in table:
                     close = sorted(x for x in table if n.split("_")[0] in x)[:6]
                     P.add(k + (version, i), f"unknown TotalSegmentator {version} class name {n!r}"
-                          + (f"; similar: {', '.join(close)}" if close else ""))
+                          + (f"; similar: {', '.join(close)}" if close else "")
+                          + "; for your own label map list its class names under `names:`")
             organs[organ][version] = list(names)
-        if not organs[organ].get("v2") and not organs[organ].get("v1"):
-            P.add(k, "lists no class names; give at least v2: [...]")
+        if not any(organs[organ].get(v) for v in ("v2", "v1", "names")):
+            P.add(k, "lists no class names; give v2: [...] (TotalSegmentator) or names: [...] (your label map, "
+                     "with a --mapping JSON file name -> label id)")
     if isinstance(raw_organs, dict) and organ_weights and not any(w > 0 for w in organ_weights.values()):
         P.add(("organs",), "every organ weight is 0; at least one must be > 0")
 

@@ -179,8 +179,8 @@ def _mapping_from_obj(obj: Any, where: str) -> dict[str, int]:
     unknown = sorted(set(out) - ALL_CLASS_NAMES)
     if unknown:
         log.warning(
-            "Organ mapping %s: %s are not TotalSegmentator class names; catalogs look organs up by "
-            "TotalSegmentator names (e.g. liver, kidney_left, urinary_bladder).", where, ", ".join(unknown)
+            "Organ mapping %s: %s are not TotalSegmentator class names; only catalogs that list them under "
+            "`names:` of an organ find them (shipped catalogs use TotalSegmentator names).", where, ", ".join(unknown)
         )
     return out
 

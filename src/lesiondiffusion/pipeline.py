@@ -261,6 +261,7 @@ class LesionSynthesizer:
             items.append(item)
 
         live = [it for it in items if it.failure is None]
+        self._ensure_phrases([it.report for it in live])
         if live:
             lut = _organ_lut(organs)
             for it in live:
@@ -279,6 +280,30 @@ class LesionSynthesizer:
             if bad:
                 raise SynthesisError("; ".join(f"lesion {i}: {r.failure}" for i, r in enumerate(results) if r.failure))
         return results
+
+    def _ensure_phrases(self, reports: Sequence[Any]) -> None:
+        """Embed phrases the bundle has not cached (e.g. a catalog-declared organ) with the bundle's own
+        encoder; when that encoder cannot be loaded here, say how to add them (`bundle embed`)."""
+        cache = self.bundle.cache
+        missing = sorted({p for r in reports for p in (*r.mask_phrases(), *r.image_phrases()) if p not in cache})
+        if not missing:
+            return
+        if cache.encoder is None:
+            spec = str(self.bundle.config.encoder.get("spec") or cache.encoder_id)
+            try:
+                self.bundle.attach_encoder(spec)
+            except LesionDiffusionError as exc:
+                where = self.bundle.path or "BUNDLE"
+                types = sorted({r.lesion_type for r in reports})
+                raise SynthesisError(
+                    f"the bundle has no embedding for {', '.join(map(repr, missing[:4]))}"
+                    + (f" (and {len(missing) - 4} more)" if len(missing) > 4 else "")
+                    + f" and its text encoder {spec!r} cannot be loaded here ({exc}). Fix: embed them once where "
+                    f"the encoder is available: `lesiondiffusion bundle embed {where} "
+                    + " ".join(f"--catalog {t}" for t in types) + "` (or --phrase 'organ: ...')."
+                ) from None
+        added = cache.add(missing)
+        log.info("embedded %d new phrase(s) with the bundle's encoder %s: %s", added, cache.encoder_id, missing)
 
     # ---- stages -------------------------------------------------------------------------------
     def _prepare(self, it: _Item, ct: np.ndarray, organs: Any, lut: np.ndarray) -> None:

@@ -223,13 +223,56 @@ def normalize_value(attribute: str, value: str) -> str:
             f"Allowed values: {', '.join(VOCABULARY[attribute])}."
         )
     canonical = _LOOKUP[attribute].get(_key(value))
+    if canonical is None and attribute == "organ":
+        canonical = declared_organ(value)
     if canonical is None:
+        if attribute == "organ":
+            extra = sorted(set(_DECLARED_ORGANS.values()))
+            raise ReportError(
+                f"Unknown value {value!r} for attribute 'organ'. Known organs: {', '.join(VOCABULARY['organ'])}"
+                + (f"; declared by catalogs: {', '.join(extra)}" if extra else "")
+                + ". Any organ can be added: declare it under `organs:` in a catalog (a display name mapped to "
+                "TotalSegmentator v2/v1 class names or to names of your own label map), see docs/catalogs.md."
+            )
         raise ReportError(
             f"Unknown value {value!r} for attribute {attribute!r}. Allowed values: "
             f"{', '.join(VOCABULARY[attribute])} (synonyms are accepted; declare the attribute under "
             "`free_text` in the catalog to allow any text)."
         )
     return canonical
+
+
+# Organs beyond VOCABULARY["organ"], declared by catalogs (``organs:`` keys): match key -> display name.
+# The organ vocabulary is open: a catalog may target any organ it can map to labels of an organ map.
+_DECLARED_ORGANS: dict[str, str] = {}
+
+
+def declare_organ(name: str, synonyms: Iterable[str] = ()) -> str:
+    """Add a catalog-declared organ (and its synonyms) to the organ vocabulary; returns the display name.
+
+    Raises ``ReportError`` when a synonym already names a different organ.
+    """
+    display = " ".join(str(name).split())
+    for alias in (display, *synonyms):
+        k = _key(alias)
+        known = _LOOKUP["organ"].get(k) or _DECLARED_ORGANS.get(k)
+        if known is not None and known != display:
+            raise ReportError(f"organ {display!r}: the name or synonym {alias!r} already means organ {known!r}.")
+    for alias in (display, *synonyms):
+        _DECLARED_ORGANS[_key(alias)] = display
+    return display
+
+
+def declared_organ(value: str) -> str | None:
+    """The display name of a catalog-declared organ (or synonym) ``value``; ``None`` when no catalog
+    on the catalog path declares it."""
+    k = _key(value)
+    if k not in _DECLARED_ORGANS:
+        # a report may be read before its catalog: declare the organs of every catalog on the path once
+        from .catalog import declare_catalog_organs  # lazy: catalog imports this module
+
+        declare_catalog_organs()
+    return _DECLARED_ORGANS.get(k)
 
 
 def size_category(size_mm: Iterable[float]) -> str:
