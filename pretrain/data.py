@@ -324,6 +324,85 @@ def check_dataset(data_dir: str | os.PathLike) -> list[str]:
     return problems
 
 
+SIZE_WARN_FACTOR = 1.5  # report size_mm vs the mask's measured extent: beyond this factor, warn
+
+
+def _organ_classes(report: Any) -> list[str]:
+    """Class names of the report's organ: from its lesion type's catalog, else from any catalog that
+    declares the organ (an empty list when no catalog knows it)."""
+    from lesiondiffusion.catalog import catalog_files, load_catalog
+    from lesiondiffusion.errors import CatalogError
+
+    files = catalog_files()
+    order = ([files[report.lesion_type]] if report.lesion_type in files else []) + list(files.values())
+    for path in order:
+        try:
+            cat = load_catalog(path)
+            return cat.organ_names(report.organ)
+        except CatalogError:
+            continue
+    return []
+
+
+def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
+    """What pretraining can live with but a user should see: a lesion_type without a catalog, an organ
+    absent from the case's organ map, a size_mm that disagrees with the mask (factor ``SIZE_WARN_FACTOR``).
+    Call after ``check_dataset`` found no problems."""
+    import nibabel as nib
+
+    from lesiondiffusion.catalog import catalog_files
+    from lesiondiffusion.derive import measure_extent_mm
+    from lesiondiffusion.organs import organ_map_from_array
+    from lesiondiffusion.report import LesionReport
+
+    data_dir = Path(data_dir)
+    meta = json.loads((data_dir / "dataset.json").read_text(encoding="utf-8"))
+    valid = label_ids(meta)
+    file_ending = meta.get("file_ending", ".nii.gz")
+    mapping = meta.get("organ_mapping", "auto")
+    types = catalog_files()
+    warnings: list[str] = []
+    for case in find_cases(data_dir, file_ending):
+        paths = case_paths(data_dir, case, file_ending)
+        if paths["report"] is None:
+            continue
+        entries = parse_report_entries(paths["report"], valid, [])
+        if not entries:
+            continue
+        les_img = nib.load(str(paths["lesion"]))
+        lesion = np.rint(np.asanyarray(les_img.dataobj)).astype(np.int32)
+        org_img = nib.load(str(paths["organs"]))
+        organs = organ_map_from_array(np.rint(np.asanyarray(org_img.dataobj)).astype(np.int32), org_img.affine,
+                                      mapping if not str(mapping).endswith(".json") else str(data_dir / mapping),
+                                      path=paths["organs"])
+        comps: dict[int, list[np.ndarray]] = {}
+        for i, entry in enumerate(entries):
+            where = f"{paths['report']}: lesions[{i}]"
+            rep = LesionReport.from_dict(entry.report, source=where)
+            if rep.lesion_type not in types:
+                warnings.append(f"{where}.report.lesion_type = {rep.lesion_type!r} has no catalog (known: "
+                                f"{', '.join(sorted(types))}). Pretraining works; synthesising this type needs one: "
+                                "copy attribute_catalogs/_template.yaml into a folder on $LESIONDIFFUSION_CATALOG_PATH.")
+            classes = _organ_classes(rep)
+            present = [c for c in classes if organs.has(c)]
+            if not present:
+                shown = ", ".join(organs.present_names()[:12])
+                warnings.append(f"{where}.report.organ = {rep.organ!r}: "
+                                + (f"its classes {', '.join(classes)} have no voxel in {paths['organs'].name} "
+                                   f"(name table {organs.source}; labels present: {shown})" if classes else
+                                   "no catalog maps this organ to organ-map classes")
+                                + ". Fix the organ, the organ map, or dataset.json 'organ_mapping' (v1, v2 or a JSON file).")
+            mask = entry_mask(lesion, entry, comps)
+            if mask.any():
+                measured = measure_extent_mm(mask, les_img.affine)
+                ratio = max(rep.size_mm) / max(max(measured), 1e-6)
+                if ratio > SIZE_WARN_FACTOR or ratio < 1.0 / SIZE_WARN_FACTOR:
+                    warnings.append(f"{where}.report.size_mm = {list(rep.size_mm)} but the mask measures "
+                                    f"{[round(v, 1) for v in measured]} mm through the affine (largest extent x{ratio:.2f}). "
+                                    "Fix size_mm (or derive it: `lesiondiffusion report derive`) or the label/component.")
+    return warnings
+
+
 def validate_dataset(data_dir: str | os.PathLike) -> list[str]:
     """Raise DataCheckError listing every problem; return the case ids when the dataset is usable."""
     problems = check_dataset(data_dir)

@@ -155,3 +155,33 @@ def test_prepare_refuses_bad_dataset(clean, tmp_path):
     with pytest.raises(DataCheckError, match="labelsTr/toy_000.nii.gz"):
         pdata.prepare_dataset(ds, tmp_path / "cache", cfg, progress=False)
     assert not (tmp_path / "cache" / "manifest.json").exists()
+
+
+def test_check_warns_on_unknown_type_absent_organ_and_wrong_size(clean, tmp_path, capsys):
+    ds = _copy(clean, tmp_path)
+    case = sorted(p.stem for p in (ds / "reportsTr").glob("*.yaml") if _reports(ds, p.stem)["lesions"])[0]
+    doc = _reports(ds, case)
+    doc["lesions"][0]["report"]["lesion_type"] = "my_sarcoma"
+    doc["lesions"][0]["report"]["organ"] = "liver"         # the toy organ map holds a kidney only
+    doc["lesions"][0]["report"]["size_mm"] = [90, 80, 80]  # the toy lesions are ~10-20 mm
+    doc["lesions"][0]["report"]["size"] = "large (>5 cm)"
+    _write_reports(ds, case, doc)
+    assert pdata.check_dataset(ds) == []  # pretraining can go ahead
+    text = "\n".join(pdata.check_dataset_warnings(ds))
+    assert "'my_sarcoma' has no catalog" in text
+    assert "organ = 'liver': its classes liver have no voxel" in text
+    assert "size_mm = [90.0, 80.0, 80.0] but the mask measures" in text
+    assert pdata.check_dataset_warnings(clean) == []  # consistent reports: no warning
+    assert main(["pretrain", "check", str(ds)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("warning: ") == 3 and "3 warning(s) above" in out
+
+
+def test_measured_extent_follows_the_affine():
+    from lesiondiffusion.derive import measure_extent_mm
+
+    mask = np.zeros((10, 10, 10), bool)
+    mask[2:6, 3:5, 4:5] = True  # 4 x 2 x 1 voxels
+    assert measure_extent_mm(mask, np.diag([2.0, 3.0, 5.0, 1.0])) == (8.0, 6.0, 5.0)
+    swapped = np.array([[0, 3.0, 0, 0], [-2.0, 0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 1]])  # axes permuted, flipped
+    assert measure_extent_mm(mask, swapped) == (6.0, 8.0, 5.0)

@@ -18,7 +18,13 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise DataCheckError(f"dataset {args.data} has {len(problems)} problem(s):\n{lines}")
-    print(f"{args.data}: OK ({len(find_cases(Path(args.data)))} cases)")
+    from ..pretrain.data import check_dataset_warnings
+
+    warnings = check_dataset_warnings(args.data)
+    for w in warnings:
+        print(f"warning: {w}")
+    print(f"{args.data}: OK ({len(find_cases(Path(args.data)))} cases"
+          + (f", {len(warnings)} warning(s) above)" if warnings else ")"))
     return 0
 
 
