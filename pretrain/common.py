@@ -13,6 +13,7 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
+from lesiondiffusion.bundle import METHOD_CONDITIONING
 from lesiondiffusion.errors import LesionDiffusionError
 
 from .data import Manifest, PrepConfig, prepare_dataset
@@ -32,7 +33,7 @@ class PretrainOptions:
     preset: str = "tiny"
     bundle: Path | None = None          # default: RUN/bundle
     cache: Path | None = None           # default: RUN/../prepared_<key> (shared by the three runs)
-    encoder: str = "hashing"            # only used when the bundle is created here
+    encoder: str | None = None          # only used when the bundle is created here; None: the preset's
     resume: bool = False
     train: TrainConfig = field(default_factory=TrainConfig)
     extra: dict[str, Any] = field(default_factory=dict)   # task-specific (loss weights, dropout ...)
@@ -56,7 +57,7 @@ def open_bundle(opts: PretrainOptions, info: DistInfo) -> Any:
         if path.exists() and any(path.iterdir()):
             raise LesionDiffusionError(f"{path} exists, is not empty and has no {CONFIG_FILE}; it is not a bundle. "
                                        "Pass --bundle with a bundle folder or a new path.")
-        log.info("creating bundle %s from preset %r (encoder %s)", path, opts.preset, opts.encoder)
+        log.info("creating bundle %s from preset %r (encoder %s)", path, opts.preset, opts.encoder or "preset default")
         Bundle.init(opts.preset, encoder=opts.encoder, seed=opts.train.seed, for_training=True).save(path)
     _barrier(info)
     bundle = Bundle.load(path)
@@ -126,6 +127,8 @@ def save_network(bundle: Any, engine: Engine, net: str, opts: PretrainOptions, s
                     "untrained; run `lesiondiffusion pretrain linet` again", opts.bundle_path)
         bundle.config.latent_norm = None
         bundle.config.notes.pop("linet", None)
+    if net in ("lmnet", "linet"):  # trained on the method's split (data.LesionCropDataset, dataset_phrases)
+        bundle.config.conditioning[net] = METHOD_CONDITIONING[net]
     bundle.config.notes[net] = (f"trained by `lesiondiffusion pretrain {net}` for {engine.step} steps on "
                                 f"{Path(opts.data).resolve()} (run {Path(opts.run_dir).resolve()})")
     if all(n in bundle.config.notes for n in NETS):  # no longer a random bundle

@@ -34,7 +34,9 @@ CHECKPOINT = "checkpoint.pt"
 
 @dataclass
 class TrainConfig:
-    """Optimisation and bookkeeping settings (defaults: the method's AdamW settings)."""
+    """Optimisation and bookkeeping settings. `lesiondiffusion pretrain` fills batch size, lr, weight decay
+    and betas from the preset's recipe (``bundle.preset_training``: paper = the method's AdamW with
+    momentum 0.99 and batch 1 per GPU); the defaults here are the tiny preset's."""
 
     steps: int = 1000
     batch_size: int = 2

@@ -22,6 +22,9 @@ class VQGANLossConfig:
     vq_weight: float = 1.0
     adv_weight: float = 0.01
     adv_warmup_steps: int = 500
+    # MONAI PatchAdversarialLoss criterion: "bce" is the log-GAN loss the method states (paper preset);
+    # "least_squares" is the tiny preset's (bundle.PRESETS[...]["training"]["adv_criterion"])
+    adv_criterion: str = "least_squares"
 
 
 class VQGANLoss:
@@ -30,14 +33,16 @@ class VQGANLoss:
     Generator:      L_G = w_r * ||x - x_hat||_2^2 (mean) + w_q * L_vq + [step >= warmup] * w_a * L_adv(D(x_hat), real)
     Discriminator:  L_D = 0.5 * (L_adv(D(x_hat.detach()), fake) + L_adv(D(x), real))
 
-    L_vq is MONAI VQVAE's quantisation loss (commitment term; the codebook itself is learnt by the
-    quantiser's EMA update); L_adv is MONAI's least-squares PatchAdversarialLoss on the last
-    PatchDiscriminator output.
+    L_vq is MONAI VQVAE's quantisation loss: the commitment term beta * ||z_e - sg[e]||^2 (beta 0.25);
+    the codebook term ||sg[z_e] - e||^2 of the method is replaced by the quantiser's EMA codebook
+    update, its standard equivalent (van den Oord et al. 2017, appendix A.1) and the only codebook
+    MONAI's VQVAE has. L_adv is MONAI's PatchAdversarialLoss on the last PatchDiscriminator output,
+    ``bce`` (the log-GAN loss of the method) or ``least_squares``.
     """
 
     def __init__(self, cfg: VQGANLossConfig | None = None) -> None:
         self.cfg = cfg or VQGANLossConfig()
-        self.adv = PatchAdversarialLoss(criterion="least_squares")
+        self.adv = PatchAdversarialLoss(criterion=self.cfg.adv_criterion)
 
     def adversarial_active(self, step: int) -> bool:
         return self.cfg.adv_weight > 0 and step >= self.cfg.adv_warmup_steps

@@ -18,12 +18,18 @@ from .io import atomic_path, write_yaml
 from .models import linet as linet_mod
 from .models import lmnet as lmnet_mod
 from .models import vqgan as vqgan_mod
+from .report import ATTRIBUTES, IMAGE_ATTRIBUTES, LEGACY_IMAGE_ATTRIBUTES, LEGACY_MASK_ATTRIBUTES, MASK_ATTRIBUTES
 from .sampling import ScheduleConfig
-from .text import EmbeddingCache, TextEncoder, make_encoder
+from .errors import TextEncodingError
+from .text import BIOMEDCLIP_HUB_ID, EmbeddingCache, TextEncoder, make_encoder
 
 log = logging.getLogger(__name__)
 
 BUNDLE_VERSION = 1
+# the method's attribute split (mask attributes -> LMNet, image attributes -> LINet) and the one that
+# bundles without a `conditioning` key in config.yaml were trained with
+METHOD_CONDITIONING: dict[str, tuple[str, ...]] = {"lmnet": MASK_ATTRIBUTES, "linet": IMAGE_ATTRIBUTES}
+LEGACY_CONDITIONING: dict[str, tuple[str, ...]] = {"lmnet": LEGACY_MASK_ATTRIBUTES, "linet": LEGACY_IMAGE_ATTRIBUTES}
 NETWORKS = ("vqgan", "lmnet", "linet")
 CONFIG_FILE = "config.yaml"
 EMBEDDINGS_DIR = "text_embeddings"
@@ -39,8 +45,12 @@ class CropConfig:
     context_margin_mm: float  # extra anatomy around LMNet's crop inside LINet's crop
 
 
-# Presets as data. `tiny` runs on a 2-core CPU in seconds (tests, smoke runs); `paper` matches the
-# method's scale: 128^3 image patches -> 4 x 64^3 latents for LINet, LMNet at a 64^3 lesion crop.
+# Presets as data, one place per preset: the bundle geometry and schedule, the default text encoder and
+# the pretraining recipe (``training``; read by `lesiondiffusion pretrain`, not stored in config.yaml).
+# `paper` is the method's recipe wherever the paper states a value; every value and its source (paper
+# or this project) is tabled in docs/fidelity.md, whose machine-readable block tests/test_fidelity.py
+# checks against these dictionaries. `tiny` runs on a 2-core CPU in seconds (tests, smoke runs, demo)
+# and keeps its measured deviations (v prediction for LINet, attention at every level).
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {
         "hu_window": [-1000.0, 1000.0],
@@ -48,14 +58,59 @@ PRESETS: dict[str, dict[str, Any]] = {
         "crop": {"lmnet_size": [16, 16, 16], "linet_size": [32, 32, 32], "mask_margin_mm": 6.0, "context_margin_mm": 12.0},
         # v prediction: a short (CPU) LINet run follows the density prompt only with it (ScheduleConfig)
         "schedule": {"ddim_steps": 10, "linet_prediction": "v_prediction"},
+        "encoder": "hashing",  # offline, no download: tests and the demo
+        "training": {"batch_size": 2, "lr": 1e-4, "weight_decay": 1e-5, "betas": [0.9, 0.999],
+                     "adv_criterion": "least_squares", "adv_weight": 0.01},
     },
     "paper": {
         "hu_window": [-1000.0, 1000.0],
         "spacing_mm": [1.0, 1.0, 1.0],
-        "crop": {"lmnet_size": [64, 64, 64], "linet_size": [128, 128, 128], "mask_margin_mm": 8.0, "context_margin_mm": 24.0},
-        "schedule": {"ddim_steps": 50},
+        # the method trains every generative network on 128^3 patches: LMNet's crop, LINet's image crop
+        # (-> 4 x 64^3 latent) and the VQ-GAN's patch (= LINet's crop, train_vqgan.default_patch)
+        "crop": {"lmnet_size": [128, 128, 128], "linet_size": [128, 128, 128], "mask_margin_mm": 8.0, "context_margin_mm": 24.0},
+        "schedule": {"ddim_steps": 200, "guidance_scale": 2.5},
+        "encoder": "biomedclip",  # never falls back to hashing; --encoder hashing must be chosen explicitly
+        # AdamW with momentum 0.99 (beta1), batch 1 per GPU; log-GAN (BCE) adversarial term
+        "training": {"batch_size": 1, "lr": 1e-4, "weight_decay": 1e-5, "betas": [0.99, 0.999],
+                     "adv_criterion": "bce", "adv_weight": 0.01},
     },
 }
+
+
+def preset_encoder(preset: str) -> str:
+    """The default text encoder spec of a preset (``bundle init``/``pretrain`` without ``--encoder``)."""
+    if preset not in PRESETS:
+        raise BundleError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    return str(PRESETS[preset]["encoder"])
+
+
+def load_encoder(preset: str, spec: str | None = None, device: str = "cpu") -> TextEncoder:
+    """The text encoder for a bundle of ``preset``: ``spec``, or the preset's default when None.
+
+    BiomedCLIP (the ``paper`` default) that cannot be loaded stops here with both fixes named; there is
+    no silent fallback to the hashing encoder.
+    """
+    spec = spec or preset_encoder(preset)
+    try:
+        return make_encoder(spec, device)
+    except TextEncodingError as exc:
+        if spec.strip() not in ("biomedclip", BIOMEDCLIP_HUB_ID):
+            raise
+        raise TextEncodingError(
+            f"preset {preset!r} embeds report phrases with BiomedCLIP ({BIOMEDCLIP_HUB_ID}), the method's text "
+            f"encoder, and it cannot be loaded here ({exc}). Fix one of: (1) use a local copy of the model: "
+            "pip install 'lesiondiffusion-nnunet[biomedclip]' and pass --encoder local-dir:/path/to/biomedclip "
+            "(a folder with open_clip_config.json, the weights and the tokenizer files; docs/bundle.md, "
+            "'BiomedCLIP offline'); or (2) choose the offline hashing encoder explicitly with --encoder hashing "
+            "(not a language model: a departure from the method, recorded in the bundle's config.yaml)."
+        ) from exc
+
+
+def preset_training(preset: str) -> dict[str, Any]:
+    """The pretraining recipe of a preset (batch per process, AdamW lr/weight decay/betas, GAN criterion)."""
+    if preset not in PRESETS:
+        raise BundleError(f"unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
+    return copy.deepcopy(PRESETS[preset]["training"])
 
 
 @dataclass
@@ -75,6 +130,13 @@ class BundleConfig:
     notes: dict[str, Any] = field(default_factory=dict)
     # LINet's latent standardisation (models.vqgan.LatentNorm); None = identity (untrained LINet)
     latent_norm: vqgan_mod.LatentNorm | None = None
+    # report attributes each network is conditioned on, one phrase per attribute in this order
+    # (`conditioning` in config.yaml; bundles without it used the legacy 8/8 split, see report.py)
+    conditioning: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(METHOD_CONDITIONING))
+
+    def attributes(self, net: str) -> tuple[str, ...]:
+        """The report attributes ``net`` ("lmnet" or "linet") was trained on."""
+        return tuple(self.conditioning[net])
 
     @property
     def latent_channels(self) -> int:
@@ -106,6 +168,7 @@ class BundleConfig:
             "lmnet": copy.deepcopy(self.lmnet),
             "linet": copy.deepcopy(self.linet),
             "latent_norm": self.latents.to_dict(),
+            "conditioning": {k: list(v) for k, v in self.conditioning.items()},
             "notes": dict(self.notes),
         }
 
@@ -124,7 +187,7 @@ class BundleConfig:
         missing = [k for k in required if k not in data]
         if missing:
             raise BundleError(f"{source} is missing key(s) {missing}; compare with a fresh `lesiondiffusion bundle init` config.")
-        optional = {"version", "notes", "latent_norm"}
+        optional = {"version", "notes", "latent_norm", "conditioning"}
         unknown = sorted(set(data) - set(required) - optional)
         if unknown:
             raise BundleError(f"{source} has unknown key(s) {unknown}; allowed: {sorted(set(required) | optional)}.")
@@ -157,6 +220,7 @@ class BundleConfig:
             version=int(version),
             notes=dict(data.get("notes") or {}),
         )
+        cfg.conditioning = _read_conditioning(data.get("conditioning"), source)
         cfg.check(source)
         if data.get("latent_norm") is not None:  # absent in bundles written before it existed: identity
             norm = vqgan_mod.LatentNorm.from_dict(data["latent_norm"], cfg.latent_channels, source)
@@ -181,6 +245,22 @@ class BundleConfig:
                     f"{source}: {section}.{key} = {found!r} but it must be {value} (vqgan.embedding_dim={c}, "
                     f"encoder.dim={d}). Edit config.yaml or re-create the bundle from a preset."
                 )
+
+
+def _read_conditioning(raw: Any, source: str) -> dict[str, tuple[str, ...]]:
+    if raw is None:  # written before the method's split: both networks saw the legacy 8 attributes
+        return dict(LEGACY_CONDITIONING)
+    if not isinstance(raw, dict) or set(raw) != {"lmnet", "linet"}:
+        raise BundleError(f"{source}: 'conditioning' must map lmnet and linet to lists of report attributes, "
+                          f"found {raw!r}. Compare with a fresh `lesiondiffusion bundle init` config.")
+    out = {}
+    for net, attrs in raw.items():
+        bad = [a for a in (attrs or []) if a not in ATTRIBUTES]
+        if not attrs or bad or len(set(attrs)) != len(attrs):
+            raise BundleError(f"{source}: conditioning.{net} = {attrs!r} must list distinct report attributes "
+                              f"({', '.join(ATTRIBUTES)}); unknown: {bad}.")
+        out[net] = tuple(str(a) for a in attrs)
+    return out
 
 
 def preset_config(preset: str, encoder_id: str, encoder_spec: str, dim: int) -> BundleConfig:
@@ -254,7 +334,7 @@ class Bundle:
     def init(
         cls,
         preset: str = "tiny",
-        encoder: str | TextEncoder = "hashing",
+        encoder: str | TextEncoder | None = None,
         seed: int = 0,
         phrases: Iterable[str] | None = None,
         for_training: bool = False,
@@ -264,9 +344,11 @@ class Bundle:
         ``for_training``: give the attention output projections of LMNet/LINet small random weights
         instead of MONAI's zeros (``models.lmnet.init_attention_outputs``), so training learns the text
         path from the first step; the pretraining commands create their bundles this way.
+        ``encoder`` defaults to the preset's (``preset_encoder``: BiomedCLIP for ``paper``); one that cannot
+        be loaded is an error, never a silent fallback to another encoder.
         """
-        enc = make_encoder(encoder) if isinstance(encoder, str) else encoder
-        spec = encoder if isinstance(encoder, str) else enc.id
+        enc = load_encoder(preset, encoder) if encoder is None or isinstance(encoder, str) else encoder
+        spec = (encoder or preset_encoder(preset)) if not isinstance(encoder, TextEncoder) else enc.id
         config = preset_config(preset, enc.id, spec, enc.dim)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -427,4 +509,5 @@ class Bundle:
         return True
 
 
-__all__ = ["Bundle", "BundleConfig", "CropConfig", "PRESETS", "BUNDLE_VERSION", "default_phrases", "preset_config"]
+__all__ = ["Bundle", "BundleConfig", "CropConfig", "PRESETS", "BUNDLE_VERSION", "default_phrases", "preset_config",
+           "load_encoder", "preset_encoder", "preset_training"]

@@ -663,3 +663,108 @@ __all__ = [
     "make_phantom",
     "write_phantom_dataset",
 ]
+
+
+# --------------------------------------------------------------------------------------------------
+# Head phantom: the target of the zero-shot hematencephalon demonstration (README, "A new lesion
+# type: hematencephalon"). Nothing in the abdominal dataset looks like it, which is the point.
+# --------------------------------------------------------------------------------------------------
+
+HEAD_TS_V2_IDS: dict[str, int] = {"brain": 90, "skull": 91}
+
+# Non-contrast HU of the head's tissues (typical adult values).
+HEAD_TISSUE_HU: dict[str, float] = {
+    "scalp": 40.0,
+    "skull": 1000.0,
+    "diploe": 450.0,        # cancellous bone between the skull's two tables
+    "csf": 8.0,
+    "gray_matter": 38.0,
+    "white_matter": 28.0,
+}
+
+
+@dataclass
+class HeadPhantom(Phantom):
+    """A head phantom: ``organs`` holds TotalSegmentator v2 ``brain`` (90, ventricles included, as
+    TotalSegmentator labels it) and ``skull`` (91); ``ventricles`` marks the CSF spaces inside it."""
+
+    ventricles: np.ndarray | None = None
+
+    @property
+    def parenchyma(self) -> np.ndarray:
+        """Brain tissue proper: the brain label without the ventricles."""
+        brain = self.organs == HEAD_TS_V2_IDS["brain"]
+        return brain & ~self.ventricles if self.ventricles is not None else brain
+
+
+def make_head_phantom(
+    shape: Sequence[int] = (64, 80, 64),
+    spacing: Sequence[float] = (2.5, 2.5, 2.5),
+    seed: int | np.random.Generator = 0,
+    *,
+    noise_hu: float = 8.0,
+) -> HeadPhantom:
+    """A non-contrast head CT phantom in HU: scalp, skull (two tables and diploe), a CSF rim, cortex
+    (grey matter), white matter and the lateral and third ventricles, with TotalSegmentator v2 labels.
+
+    Sizes are in mm (head semi-axes about 70 x 88 x 68 mm, jittered by the seed), so the field of view
+    (``shape * spacing``) must be at least 160 x 196 x 152 mm.
+    """
+    shape = tuple(int(v) for v in shape)
+    spacing = tuple(float(v) for v in spacing)
+    if len(shape) != 3 or len(spacing) != 3 or min(spacing) <= 0:
+        raise LesionDiffusionError(f"Head phantom shape {shape} / spacing {spacing} invalid; give three sizes "
+                                   "and three positive spacings in mm.")
+    rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    semi = np.array([70.0, 88.0, 68.0]) * (1.0 + rng.uniform(-0.04, 0.04, 3))
+    fov = np.array(shape) * np.array(spacing)
+    if np.any(fov < 2 * semi + 10.0):
+        need = np.ceil((2 * semi + 10.0) / np.array(spacing)).astype(int)
+        raise LesionDiffusionError(f"Head phantom field of view {fov.tolist()} mm is too small for a head of "
+                                   f"{(2 * semi).round().tolist()} mm; use shape >= {need.tolist()} at spacing {list(spacing)}.")
+    axes = [(np.arange(n) - (n - 1) / 2.0) * s for n, s in zip(shape, spacing)]
+    x, y, z = axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]
+
+    def inside(centre, semi_axes) -> np.ndarray:
+        c, s = np.asarray(centre, float), np.asarray(semi_axes, float)
+        return ((x - c[0]) / s[0]) ** 2 + ((y - c[1]) / s[1]) ** 2 + ((z - c[2]) / s[2]) ** 2 <= 1.0
+
+    head = inside((0, 0, 0), semi)
+    skull_outer = inside((0, 0, 0), semi - 5.0)            # 5 mm scalp
+    diploe = inside((0, 0, 0), semi - 7.0) & ~inside((0, 0, 0), semi - 10.0)
+    intracranial = inside((0, 0, 0), semi - 12.0)          # 7 mm skull: outer table, diploe, inner table
+    brain = inside((0, 0, 0), semi - 14.0)                 # 2 mm CSF between skull and brain
+    white = inside((0, 0, 0), semi - 18.0)                 # ~4 mm cortex
+    shift = rng.uniform(-3.0, 3.0, 3)
+    ventricles = (
+        inside(np.array([9.0, 8.0, 10.0]) + shift, (6.0, 28.0, 9.0))       # lateral ventricles
+        | inside(np.array([-9.0, 8.0, 10.0]) + shift, (6.0, 28.0, 9.0))
+        | inside(np.array([0.0, 0.0, -2.0]) + shift, (2.0, 12.0, 8.0))     # third ventricle
+    ) & white
+
+    ct = np.full(shape, -1000.0, np.float32)
+    ct[head] = HEAD_TISSUE_HU["scalp"]
+    ct[skull_outer] = HEAD_TISSUE_HU["skull"]
+    ct[diploe] = HEAD_TISSUE_HU["diploe"]
+    ct[intracranial] = HEAD_TISSUE_HU["csf"]
+    ct[brain] = HEAD_TISSUE_HU["gray_matter"]
+    ct[white] = HEAD_TISSUE_HU["white_matter"]
+    ct[ventricles] = HEAD_TISSUE_HU["csf"]
+    # smooth parenchymal texture (a few HU), partial-volume blur, quantum noise, as in make_phantom
+    texture = ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), 2.0)
+    ct[brain] += (3.0 * texture / max(float(texture.std()), 1e-6))[brain]
+    ct = ndimage.gaussian_filter(ct, 0.6) + rng.normal(0.0, noise_hu, shape)
+    organs_arr = np.zeros(shape, np.uint8)
+    organs_arr[skull_outer & ~intracranial] = HEAD_TS_V2_IDS["skull"]
+    organs_arr[brain] = HEAD_TS_V2_IDS["brain"]
+    return HeadPhantom(
+        ct=np.clip(ct, -1024, 3071).astype(np.float32),
+        organs=organs_arr,
+        lesion=np.zeros(shape, np.uint8),
+        affine=_affine(shape, spacing),
+        enhancement=NON_CONTRAST,
+        ventricles=ventricles,
+    )
+
+
+__all__ += ["HEAD_TISSUE_HU", "HEAD_TS_V2_IDS", "HeadPhantom", "make_head_phantom"]

@@ -367,7 +367,7 @@ class LesionSynthesizer:
                 )
                 cond_t = torch.from_numpy(cond).to(self.device)
                 cond_t = torch.cat([organ_semantics(cond_t[:, 0:1]), cond_t[:, 1:3]], dim=1)
-                context = self.bundle.context([it.report.mask_phrases() for it in batch]).to(self.device)
+                context = self.bundle.context([it.report.phrases(self.bundle.config.attributes("lmnet")) for it in batch]).to(self.device)
                 shape = (1, 1) + tuple(batch[0].geometry.mask_size)  # type: ignore[union-attr]
                 noise = torch.cat([self._noise(shape, it.seed + 1000003 * it.attempts) for it in batch]).to(self.device)
                 with self._autocast():
@@ -400,6 +400,8 @@ class LesionSynthesizer:
         in_box[tuple(slice(l - s.start, h - s.start) for l, h, s in zip(box.lo, box.hi, region))] = True
         organ = np.isin(organs.labels[region], organs.ids(box.organ_names))
         raw = int(mask.sum())
+        # share of LMNet's own mask (before the box and organ clipping below) inside the organ
+        raw_organ_fraction = float((mask & organ).sum()) / raw if raw else 0.0
         mask &= in_box
         inside = box.category in INSIDE_ORGAN
         if inside:
@@ -427,7 +429,8 @@ class LesionSynthesizer:
         if problem is not None:
             return f"mask: {problem.replace('lies in the organ', f'lies in {box.organ_names}')}"
         it.mask = mask
-        it.info.update(mask_volume_ml=volume_ml, expected_volume_ml=expected_ml, organ_fraction=organ_fraction, attempts=it.attempts)
+        it.info.update(mask_volume_ml=volume_ml, expected_volume_ml=expected_ml, organ_fraction=organ_fraction,
+                       raw_organ_fraction=raw_organ_fraction, attempts=it.attempts)
         return None
 
     def _run_images(self, items: list[_Item], ct: np.ndarray) -> None:
@@ -447,7 +450,7 @@ class LesionSynthesizer:
             norm = bcfg.latents  # LINet works on standardised latents (models.vqgan.LatentNorm)
             z0 = norm.normalize(self.bundle.vqgan.encode_stage_2_inputs(x))
             lmask = latent_mask(mask_t, tuple(z0.shape[2:]))
-            context = self.bundle.context([it.report.image_phrases() for it in batch]).to(self.device)
+            context = self.bundle.context([it.report.phrases(self.bundle.config.attributes("linet")) for it in batch]).to(self.device)
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(

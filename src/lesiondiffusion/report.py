@@ -30,6 +30,10 @@ ATTRIBUTES: tuple[str, ...] = (
     "density",
     "density_variations",
 )
+# The method's split: mask attributes condition LMNet (the lesion's outline and where it sits), image
+# attributes condition LINet (what the inside and the margin look like). Surface characteristics
+# (margin definition) is an image attribute in the method: the mask's outline is drawn by the shape
+# prompt, the margin's sharpness is intensity.
 MASK_ATTRIBUTES: tuple[str, ...] = (
     "shape",
     "organ_type",
@@ -37,19 +41,18 @@ MASK_ATTRIBUTES: tuple[str, ...] = (
     "organ",
     "size",
     "relationship",
-    "surface",
-    "specific_features",
 )
 IMAGE_ATTRIBUTES: tuple[str, ...] = (
-    "organ",
-    "size",
-    "relationship",
     "surface",
     "specific_features",
     "enhancement",
     "density",
     "density_variations",
 )
+# Bundles written before the split followed the method (config.yaml without `conditioning`) gave both
+# networks 8 phrases, with organ, size, relationship, surface and specific_features in both.
+LEGACY_MASK_ATTRIBUTES: tuple[str, ...] = MASK_ATTRIBUTES + ("surface", "specific_features")
+LEGACY_IMAGE_ATTRIBUTES: tuple[str, ...] = ("organ", "size", "relationship") + IMAGE_ATTRIBUTES
 
 # Canonical value -> synonyms. Canonical strings are what phrases and catalogs use; synonyms are what
 # people write in reports. Matching ignores case, hyphens, underscores and repeated spaces.
@@ -386,11 +389,11 @@ class LesionReport:
         return [phrase(a, getattr(self, a)) for a in attributes]
 
     def mask_phrases(self) -> list[str]:
-        """Eight phrases for the mask model, in ``MASK_ATTRIBUTES`` order."""
+        """The mask model's (LMNet) phrases, in ``MASK_ATTRIBUTES`` order."""
         return self.phrases(MASK_ATTRIBUTES)
 
     def image_phrases(self) -> list[str]:
-        """Eight phrases for the image model, in ``IMAGE_ATTRIBUTES`` order."""
+        """The image model's (LINet) phrases, in ``IMAGE_ATTRIBUTES`` order."""
         return self.phrases(IMAGE_ATTRIBUTES)
 
     @property

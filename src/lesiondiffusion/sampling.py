@@ -44,7 +44,7 @@ class ScheduleConfig:
     schedule: str = "cosine"  # MONAI NoiseSchedules name (Nichol & Dhariwal cosine alpha-bar)
     lmnet_prediction: str = "epsilon"
     linet_prediction: str = "epsilon"
-    ddim_steps: int = 50  # paper: 200; 50 chosen by measurement, see docs/bundle.md
+    ddim_steps: int = 50  # for configs without the key; presets set theirs (paper 200 = the method, tiny 10)
     guidance_scale: float = 2.5  # classifier-free guidance for both networks; 1.0 disables it
     eta: float = 0.0  # deterministic DDIM
 

@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     i = sub.add_parser("init", help="randomly initialised bundle from a preset (tests, smoke runs, training start)")
     i.add_argument("--preset", default="tiny", help="network sizes: tiny or paper (default tiny; see docs/bundle.md)")
     i.add_argument("-o", "--output", type=Path, required=True, metavar="DIR", help="bundle folder to create")
-    i.add_argument("--encoder", default="hashing", help="text encoder (default hashing): hashing[:DIM], biomedclip, local-dir:/path, open_clip:NAME, st:/path; see docs/bundle.md")
+    i.add_argument("--encoder", default=None, help="text encoder (default: the preset's, biomedclip for paper, hashing for tiny): hashing[:DIM], biomedclip, local-dir:/path, open_clip:NAME, st:/path; see docs/bundle.md")
     i.add_argument("--seed", type=int, default=0, help="weight initialisation seed (default 0)")
     i.add_argument("--force", action="store_true", help="replace an existing bundle in DIR")
     i.set_defaults(func=_init)

@@ -28,13 +28,20 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train(args: argparse.Namespace) -> int:
-    from ..pretrain import train_linet, train_lmnet, train_vqgan
+def pretrain_options(args: argparse.Namespace):
+    """The run's options; every optimisation option left unset takes the preset's recipe
+    (``bundle.PRESETS[preset]["training"]``, tabled in docs/fidelity.md)."""
+    from ..bundle import preset_training
     from ..pretrain.common import PretrainOptions
     from ..pretrain.engine import TrainConfig
 
+    recipe = preset_training(args.preset)
+    given = {"batch_size": args.batch_size, "lr": args.lr, "weight_decay": args.weight_decay,
+             "betas": tuple(args.betas) if args.betas else None}
+    chosen = {k: (v if v is not None else recipe[k]) for k, v in given.items()}
     train = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
+        steps=args.steps, batch_size=int(chosen["batch_size"]), lr=float(chosen["lr"]),
+        weight_decay=float(chosen["weight_decay"]), betas=tuple(float(b) for b in chosen["betas"]),
         warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, ema_decay=args.ema,
         checkpoint_every=args.checkpoint_every, log_every=args.log_every, preview_every=args.preview_every,
         num_workers=args.workers, seed=args.seed, device=args.device, amp=not args.no_amp,
@@ -42,17 +49,25 @@ def _train(args: argparse.Namespace) -> int:
     )
     extra: dict = {}
     if args.net == "vqgan":
-        extra.update(adv_warmup_steps=args.adv_warmup, adv_weight=args.adv_weight)
+        extra.update(adv_warmup_steps=args.adv_warmup,
+                     adv_weight=recipe["adv_weight"] if args.adv_weight is None else args.adv_weight,
+                     adv_criterion=args.adv_criterion or recipe["adv_criterion"])
         if args.patch:
             extra["patch"] = tuple(args.patch)
     else:
         extra.update(p_token=args.p_token, p_all=args.p_all)
         if args.net == "lmnet":
             extra["gamma"] = args.gamma
-    opts = PretrainOptions(data=Path(args.data), run_dir=Path(args.output), preset=args.preset,
+    return PretrainOptions(data=Path(args.data), run_dir=Path(args.output), preset=args.preset,
                            bundle=Path(args.bundle) if args.bundle else None,
                            cache=Path(args.cache) if args.cache else None, encoder=args.encoder,
                            resume=args.resume, train=train, extra=extra)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from ..pretrain import train_linet, train_lmnet, train_vqgan
+
+    opts = pretrain_options(args)
     module = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}[args.net]
     summary = module.train(opts)
     if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
@@ -81,14 +96,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--bundle", help="bundle to write the network into (created from --preset if absent; "
                                         "default RUN/bundle)")
         t.add_argument("--cache", help="prepared-data folder (default: beside RUN, shared by the three runs)")
-        t.add_argument("--encoder", default="hashing", help="text encoder when the bundle is created here "
-                                                            "(hashing | biomedclip | st:PATH)")
+        t.add_argument("--encoder", default=None, help="text encoder when the bundle is created here (default: the "
+                                                       "preset's, biomedclip for paper, hashing for tiny; "
+                                                       "hashing | biomedclip | local-dir:PATH | st:PATH)")
         t.add_argument("--steps", type=int, default=1000)
         t.add_argument("--resume", action="store_true", help="continue RUN exactly from its checkpoint")
-        t.add_argument("--batch-size", type=int, default=2, help="per process")
+        t.add_argument("--batch-size", type=int, default=None, help="per process (default: the preset's, "
+                                                                    "paper 1 per GPU, tiny 2)")
         t.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")
-        t.add_argument("--lr", type=float, default=1e-4)
-        t.add_argument("--weight-decay", type=float, default=1e-5)
+        t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's, 1e-4)")
+        t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the preset's, 1e-5)")
+        t.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+                       help="AdamW betas (default: the preset's; paper 0.99 0.999 = the method's momentum 0.99)")
         t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
         t.add_argument("--grad-clip", type=float, default=1.0)
         t.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep EMA weights (e.g. 0.999) "
@@ -102,7 +121,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--no-progress", action="store_true")
         if net == "vqgan":
             t.add_argument("--adv-warmup", type=int, default=500, help="steps before the adversarial term")
-            t.add_argument("--adv-weight", type=float, default=0.01)
+            t.add_argument("--adv-weight", type=float, default=None, help="adversarial weight (default: the preset's, 0.01)")
+            t.add_argument("--adv-criterion", choices=("bce", "least_squares", "hinge"), default=None,
+                           help="adversarial loss (default: the preset's; paper bce = the method's log-GAN loss)")
             t.add_argument("--patch", type=int, nargs=3, help="training patch (default: LINet crop size)")
         else:
             t.add_argument("--p-token", type=float, default=0.1, help="per-attribute dropout probability")

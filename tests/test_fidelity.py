@@ -1,0 +1,171 @@
+"""Fidelity to the method: docs/fidelity.md's machine-readable block against the presets in the code, the
+attribute split (and old bundles keeping theirs), the pretraining recipe per preset, BiomedCLIP by
+default for paper-sized bundles with no silent fallback."""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+
+from lesiondiffusion.bundle import (
+    CONFIG_FILE,
+    LEGACY_CONDITIONING,
+    PRESETS,
+    Bundle,
+    load_encoder,
+    preset_config,
+    preset_encoder,
+    preset_training,
+)
+from lesiondiffusion.cli import build_parser
+from lesiondiffusion.errors import BundleError, TextEncodingError
+from lesiondiffusion.report import ATTRIBUTES, IMAGE_ATTRIBUTES, MASK_ATTRIBUTES
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "fidelity.md"
+
+
+def _block() -> dict:
+    text = DOC.read_text(encoding="utf-8")
+    m = re.search(r"```yaml fidelity\n(.*?)```", text, re.S)
+    assert m, "docs/fidelity.md lost its ```yaml fidelity block"
+    return yaml.safe_load(m.group(1))
+
+
+def _pretrain_default(net: str, option: str):
+    args = build_parser().parse_args(["pretrain", net, "--data", "d", "-o", "r"])
+    return getattr(args, option)
+
+
+def _resolved(preset: str) -> dict:
+    """Every value a preset gives, under the block's dotted keys."""
+    from monai.networks.nets import VQVAE
+
+    cfg = preset_config(preset, "id", preset_encoder(preset), 512)
+    d = cfg.to_dict()
+    flat = {"encoder": preset_encoder(preset), "vq_factor": cfg.vq_factor}
+    for section in ("crop", "schedule", "vqgan", "lmnet", "linet"):
+        for k, v in d[section].items():
+            flat[f"{section}.{k}"] = v
+    flat.setdefault("vqgan.commitment_cost", inspect.signature(VQVAE).parameters["commitment_cost"].default)
+    for k, v in preset_training(preset).items():
+        flat[f"training.{k}"] = v
+    return flat
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) or isinstance(b, float):
+        return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(a)))
+    return a == b
+
+
+@pytest.mark.parametrize("preset", ["paper", "tiny"])
+def test_fidelity_table_matches_the_presets(preset):
+    block = _block()
+    actual = _resolved(preset)
+    wrong = {k: (v, actual.get(k, "<missing>")) for k, v in block[preset].items() if not _same(v, actual.get(k))}
+    assert wrong == {}, f"docs/fidelity.md says (doc, code): {wrong}"
+
+
+def test_fidelity_table_matches_the_method_settings():
+    method = _block()["method"]
+    assert list(MASK_ATTRIBUTES) == method["conditioning.lmnet"]
+    assert list(IMAGE_ATTRIBUTES) == method["conditioning.linet"]
+    assert _pretrain_default("lmnet", "gamma") == method["lmnet_gamma"]
+    assert _pretrain_default("linet", "p_token") == method["p_token"]
+    assert _pretrain_default("linet", "p_all") == method["p_all"]
+
+
+def test_every_table_row_names_existing_code():
+    """The 'where' column must point at files and symbols that exist."""
+    root = DOC.parents[1]
+    rows = [line for line in DOC.read_text(encoding="utf-8").splitlines() if re.match(r"\| \d+ \|", line)]
+    assert len(rows) >= 30
+    for row in rows:
+        where = row.rstrip(" |").rsplit("|", 1)[-1]
+        for file, symbols in re.findall(r"`([\w/]+\.py): ([^`]+)`", where):
+            path = next((p for p in (root / "src" / "lesiondiffusion" / file, root / file) if p.is_file()), None)
+            assert path is not None, f"{file} named in docs/fidelity.md does not exist"
+            source = path.read_text(encoding="utf-8")
+            for symbol in re.findall(r"[A-Za-z_][A-Za-z_0-9]*", symbols.split("[")[0]):
+                assert symbol in source, f"{symbol} not found in {file} (docs/fidelity.md row {row[:40]})"
+
+
+def test_attribute_split_is_the_methods_and_old_bundles_keep_theirs(tmp_path):
+    assert set(MASK_ATTRIBUTES) | set(IMAGE_ATTRIBUTES) == set(ATTRIBUTES)
+    assert not set(MASK_ATTRIBUTES) & set(IMAGE_ATTRIBUTES)
+    b = Bundle.init("tiny", "hashing:16", seed=0, phrases=[])
+    assert b.config.attributes("lmnet") == MASK_ATTRIBUTES and b.config.attributes("linet") == IMAGE_ATTRIBUTES
+    b.save(tmp_path / "new")
+    assert Bundle.read_config(tmp_path / "new").conditioning == b.config.conditioning
+    # a bundle written before the split (no `conditioning` key) keeps the 8/8 phrases it was trained on
+    cfg = yaml.safe_load((tmp_path / "new" / CONFIG_FILE).read_text())
+    del cfg["conditioning"]
+    (tmp_path / "new" / CONFIG_FILE).write_text(yaml.safe_dump(cfg))
+    old = Bundle.read_config(tmp_path / "new")
+    assert old.conditioning == LEGACY_CONDITIONING and len(old.attributes("lmnet")) == 8
+    cfg["conditioning"] = {"lmnet": ["shape", "colour"], "linet": ["density"]}
+    (tmp_path / "new" / CONFIG_FILE).write_text(yaml.safe_dump(cfg))
+    with pytest.raises(BundleError, match="conditioning.lmnet.*colour"):
+        Bundle.read_config(tmp_path / "new")
+
+
+def test_pretrain_options_follow_the_preset_recipe():
+    from lesiondiffusion.commands.pretrain import pretrain_options
+
+    parse = build_parser().parse_args
+    paper = pretrain_options(parse(["pretrain", "vqgan", "--data", "d", "-o", "r", "--preset", "paper"]))
+    assert paper.train.batch_size == 1 and paper.train.betas == (0.99, 0.999)
+    assert paper.extra["adv_criterion"] == "bce" and paper.encoder is None  # None: the preset's (BiomedCLIP)
+    tiny = pretrain_options(parse(["pretrain", "vqgan", "--data", "d", "-o", "r"]))
+    assert tiny.train.batch_size == 2 and tiny.train.betas == (0.9, 0.999) and tiny.extra["adv_criterion"] == "least_squares"
+    given = pretrain_options(parse(["pretrain", "lmnet", "--data", "d", "-o", "r", "--preset", "paper",
+                                    "--batch-size", "4", "--betas", "0.9", "0.99", "--encoder", "hashing"]))
+    assert given.train.batch_size == 4 and given.train.betas == (0.9, 0.99) and given.encoder == "hashing"
+
+
+def test_vqgan_loss_uses_the_log_gan_criterion_for_paper():
+    import torch
+
+    from lesiondiffusion.pretrain.losses import VQGANLoss, VQGANLossConfig
+
+    logits = torch.zeros(1, 1, 4, 4, 4)
+    bce = VQGANLoss(VQGANLossConfig(adv_criterion=preset_training("paper")["adv_criterion"]))
+    lsq = VQGANLoss(VQGANLossConfig(adv_criterion=preset_training("tiny")["adv_criterion"]))
+    # at logit 0: -log(sigmoid(0)) = log 2 for the log-GAN loss, (0 - 1)^2 = 1 for least squares
+    assert float(bce.adv(logits, target_is_real=True, for_discriminator=False)) == pytest.approx(0.6931, abs=1e-3)
+    assert float(lsq.adv(logits, target_is_real=True, for_discriminator=False)) == pytest.approx(1.0)
+
+
+def test_paper_preset_uses_biomedclip_and_never_falls_back(monkeypatch):
+    assert preset_encoder("paper") == "biomedclip" and PRESETS["paper"]["encoder"] == "biomedclip"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no network here: the hub is unreachable either way
+    with pytest.raises(TextEncodingError) as err:
+        load_encoder("paper")
+    message = str(err.value)
+    assert "local-dir:" in message and "--encoder hashing" in message and "[biomedclip]" in message
+
+
+def test_paper_preset_loads_a_local_open_clip_folder(tmp_path):
+    """The paper preset's loading path with `--encoder local-dir:` on a tiny open_clip model built here."""
+    import json
+
+    import open_clip
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "tiny_biomedclip"
+    folder.mkdir()
+    cfg = {"model_cfg": {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 16, "head_width": 16},
+                         "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}},
+           "lesiondiffusion_id": "open_clip:hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"}
+    (folder / "open_clip_config.json").write_text(json.dumps(cfg))
+    model = open_clip.create_model(f"local-dir:{folder}")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
+    enc = load_encoder("paper", f"local-dir:{folder}")
+    assert enc.id == cfg["lesiondiffusion_id"] and enc.dim == 24
+    assert tuple(enc.encode(["density: hypodense"]).shape) == (1, 24)
