@@ -403,6 +403,45 @@ def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
     return warnings
 
 
+def derive_missing_reports(data_dir: Path, *, enhancement: str = "non-contrast CT",
+                           file_ending: str | None = None) -> list[tuple[Path, int]]:
+    """Write reportsTr/{case}.yaml, derived from the images (``lesiondiffusion.derive``), for every case
+    with lesion voxels and no report file; a dataset.json label name is the lesion_type. Existing report
+    files are never touched. Returns (file, number of lesions) per written file."""
+    from lesiondiffusion.derive import derive_reports
+    from lesiondiffusion.io import load_nifti, write_yaml
+    from lesiondiffusion.organs import load_organ_map
+
+    meta_problems: list[str] = []
+    meta = _read_dataset_json(data_dir, meta_problems)
+    if meta is None or meta_problems:
+        raise DataCheckError("\n".join(meta_problems))
+    file_ending = file_ending or meta.get("file_ending", ".nii.gz")
+    valid = label_ids(meta)
+    mapping = meta.get("organ_mapping", "auto")
+    if str(mapping).endswith(".json"):
+        mapping = str(data_dir / mapping)
+    written = []
+    (data_dir / "reportsTr").mkdir(exist_ok=True)
+    for case in find_cases(data_dir, file_ending):
+        paths = case_paths(data_dir, case, file_ending)
+        if paths["report"] is not None or not paths["lesion"].exists():  # type: ignore[union-attr]
+            continue
+        lesion, _, _ = load_nifti(paths["lesion"])
+        if not np.any(lesion):
+            continue
+        ct, _, _ = load_nifti(paths["image"], np.float32)
+        organs = load_organ_map(paths["organs"], mapping)
+        try:
+            entries = derive_reports(ct, lesion, organs, enhancement=enhancement, label_types=valid)
+        except LesionDiffusionError as exc:
+            raise DataCheckError(f"case {case}: cannot derive reports: {exc}") from None
+        out = data_dir / "reportsTr" / f"{case}.yaml"
+        write_yaml(out, {"lesions": entries})
+        written.append((out, len(entries)))
+    return written
+
+
 def validate_dataset(data_dir: str | os.PathLike) -> list[str]:
     """Raise DataCheckError listing every problem; return the case ids when the dataset is usable."""
     problems = check_dataset(data_dir)

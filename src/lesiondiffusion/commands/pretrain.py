@@ -28,6 +28,20 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _prepare(args: argparse.Namespace) -> int:
+    from ..errors import DataCheckError
+    from ..pretrain.data import derive_missing_reports
+
+    if not args.derive_reports:
+        raise DataCheckError("pretrain prepare: nothing to do; pass --derive-reports to derive the missing reports "
+                             "(the cache itself is prepared by `pretrain vqgan|lmnet|linet`).")
+    written = derive_missing_reports(Path(args.data), enhancement=args.enhancement)
+    for path, n in written:
+        print(f"derived {n} report(s) -> {path}")
+    print(f"{len(written)} report file(s) written; checking the dataset")
+    return _check(args)
+
+
 def pretrain_options(args: argparse.Namespace):
     """The run's options; every optimisation option left unset takes the preset's recipe
     (``bundle.PRESETS[preset]["training"]``, tabled in docs/fidelity.md)."""
@@ -86,6 +100,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c = sub.add_parser("check", help="list every problem of a pretraining dataset")
     c.add_argument("data", help="dataset folder (dataset.json, imagesTr, labelsTr, organsTr, reportsTr)")
     c.set_defaults(func=_check)
+    pr = sub.add_parser("prepare", help="derive missing reports of a mask-only dataset, then check it",
+                        description="Public datasets (LiTS, KiTS, MSD, ...) have masks but no reports: --derive-reports "
+                                    "writes reportsTr/{case}.yaml for every case with lesion voxels and no report "
+                                    "(existing reports are never touched). The training commands prepare the cache.")
+    pr.add_argument("data", help="dataset folder (dataset.json, imagesTr, labelsTr, organsTr)")
+    pr.add_argument("--derive-reports", action="store_true", help="derive a report per lesion component")
+    pr.add_argument("--enhancement", default="non-contrast CT", help="the dataset's contrast phase (one per dataset)")
+    pr.set_defaults(func=_prepare)
     for net, what in (("vqgan", "the VQ-GAN autoencoder"), ("lmnet", "the lesion-mask diffusion network"),
                       ("linet", "the latent inpainting network (uses the bundle's frozen VQ-GAN)")):
         t = sub.add_parser(net, help=f"train {what}")

@@ -24,6 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     c.add_argument("--catalog", help="catalog name or path (default: the report's lesion_type)")
     c.set_defaults(func=_check)
     _register_parse(sub)
+    _register_derive(sub)
 
 
 def parse_fixed(items: list[str]) -> dict[str, str]:
@@ -134,4 +135,49 @@ def _parse(args: argparse.Namespace) -> int:
         else:
             report.to_yaml(args.output)
         print(f"wrote {args.output} (unspecified attributes drawn from catalog {parsed.lesion_type}, seed {args.seed})")
+    return 0
+
+
+def _register_derive(sub: argparse._SubParsersAction) -> None:
+    d = sub.add_parser("derive", help="derive reports from a CT, its lesion mask and organ map (one per lesion)",
+                       description="Measure each connected lesion component and choose every attribute by the "
+                                   "thresholds of docs/catalogs.md ('Reports derived from images'); each attribute "
+                                   "records the measured value that chose it under `derived`.")
+    d.add_argument("--ct", type=Path, required=True, help="CT volume in HU (NIfTI)")
+    d.add_argument("--mask", type=Path, required=True, help="lesion label map on the CT grid (NIfTI)")
+    d.add_argument("--organs", type=Path, required=True, metavar="SEG", help="organ label map (TotalSegmentator or yours)")
+    d.add_argument("--label", type=int, help="only this lesion label (default: every label)")
+    d.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
+    d.add_argument("--enhancement", default="non-contrast CT", help="the scan's contrast phase (default non-contrast CT)")
+    d.add_argument("--lesion-type", help="catalog name for lesion_type and catalog HU ranges (default: the host organ's "
+                                         "first catalog)")
+    d.add_argument("-o", "--output", type=Path, help="write a reportsTr-style YAML here (default: print it)")
+    d.set_defaults(func=_derive)
+
+
+def _derive(args: argparse.Namespace) -> int:
+    import numpy as np
+    import yaml
+
+    from ..derive import derive_reports
+    from ..errors import LesionDiffusionError
+    from ..io import load_nifti, refuse_overwrite_input, write_yaml
+    from ..organs import load_organ_map
+
+    ct, affine, _ = load_nifti(args.ct, np.float32)
+    mask, mask_affine, _ = load_nifti(args.mask)
+    organs = load_organ_map(args.organs, args.mapping)
+    for name, aff in (("--mask", mask_affine), ("--organs", organs.affine)):
+        if not np.allclose(aff, affine, atol=1e-3):
+            raise LesionDiffusionError(f"{name} and --ct {args.ct} have different affines; they must share one voxel grid.")
+    entries = derive_reports(ct, mask, organs, label=args.label, enhancement=args.enhancement,
+                             lesion_type=args.lesion_type)
+    doc = {"lesions": entries}
+    if args.output is None:
+        sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
+    else:
+        for path in (args.ct, args.mask, args.organs):
+            refuse_overwrite_input(args.output, path)
+        write_yaml(args.output, doc)
+        print(f"derived {len(entries)} report(s) -> {args.output}")
     return 0
