@@ -7,6 +7,9 @@ the ratios and the store's hit rate over the timed window.
     python benchmarks/bench_trainer.py                       # rule-based generator, plans network, CPU
     python benchmarks/bench_trainer.py --backend lesiondiffusion --bundle BUNDLE --device cuda
     python benchmarks/bench_trainer.py --tiny --iters 20     # tiny network: data path dominates
+
+The unthrottled store rows set ``store.budget: null``; the ``budget`` rows let the producer throttle
+itself online (``lesiondiffusion.store.ThrottleController``) and print what it measured.
 """
 
 from __future__ import annotations
@@ -78,6 +81,8 @@ def main() -> int:
     ap.add_argument("--n-proc-da", type=int, default=0, help="nnUNet_n_proc_DA for the runs")
     ap.add_argument("--tiny", action="store_true", help="tiny network (smoke trainers)")
     ap.add_argument("--shape", type=int, nargs=3, default=(48, 48, 32))
+    ap.add_argument("--budgets", type=float, nargs="*", default=[0.05],
+                    help="store.budget values to time beside the unthrottled store (default 0.05)")
     ap.add_argument("--options", default="{}", help="JSON generator options, e.g. '{\"ddim_steps\": 10}'")
     args = ap.parse_args()
 
@@ -102,11 +107,11 @@ def main() -> int:
         generator["bundle"] = args.bundle
     results: dict[str, dict] = {}
 
-    def run(label: str, cls, warmup_cases: int | None) -> None:
+    def run(label: str, cls, warmup_cases: int | None, budget: float | None = None) -> None:
         if warmup_cases is not None:
             cfg = {"generator": generator, "catalogs": [{"name": "kidney_tumor"}], "synthetic_probability": 1.0,
                    "schedule": {"pretrain_fraction": 1.0},
-                   "store": {"size": args.store_size, "reuse": args.reuse, "warmup": warmup_cases}}
+                   "store": {"size": args.store_size, "reuse": args.reuse, "warmup": warmup_cases, "budget": budget}}
             path = root / f"{label}.yaml"
             path.write_text(yaml.safe_dump(cfg))
             os.environ["LESIONDIFFUSION_CONFIG"] = str(path)
@@ -120,7 +125,10 @@ def main() -> int:
         row = {"s_per_iter": sec, "start_s": start_s}
         if before is not None:
             d = tr.ld_store.stats().minus(before)
-            row.update(hit_rate=d.hit_rate, fresh=d.fresh, reused=d.reused, missed=d.missed, failed=d.failed)
+            row.update(hit_rate=d.hit_rate, fresh=d.fresh, reused=d.reused, missed=d.missed, failed=d.failed,
+                       produced=d.produced)
+            if tr.ld_throttle is not None:
+                row["throttle"] = tr.ld_throttle.summary()
             tr._ld_shutdown()
         elif hasattr(tr, "dataloader_train") and hasattr(tr.dataloader_train, "_finish"):
             tr.dataloader_train._finish()
@@ -129,17 +137,25 @@ def main() -> int:
     run("plain nnUNetTrainer", plain_cls, None)
     run("LesionDiffusion warm store", ld_cls, args.store_size)
     run("LesionDiffusion cold store", ld_cls, 0)
+    for budget in args.budgets:
+        run(f"warm store, budget {100 * budget:g}%", ld_cls, args.store_size, budget)
+        run(f"cold store, budget {100 * budget:g}%", ld_cls, 0, budget)
 
     base = results["plain nnUNetTrainer"]["s_per_iter"]
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
     print(f"\nmachine: {dev}; backend {args.backend} on {args.gen_device}; network "
           f"{'tiny' if args.tiny else 'plans'}; nnUNet_n_proc_DA={args.n_proc_da}; {args.iters} timed iterations; "
           f"store size {args.store_size}, reuse {args.reuse}")
-    print(f"{'trainer':32s} {'s/iter':>8s} {'ratio':>6s} {'start s':>8s} {'hit rate':>9s} {'fresh/reused/missed':>20s}")
+    print(f"{'trainer':32s} {'s/iter':>8s} {'ratio':>6s} {'start s':>8s} {'hit rate':>9s} {'fresh/reused/missed':>20s} "
+          f"{'produced':>8s}")
     for label, r in results.items():
         hr = f"{100 * r['hit_rate']:.0f}%" if "hit_rate" in r else "-"
         frm = f"{r['fresh']}/{r['reused']}/{r['missed']}" if "fresh" in r else "-"
-        print(f"{label:32s} {r['s_per_iter']:8.3f} {r['s_per_iter'] / base:6.2f} {r['start_s']:8.1f} {hr:>9s} {frm:>20s}")
+        print(f"{label:32s} {r['s_per_iter']:8.3f} {r['s_per_iter'] / base:6.2f} {r['start_s']:8.1f} {hr:>9s} {frm:>20s} "
+              f"{r.get('produced', '-'):>8}")
+    for label, r in results.items():
+        if "throttle" in r:
+            print(f"  {label}: {r['throttle']}")
     return 0
 
 

@@ -50,6 +50,7 @@ store:
   reuse: 8                        # max training draws of one synthetic case (each draw is a new patch)
   refresh: continuous             # continuous | once (fill the store once, then stop the generator)
   warmup: 4                       # cases to wait for before the first epoch (0 = start cold)
+  budget: 0.05                    # the producer may slow training by at most 5 % (null = no limit)
 """
 
 
@@ -101,6 +102,8 @@ class StoreConfig:
     worker: str = "process"          # producer in a spawned process (default) or a thread
     context_margin: int = 0          # extra voxels of context around the lesion beyond the patch
     nice: int = 10                   # producer process priority offset (CPU generators yield to training)
+    budget: float | None = 0.05      # max extra training iteration time from the producer; None = unthrottled
+    batch: int = 1                   # lesions per generator call (one template, one network batch); GPU: 8
 
 
 @dataclass
@@ -237,6 +240,9 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
     _number(p, "store.warmup_timeout_s", s.warmup_timeout_s, 0, 1e7)
     _number(p, "store.context_margin", s.context_margin, 0, 4096, integer=True)
     _number(p, "store.nice", s.nice, 0, 19, integer=True)
+    _number(p, "store.batch", s.batch, 1, 256, integer=True)
+    if s.budget is not None:
+        _number(p, "store.budget", s.budget, 0.001, 100.0)
     if s.refresh not in REFRESH:
         raise _err(p, "store.refresh", s.refresh, f"Use one of: {', '.join(REFRESH)}.")
     if s.on_miss not in ON_MISS:

@@ -297,17 +297,26 @@ class SyntheticCaseFactory:
         return cls(use_mask_for_norm=self.cm.use_mask_for_norm[0], intensityproperties=self.intensity["0"])
 
     def __call__(self, seed: int) -> tuple[SyntheticCase | None, str | None]:
-        rng = np.random.default_rng(seed)
+        return self.batch([seed])[0]
+
+    def batch(self, seeds: Sequence[int]) -> list[tuple[SyntheticCase | None, str | None]]:
+        """One case per seed from one generator call: the first seed picks the catalog and template, each
+        seed its own report, so the generator runs the lesions through its networks as one batch."""
+        rng = np.random.default_rng(seeds[0])
         k = int(rng.choice(len(self.catalogs), p=self.weights))
         catalog, label = self.catalogs[k], self.labels[k]
         if not self.by_catalog[k]:
-            return None, f"no template contains the organs of catalog {catalog.name}"
+            return [(None, f"no template contains the organs of catalog {catalog.name}")] * len(seeds)
         t = self.templates[self.by_catalog[k][int(rng.integers(len(self.by_catalog[k])))]]
         try:
-            report = catalog.sample(rng)
-            result = self.generator(t.hu, t.organs, [report], catalog, seed=int(rng.integers(2**31 - 1)))[0]
+            reports = [catalog.sample(rng)] + [catalog.sample(np.random.default_rng(s)) for s in seeds[1:]]
+            results = self.generator(t.hu, t.organs, reports, catalog, seed=int(rng.integers(2**31 - 1)))
         except LesionDiffusionError as exc:  # bad draw (no placement, ...): dropped and counted
-            return None, f"{type(exc).__name__}: {exc}"
+            return [(None, f"{type(exc).__name__}: {exc}")] * len(seeds)
+        return [self._case(result, t, catalog, label, s) for result, s in zip(results, seeds)]
+
+    def _case(self, result: Any, t: Template, catalog: Any, label: int,
+              seed: int) -> tuple[SyntheticCase | None, str | None]:
         if not result.ok:
             return None, result.failure
         mask = np.asarray(result.lesion_mask) > 0

@@ -29,7 +29,7 @@ from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager
 
 from lesiondiffusion.errors import ConfigError
 from lesiondiffusion.io import atomic_write_text
-from lesiondiffusion.store import OfflineCacheReader, SampleStore, SharedCounters, StoreStats
+from lesiondiffusion.store import OfflineCacheReader, SampleStore, SharedCounters, StoreStats, ThrottleController
 
 from .config import CONFIG_FILENAME, LesionDiffusionConfig, config_path_for, load_config
 from .data import FactorySpec, MixedDataset, initial_patch_size
@@ -65,6 +65,7 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         self.ld_phase: str | None = None
         self._ld_stats_prev = StoreStats()
         self.ld_last_stats: StoreStats | None = None   # the last epoch's store statistics (all ranks)
+        self.ld_throttle: ThrottleController | None = None
         self._ld_train_dataset: MixedDataset | None = None
 
     # ------------------------------------------------------------------ configuration and schedule
@@ -152,7 +153,7 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         base = cfg.seed + 1000003 * self.current_epoch
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,
-                                    seed=base + rank, stride=world).start()
+                                    seed=base + rank, stride=world, batch=cfg.store.batch).start()
         self.ld_counters = self.ld_store.counters
         if world > 1:
             self.print_to_log_file(f"LesionDiffusion: rank {rank} of {world} has its own producer, generator on "
@@ -160,6 +161,11 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         if cfg.store.warmup:
             got = self.ld_store.wait_for(cfg.store.warmup, cfg.store.warmup_timeout_s)
             self.print_to_log_file(f"LesionDiffusion: store warm-up reached {got}/{cfg.store.warmup} cases")
+        if cfg.store.budget is not None and cfg.store.on_miss == "real":
+            self.ld_throttle = ThrottleController(self.ld_store.throttle, cfg.store.budget)
+        elif cfg.store.budget is not None:  # no real fallback: throttling would only make training wait
+            self.print_to_log_file("LesionDiffusion: store.budget is not applied when every sample must be "
+                                   "synthetic (on_miss: wait); the producer runs unthrottled")
 
     def get_tr_and_val_datasets(self):
         dataset_tr, dataset_val = super().get_tr_and_val_datasets()
@@ -197,11 +203,15 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
                 self.print_to_log_file("LesionDiffusion: producer stopped for the fine-tuning phase")
         self.ld_phase = phase
         self.ld_probability.value = p
+        if self.ld_throttle is not None:
+            self.ld_throttle.reset_clock()  # validation and checkpointing are not training iterations
         super().on_train_epoch_start()
 
     def train_step(self, batch: dict) -> dict:
         if self.ld_store is not None and self.ld_phase != "finetune":
             self.ld_store.check()  # a crashed producer stops training with its traceback
+            if self.ld_throttle is not None:
+                self.ld_throttle.tick()
         return super().train_step(batch)
 
     def on_train_epoch_end(self, train_outputs):
@@ -223,6 +233,9 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         if delta.requests or self.ld_phase != "finetune":
             ranks = f", sum over {world} ranks" if world > 1 else ""
             self.print_to_log_file(f"LesionDiffusion store ({self.ld_phase}{ranks}): {delta.summary()}")
+            if self.ld_throttle is not None and self.ld_phase != "finetune":
+                self.print_to_log_file(f"LesionDiffusion throttle (rank 0): {self.ld_throttle.summary()}; it allowed "
+                                       f"{delta.produced} synthetic cases this epoch{ranks}")
         self.ld_last_stats = delta
 
     def on_train_end(self):

@@ -62,7 +62,8 @@ class SyntheticCase:
 
 
 class CaseFactory(Protocol):
-    """Makes one synthetic case from a seed, or returns ``(None, reason)`` when synthesis failed."""
+    """Makes one synthetic case from a seed, or returns ``(None, reason)`` when synthesis failed.
+    Factories used with a producer ``batch`` > 1 also have ``batch(seeds)``: one result per seed."""
 
     def __call__(self, seed: int) -> tuple[SyntheticCase | None, str | None]: ...
 
@@ -135,10 +136,133 @@ class SharedCounters:
         return StoreStats(**dict(zip(_COUNTER_NAMES, vals)), queued=queued)
 
 
+class Throttle:
+    """Duty-cycle limit on the producer, in shared memory (set by the trainer, obeyed by the producer).
+
+    ``duty`` is the share of wall time the producer may work (1 = unthrottled, 0 = paused): after a
+    synthesis that took ``d`` seconds it rests ``d * (1 - duty) / duty``. The producer also publishes
+    how many seconds it has been busy (``busy_seconds``), which is how the trainer sees, per training
+    iteration, what share of it overlapped with synthesis.
+    """
+
+    def __init__(self, ctx: Any = None) -> None:
+        ctx = ctx or mp.get_context("spawn")
+        self._duty = ctx.Value("d", 1.0)
+        self._busy = ctx.Array("d", 2)   # [busy seconds finished, start of the current busy span or 0]
+
+    @property
+    def duty(self) -> float:
+        return float(self._duty.value)
+
+    def set_duty(self, value: float) -> None:
+        self._duty.value = float(min(1.0, max(0.0, value)))
+
+    def busy_seconds(self, now: float | None = None) -> float:
+        now = time.monotonic() if now is None else now  # CLOCK_MONOTONIC: one clock for all processes
+        with self._busy.get_lock():
+            done, since = self._busy[0], self._busy[1]
+        return done + (now - since if since > 0 else 0.0)
+
+    def start(self, stop: Any) -> bool:
+        """Producer side: wait while paused; mark the start of a busy span. False when stopping."""
+        while self.duty <= 0.0:
+            if stop.wait(0.05):
+                return False
+        with self._busy.get_lock():
+            self._busy[1] = time.monotonic()
+        return True
+
+    def end(self, stop: Any) -> None:
+        """Producer side: close the busy span and rest as long as the duty cycle asks."""
+        now = time.monotonic()
+        with self._busy.get_lock():
+            spent = now - self._busy[1]
+            self._busy[0] += spent
+            self._busy[1] = 0.0
+        duty = self.duty
+        if 0.0 < duty < 1.0:
+            stop.wait(spent * (1.0 - duty) / duty)
+
+
+class ThrottleController:
+    """Trainer side of ``Throttle``: keeps training within ``budget`` of plain nnU-Net's iteration time.
+
+    Every training iteration reports its wall time ``t`` and the share ``f`` of it the producer was
+    busy. Over a sliding window it fits ``t = plain + f * extra`` by least squares: ``plain`` is the
+    iteration time without the producer (plain nnU-Net's, measured online, not in a separate run) and
+    ``extra / plain`` the slowdown while it works. Training then costs ``duty * extra / plain`` on
+    average, so the duty becomes ``budget * plain / extra`` (at most 1). The fit needs iterations with
+    and without synthesis: a full store idles the producer, and every ``probe_every`` iterations the
+    producer is paused for ``probe_len`` iterations in case it never idles.
+    """
+
+    def __init__(self, throttle: Throttle, budget: float, *, window: int = 200, probe_every: int = 100,
+                 probe_len: int = 4, min_duty: float = 0.01) -> None:
+        from collections import deque
+
+        self.throttle, self.budget = throttle, float(budget)
+        self.samples: Any = deque(maxlen=window)
+        self.probe_every, self.probe_len, self.min_duty = probe_every, probe_len, min_duty
+        self.duty = throttle.duty
+        self.plain: float | None = None
+        self.slowdown: float | None = None
+        self._i = 0
+        self._last: tuple[float, float] | None = None
+
+    def reset_clock(self) -> None:
+        """Forget the last tick (call when iterations pause, e.g. for validation between epochs)."""
+        self._last = None
+
+    def tick(self, now: float | None = None) -> None:
+        """Call at the start of every training iteration."""
+        now = time.monotonic() if now is None else now
+        busy = self.throttle.busy_seconds(now)
+        if self._last is not None and now > self._last[0]:
+            dt = now - self._last[0]
+            self.observe(dt, min(1.0, max(0.0, (busy - self._last[1]) / dt)))
+        self._last = (now, busy)
+
+    def observe(self, seconds: float, busy_share: float) -> None:
+        self.samples.append((seconds, busy_share))
+        self._i += 1
+        self._fit()
+        probing = self._i % self.probe_every < self.probe_len
+        self.throttle.set_duty(0.0 if probing else self.duty)
+
+    def _fit(self) -> None:
+        if len(self.samples) < 8:
+            return
+        t = np.asarray([s[0] for s in self.samples])
+        f = np.asarray([s[1] for s in self.samples])
+        if f.max() - f.min() < 0.3:  # not enough contrast between idle and busy iterations yet
+            return
+        slope, plain = np.polyfit(f, t, 1)
+        if plain <= 0:
+            return
+        self.plain, self.slowdown = float(plain), max(0.0, float(slope / plain))
+        self.duty = 1.0 if self.slowdown <= self.budget else max(self.min_duty, self.budget / self.slowdown)
+
+    def estimated_overhead(self) -> float | None:
+        """Mean extra iteration time over the window, as a share of the plain time (the budget's unit)."""
+        if self.slowdown is None:
+            return None
+        return self.slowdown * float(np.mean([s[1] for s in self.samples]))
+
+    def summary(self) -> str:
+        if self.slowdown is None:
+            return (f"budget {100 * self.budget:g}%: still measuring ({len(self.samples)} iterations), "
+                    f"producer duty {self.duty:.2f}")
+        return (f"budget {100 * self.budget:g}%: plain {self.plain:.3f} s/iter, +{100 * self.slowdown:.0f}% while "
+                f"synthesising, producer duty {self.duty:.2f}, estimated overhead "
+                f"{100 * (self.estimated_overhead() or 0):.1f}%")
+
+
 def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop: Any, crashed: Any, done: Any,
                    err_q: Any, counters: SharedCounters, seed: int, limit: int | None,
-                   max_consecutive_failures: int, spool: str, nice: int = 0, stride: int = 1) -> None:
-    """Runs in the producer process/thread: build the factory once, then keep the queue full."""
+                   max_consecutive_failures: int, spool: str, nice: int = 0, stride: int = 1,
+                   throttle: Throttle | None = None, batch: int = 1) -> None:
+    """Runs in the producer process/thread: build the factory once, then keep the queue full
+    (``batch`` > 1: ``factory.batch(seeds)`` makes that many cases in one generator call)."""
     factory = None
     try:
         if nice and mp.current_process().name == "lesion-producer":
@@ -147,33 +271,46 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
         made, consecutive, i = 0, 0, 0
         reasons: dict[str, int] = {}
         while not stop.is_set() and (limit is None or made < limit):
-            case_seed = seed + i * stride  # stride = DDP world size: ranks draw disjoint seed streams
-            case, reason = factory(case_seed)
-            i += 1
-            if case is not None:
-                reason = validate_case(case)
-            if reason is not None:
-                counters.add(FAILED)
-                consecutive += 1
-                reasons[reason] = reasons.get(reason, 0) + 1
-                log.debug("synthesis %d dropped: %s", i, reason)
-                if consecutive >= max_consecutive_failures:
-                    top = ", ".join(f"{r} (x{n})" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:5])
-                    raise SynthesisError(
-                        f"{consecutive} syntheses in a row failed; reasons: {top}. Check that the templates "
-                        "contain the organs the catalogs need and that the generator works on them.")
-                continue
-            consecutive = 0
-            path = os.path.join(spool, f"case_{case_seed}.npz")
-            save_case(Path(path), case)
-            while not stop.is_set():
-                try:
-                    out_q.put(path, timeout=0.2)
-                    counters.add(PRODUCED)
-                    made += 1
-                    break
-                except queue_mod.Full:
+            # stride = DDP world size: ranks draw disjoint seed streams
+            seeds = [seed + (i + j) * stride for j in range(batch)]
+            i += batch
+            if throttle is not None and not throttle.start(stop):
+                break
+            ready: list[tuple[str | None, str | None]] = []
+            try:
+                many = factory.batch(seeds) if batch > 1 else [factory(seeds[0])]  # type: ignore[attr-defined]
+                for case_seed, (case, reason) in zip(seeds, many):
+                    if case is not None:
+                        reason = validate_case(case)
+                    path = None
+                    if reason is None:
+                        path = os.path.join(spool, f"case_{case_seed}.npz")
+                        save_case(Path(path), case)
+                    ready.append((path, reason))
+            finally:
+                if throttle is not None:
+                    throttle.end(stop)
+            for path, reason in ready:
+                if reason is not None:
+                    counters.add(FAILED)
+                    consecutive += 1
+                    reasons[reason] = reasons.get(reason, 0) + 1
+                    log.debug("synthesis dropped: %s", reason)
+                    if consecutive >= max_consecutive_failures:
+                        top = ", ".join(f"{r} (x{n})" for r, n in sorted(reasons.items(), key=lambda x: -x[1])[:5])
+                        raise SynthesisError(
+                            f"{consecutive} syntheses in a row failed; reasons: {top}. Check that the templates "
+                            "contain the organs the catalogs need and that the generator works on them.")
                     continue
+                consecutive = 0
+                while not stop.is_set():
+                    try:
+                        out_q.put(path, timeout=0.2)
+                        counters.add(PRODUCED)
+                        made += 1
+                        break
+                    except queue_mod.Full:
+                        continue
         done.set()
     except BaseException:  # the consumer side re-raises this traceback in the training loop
         err_q.put(traceback.format_exc())
@@ -211,7 +348,9 @@ class SampleStore:
 
     def __init__(self, factory_builder: Callable[[], CaseFactory], *, size: int = 32, reuse: int = 8,
                  refresh: str = "continuous", worker: str = "process", seed: int = 0, stride: int = 1,
-                 max_consecutive_failures: int = 50, nice: int = 0) -> None:
+                 max_consecutive_failures: int = 50, nice: int = 0, batch: int = 1) -> None:
+        self._batch = max(1, int(batch))
+        self.throttle = Throttle(mp.get_context("spawn"))   # duty 1 (unthrottled) until a controller sets it
         self.size, self.reuse, self.refresh, self.worker = size, reuse, refresh, worker
         self._ctx = mp.get_context("spawn")
         self.queue = self._ctx.Queue(maxsize=size)
@@ -233,7 +372,7 @@ class SampleStore:
     def start(self) -> "SampleStore":
         args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
                 self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool, self._nice,
-                self._stride)
+                self._stride, self.throttle, self._batch)
         if self.worker == "thread":
             self._runner = threading.Thread(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
         else:
