@@ -81,10 +81,16 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def load_scene(ct_dir: Path):
+def load_scene(ct_dir: Path | None):
+    """The shared example CT, or (``None``) a procedural phantom: machines without ../shared, e.g. a GPU box."""
     from lesiondiffusion.io import load_nifti
-    from lesiondiffusion.organs import load_organ_map
+    from lesiondiffusion.organs import load_organ_map, organ_map_from_array
 
+    if ct_dir is None:
+        from lesiondiffusion.phantoms import make_phantom
+
+        ph = make_phantom((192, 192, 128), (1.5, 1.5, 2.0), seed=0)
+        return ph.ct, organ_map_from_array(ph.organs, ph.affine, "v2")
     ct, _, _ = load_nifti(ct_dir / "example_ct_sm.nii.gz")
     organs = load_organ_map(ct_dir / "example_seg.nii.gz", "v2")
     return ct, organs
@@ -95,12 +101,13 @@ def pipeline_part(args, device: torch.device) -> None:
     from lesiondiffusion.catalog import load_catalog
     from lesiondiffusion.pipeline import LesionSynthesizer, SynthesisConfig
 
-    ct, organs = load_scene(args.ct_dir)
+    ct, organs = load_scene(None if args.phantom else args.ct_dir)
     catalog = load_catalog("kidney_tumor")
     fixed = {"size_mm": args.size_mm, "lesion_location": "within the parenchymal organ"}
     reports = [catalog.sample(i, fixed) for i in range(args.batch)]
     steps_list = [int(s) for s in args.steps.split(",")]
-    print(f"\n== Part 1: whole pipeline on {args.ct_dir.name}/example_ct_sm.nii.gz {ct.shape} @ "
+    scene = "a phantom" if args.phantom else f"{args.ct_dir.name}/example_ct_sm.nii.gz"
+    print(f"\n== Part 1: whole pipeline on {scene} {ct.shape} @ "
           f"{organs.spacing} mm, kidney lesion {args.size_mm} mm, device {device}")
     print(f"{'preset':6} {'mode':6} {'cfg':3} {'batch':5} | " + " | ".join(f"{s:>4} steps s/lesion (wall/cpu)" for s in steps_list)
           + " | fixed s | s/step | peak MiB/lesion")
@@ -211,6 +218,7 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2, the CI machine)")
     p.add_argument("--ct-dir", type=Path, default=DEFAULT_CT, help="folder with example_ct_sm.nii.gz + example_seg.nii.gz")
+    p.add_argument("--phantom", action="store_true", help="part 1 on a procedural phantom instead of --ct-dir")
     p.add_argument("--steps", default="10,50,200", help="DDIM step counts to report")
     p.add_argument("--fit-steps", type=int, nargs=2, default=(2, 10), help="step counts timed for the linear fit (crop)")
     p.add_argument("--fit-steps-whole", type=int, nargs=2, default=(1, 2), help="step counts timed for whole-volume runs")

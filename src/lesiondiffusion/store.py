@@ -193,7 +193,8 @@ class ThrottleController:
     ``extra / plain`` the slowdown while it works. Training then costs ``duty * extra / plain`` on
     average, so the duty becomes ``budget * plain / extra`` (at most 1). The fit needs iterations with
     and without synthesis: a full store idles the producer, and every ``probe_every`` iterations the
-    producer is paused for ``probe_len`` iterations in case it never idles.
+    producer is paused for ``probe_len`` iterations in case it never idles. Until the first fit the
+    producer runs unthrottled.
     """
 
     def __init__(self, throttle: Throttle, budget: float, *, window: int = 200, probe_every: int = 100,
@@ -226,7 +227,9 @@ class ThrottleController:
         self.samples.append((seconds, busy_share))
         self._i += 1
         self._fit()
-        probing = self._i % self.probe_every < self.probe_len
+        # the first probe only after probe_every iterations: short runs and a store that fills up (an idle
+        # producer) need none, and pausing at the very start would cost the warm-up's fresh cases
+        probing = self._i >= self.probe_every and self._i % self.probe_every < self.probe_len
         self.throttle.set_duty(0.0 if probing else self.duty)
 
     def _fit(self) -> None:
