@@ -342,6 +342,57 @@ def _no_box(w: World, d: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------
+# 6. NaN and infinity: in the bundle (config, embeddings) and on the command line
+
+def _bundle_copy(w: World, d: Path) -> Path:
+    b = d / "bundle"
+    shutil.copytree(w.bundle, b)
+    return b
+
+
+def _config_value(path: str, value) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        b = _bundle_copy(w, d)
+        cfg = yaml.safe_load((b / "config.yaml").read_text())
+        node = cfg
+        *parents, last = path.split(".")
+        for k in parents:
+            node = node[k]
+        if last.endswith("]"):
+            name, idx = last[:-1].split("[")
+            node[name][int(idx)] = value
+        else:
+            node[last] = value
+        (b / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return ["bundle", "info", str(b)]
+    return setup
+
+
+def _nan_embedding(cmd: str) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        from safetensors.torch import load_file, save_file
+
+        b = _bundle_copy(w, d)
+        f = b / "text_embeddings" / "embeddings.safetensors"
+        tensors = load_file(str(f))
+        key = next(iter(tensors))
+        tensors[key][3, 0] = float("nan")
+        save_file(tensors, str(f))
+        if cmd == "info":
+            return ["bundle", "info", str(b)]
+        return w.synth("--set", "size_mm=15,12,14", bundle=b, out=d / "out")
+    return setup
+
+
+def _guidance(value: str) -> Callable[[World, Path], list[str]]:
+    return lambda w, d: w.synth("--guidance", value, out=d / "out")
+
+
+def _pretrain_lr_nan(w: World, d: Path) -> list[str]:
+    return ["pretrain", "vqgan", "--data", str(d / "ds"), "--bundle", str(w.bundle), "--lr", "nan", "-o", str(d / "run")]
+
+
+# ------------------------------------------------------------------------------------------------
 # 7. leftovers of a killed run
 
 def _stale_temporaries(w: World, d: Path) -> list[str]:
@@ -402,6 +453,16 @@ CASES: list[Case] = [
          fault=_disk_full_fault, after=_nothing_left),
     Case("disk-full-mask-out", "traceback", _place_ok, 2, ("box.nii.gz", "disk is full"),
          fault=_disk_full_fault, after=_no_box),
+    Case("bundle-hu-window-nan", "blame", _config_value("hu_window[0]", float("nan")), 2,
+         ("hu_window[0]", "nan", "finite")),
+    Case("bundle-guidance-inf", "blame", _config_value("schedule.guidance_scale", float("inf")), 2,
+         ("schedule.guidance_scale", "finite")),
+    Case("bundle-spacing-nan", "blame", _config_value("spacing_mm[2]", float("nan")), 2, ("spacing_mm[2]",)),
+    Case("bundle-info-nan-embedding", "blame", _nan_embedding("info"), 2, ("embeddings.safetensors", "NaN", "phrase")),
+    Case("synthesize-nan-embedding", "blame", _nan_embedding("synth"), 2, ("NaN", "phrase", "bundle embed")),
+    Case("guidance-nan", "blame", _guidance("nan"), 2, ("--guidance", "finite")),
+    Case("guidance-inf", "blame", _guidance("inf"), 2, ("--guidance", "finite")),
+    Case("pretrain-lr-nan", "blame", _pretrain_lr_nan, 2, ("--lr", "finite")),
     Case("stale-temporaries-removed", "minor", _stale_temporaries, 0, ("wrote 1 sample",),
          may_change=("out/.sample_000.k3j2l1/image.nii.gz",), after=_stale_temporaries_after),
 ]
@@ -413,7 +474,10 @@ def test_bad_input(case: Case, world: World, tmp_path: Path, capsys, monkeypatch
     before = _hashes(world.root, tmp_path)
     if case.fault is not None:
         case.fault(monkeypatch)
-    rc = main(argv)
+    try:
+        rc = main(argv)
+    except SystemExit as exc:  # argparse refuses an option value before any command runs
+        rc = exc.code
     monkeypatch.undo()
     captured = capsys.readouterr()
     message = captured.out + captured.err

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -187,6 +188,12 @@ class BundleConfig:
         missing = [k for k in required if k not in data]
         if missing:
             raise BundleError(f"{source} is missing key(s) {missing}; compare with a fresh `lesiondiffusion bundle init` config.")
+        bad = _non_finite(data)
+        if bad:
+            raise BundleError(
+                f"{source}: {', '.join(f'{k}={v}' for k, v in bad)} is not a finite number; NaN or infinity there "
+                "would turn every synthesis into NaN. Restore the value from a fresh `lesiondiffusion bundle init` "
+                "config or the config the weights were trained with.")
         optional = {"version", "notes", "latent_norm", "conditioning"}
         unknown = sorted(set(data) - set(required) - optional)
         if unknown:
@@ -261,6 +268,17 @@ def _read_conditioning(raw: Any, source: str) -> dict[str, tuple[str, ...]]:
                               f"({', '.join(ATTRIBUTES)}); unknown: {bad}.")
         out[net] = tuple(str(a) for a in attrs)
     return out
+
+
+def _non_finite(obj: Any, key: str = "") -> list[tuple[str, Any]]:
+    """Dotted keys of every NaN/inf number in a parsed YAML document (YAML writes them .nan / .inf)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return [(key, obj)]
+    if isinstance(obj, dict):
+        return [hit for k, v in obj.items() for hit in _non_finite(v, f"{key}.{k}" if key else str(k))]
+    if isinstance(obj, (list, tuple)):
+        return [hit for i, v in enumerate(obj) for hit in _non_finite(v, f"{key}[{i}]")]
+    return []
 
 
 def preset_config(preset: str, encoder_id: str, encoder_spec: str, dim: int) -> BundleConfig:

@@ -320,6 +320,13 @@ class EmbeddingCache:
                 f"({len(entries)}, {cache.dim}) from {index_path}. The two files are out of sync; "
                 "recreate them with `lesiondiffusion bundle embed`."
             )
+        bad = [str(e.get("phrase")) for row, e in zip(matrix, entries) if not torch.isfinite(row).all()]
+        if bad:
+            raise BundleError(
+                f"{tensor_path}: the embedding of {len(bad)} phrase(s) holds NaN/inf ({', '.join(map(repr, bad[:5]))}"
+                f"{', ...' if len(bad) > 5 else ''}); they would make every synthesis NaN. Re-embed them with "
+                "`lesiondiffusion bundle embed BUNDLE --phrase ...` (or recreate the cache)."
+            )
         for row, entry in zip(matrix, entries):
             cache._vectors[(str(entry["encoder"]), str(entry["phrase"]))] = row.clone()
         if encoder is not None and encoder.id != cache.encoder_id:

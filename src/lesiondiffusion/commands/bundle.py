@@ -63,7 +63,7 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(yaml.safe_dump(summary, sort_keys=False).rstrip())
-        print("status: all files present, versions and tensor shapes match config.yaml")
+        print("status: all files present, versions and tensor shapes match config.yaml; config values, weights and text embeddings are finite")
     return 0
 
 

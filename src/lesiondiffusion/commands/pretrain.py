@@ -9,6 +9,8 @@ import argparse
 import os
 from pathlib import Path
 
+from ._args import finite_float
+
 
 def _check(args: argparse.Namespace) -> int:
     from ..errors import DataCheckError
@@ -126,13 +128,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--batch-size", type=int, default=None, help="per process (default: the preset's, "
                                                                     "paper 1 per GPU, tiny 2)")
         t.add_argument("--device", default="auto", help="auto | cpu | cuda (torchrun: one GPU per process)")
-        t.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default: the preset's, 1e-4)")
-        t.add_argument("--weight-decay", type=float, default=None, help="AdamW weight decay (default: the preset's, 1e-5)")
-        t.add_argument("--betas", type=float, nargs=2, default=None, metavar=("B1", "B2"),
+        t.add_argument("--lr", type=finite_float, default=None, help="AdamW learning rate (default: the preset's, 1e-4)")
+        t.add_argument("--weight-decay", type=finite_float, default=None, help="AdamW weight decay (default: the preset's, 1e-5)")
+        t.add_argument("--betas", type=finite_float, nargs=2, default=None, metavar=("B1", "B2"),
                        help="AdamW betas (default: the preset's; paper 0.99 0.999 = the method's momentum 0.99)")
         t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
-        t.add_argument("--grad-clip", type=float, default=1.0)
-        t.add_argument("--ema", type=float, default=None, metavar="DECAY", help="keep EMA weights (e.g. 0.999) "
+        t.add_argument("--grad-clip", type=finite_float, default=1.0)
+        t.add_argument("--ema", type=finite_float, default=None, metavar="DECAY", help="keep EMA weights (e.g. 0.999) "
                                                                                "and export them")
         t.add_argument("--checkpoint-every", type=int, default=100)
         t.add_argument("--log-every", type=int, default=10)
@@ -143,12 +145,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--no-progress", action="store_true")
         if net == "vqgan":
             t.add_argument("--adv-warmup", type=int, default=500, help="steps before the adversarial term")
-            t.add_argument("--adv-weight", type=float, default=None, help="adversarial weight (default: the preset's, 0.01)")
+            t.add_argument("--adv-weight", type=finite_float, default=None, help="adversarial weight (default: the preset's, 0.01)")
             t.add_argument("--adv-criterion", choices=("bce", "least_squares", "hinge"), default=None,
                            help="adversarial loss (default: the preset's; paper bce = the method's log-GAN loss)")
             t.add_argument("--patch", type=int, nargs=3, help="training patch (default: LINet crop size)")
         else:
-            t.add_argument("--p-token", type=float, default=0.1, help="per-attribute dropout probability")
-            t.add_argument("--p-all", type=float, default=0.1, help="whole-context dropout probability")
+            t.add_argument("--p-token", type=finite_float, default=0.1, help="per-attribute dropout probability")
+            t.add_argument("--p-all", type=finite_float, default=0.1, help="whole-context dropout probability")
             if net == "lmnet":
-                t.add_argument("--gamma", type=float, default=1e-3, help="weight of the whole-crop noise term")
+                t.add_argument("--gamma", type=finite_float, default=1e-3, help="weight of the whole-crop noise term")

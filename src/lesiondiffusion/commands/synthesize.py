@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ._args import finite_float
+
 log = logging.getLogger(__name__)
 
 
@@ -29,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, -n and --batch-size = same output")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule.ddim_steps)")
-    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
+    p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
     p.add_argument("--batch-size", type=int, default=4, help="lesions per network batch (default 4)")
     p.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
     p.add_argument("--hu-correction", choices=("off", "shift", "clip"), default="shift",
