@@ -25,7 +25,7 @@ from lesiondiffusion.io import atomic_path, write_json
 log = logging.getLogger(__name__)
 
 REPORT_SUFFIXES = (".yaml", ".yml", ".json")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: lesions larger than the crop are stored coarser, not truncated
 
 
 # --------------------------------------------------------------------------------------------------
@@ -584,6 +584,23 @@ def crop_at(arr: np.ndarray, center: Sequence[int], size: Sequence[int], fill: f
     return out
 
 
+def crop_scaled(arr: np.ndarray, center: Sequence[float], size: Sequence[int], factor: float, fill: float, *,
+                order: int, binary: bool = False) -> np.ndarray:
+    """``crop_at`` on a grid ``factor`` times coarser around ``center`` (``factor`` 1: exactly ``crop_at``).
+    Binary masks are interpolated linearly and thresholded at 0.5 (a partial-volume-correct nearest)."""
+    if factor <= 1.0:
+        return crop_at(arr, [int(round(c)) for c in center], size, fill)
+    from scipy import ndimage
+
+    n = np.asarray(size, dtype=np.float64)
+    offset = np.asarray(center, dtype=np.float64) - (n // 2) * factor
+    out = ndimage.affine_transform(arr.astype(np.float32), np.full(3, factor), offset=offset, output_shape=tuple(size),
+                                   order=order, mode="constant", cval=fill, prefilter=False)
+    if binary:
+        return (out >= 0.5).astype(arr.dtype)
+    return out.astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else out
+
+
 def _save_npy(path: Path, arr: np.ndarray) -> None:
     with atomic_path(path, suffix=".npy") as tmp:
         np.save(tmp, arr)
@@ -653,19 +670,24 @@ def _prepare_case(data_dir: Path, cache: Path, case: str, cfg: PrepConfig, valid
         organ_mask = np.isin(org_r, organ_ids) if organ_ids else np.zeros_like(mask)
         other = (ids_r > 0) & ~mask
         crop_file = f"lesions/{case}_{k:03d}.npz"
+        # a lesion larger than the networks' crop (less the jitter) is stored at a coarser spacing chosen
+        # so it fits whole, as synthesis does for large boxes: never truncated
+        room = [min(a, b) - 2 * cfg.jitter for a, b in zip(cfg.lmnet_crop, cfg.linet_crop)]
+        coarsen = max(1.0, max(e / max(r, 1) for e, r in zip(extent, room)))
+        mid = [(a + b - 1) / 2 for a, b in zip(lo, hi)] if coarsen > 1.0 else center
         _save_npz(cache / crop_file,
-                  image=crop_at(img_r, center, store, -1.0).astype(np.float16),
-                  lesion=crop_at(mask.astype(np.uint8), center, store, 0),
-                  organ=crop_at(organ_mask.astype(np.uint8), center, store, 0),
-                  other=crop_at(other.astype(np.uint8), center, store, 0),
-                  organ_labels=crop_at(org_r, center, store, 0))
-        too_big = any(e > min(a, b) for e, a, b in zip(extent, cfg.lmnet_crop, cfg.linet_crop))
-        if too_big:
-            log.warning("case %s lesion %d extent %s voxels exceeds the crop %s/%s; it will be truncated",
-                        case, k, extent, cfg.lmnet_crop, cfg.linet_crop)
+                  image=crop_scaled(img_r, mid, store, coarsen, -1.0, order=1).astype(np.float16),
+                  lesion=crop_scaled(mask.astype(np.uint8), mid, store, coarsen, 0, order=1, binary=True),
+                  organ=crop_scaled(organ_mask.astype(np.uint8), mid, store, coarsen, 0, order=1, binary=True),
+                  other=crop_scaled(other.astype(np.uint8), mid, store, coarsen, 0, order=1, binary=True),
+                  organ_labels=crop_scaled(org_r, mid, store, coarsen, 0, order=0))
+        if coarsen > 1.0:
+            log.info("case %s lesion %d extent %s voxels exceeds the crop %s/%s: stored at %.2fx the spacing",
+                     case, k, extent, cfg.lmnet_crop, cfg.linet_crop, coarsen)
         lesion_recs.append({"case": case, "index": k, "label": entry.label, "component": entry.component,
                             "file": crop_file, "center": center, "extent": extent, "organ_ids": organ_ids,
-                            "voxels": int(mask.sum()), "truncated": too_big, "report": entry.report})
+                            "voxels": int(mask.sum()), "truncated": False, "coarsen": round(coarsen, 4),
+                            "report": entry.report})
     return case_rec, lesion_recs
 
 

@@ -208,3 +208,19 @@ def test_shifted_lesion_leaves_no_halo_in_the_blend_ring():
     old = gen + np.float32(info["hu_shift"]) * mask
     halo, _ = blend(orig, old, mask, 1, 0.7, (-1024, 3071))
     assert (halo[ring] - orig[ring]).mean() < -10
+
+
+def test_a_box_larger_than_the_trained_crop_is_synthesised_coarser(scene, synth):
+    from types import SimpleNamespace
+
+    crop = synth.bundle.config.crop
+    small = synth.geometry(SimpleNamespace(lo=(10, 10, 5), hi=(16, 16, 8)), (44, 40, 20), SPACING)
+    assert small.coarsen == 1.0 and small.mask_size == tuple(crop.lmnet_size)
+    # 40 x 36 x 12 voxels at (2, 2, 4) mm = 80 x 72 x 48 mm: beyond the 48 mm LMNet crop of the tiny preset
+    big = synth.geometry(SimpleNamespace(lo=(2, 2, 4), hi=(42, 38, 16)), (44, 40, 20), SPACING)
+    assert big.coarsen > 1.0
+    assert big.mask_size == tuple(crop.lmnet_size) and big.image_size == tuple(crop.linet_size)  # as trained
+    spacing = np.asarray(synth.bundle.config.spacing_mm) * big.coarsen
+    assert np.allclose(big.scale, spacing / np.asarray(SPACING))
+    mask_mm = np.asarray(big.mask_size) * spacing
+    assert np.all(mask_mm >= np.array([80, 72, 48]) + 2 * crop.mask_margin_mm - 1e-6)  # the box fits whole

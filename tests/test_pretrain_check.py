@@ -185,3 +185,28 @@ def test_measured_extent_follows_the_affine():
     assert measure_extent_mm(mask, np.diag([2.0, 3.0, 5.0, 1.0])) == (8.0, 6.0, 5.0)
     swapped = np.array([[0, 3.0, 0, 0], [-2.0, 0, 0, 0], [0, 0, 5.0, 0], [0, 0, 0, 1]])  # axes permuted, flipped
     assert measure_extent_mm(mask, swapped) == (6.0, 8.0, 5.0)
+
+
+def test_lesions_larger_than_the_crop_are_stored_coarser_not_truncated(clean, tmp_path):
+    # crops of 4 voxels (3 mm): every toy lesion (>= 8 mm) is larger than the room left by the jitter
+    cfg = pdata.PrepConfig(spacing_mm=(3.0, 3.0, 3.0), hu_window=(-200.0, 200.0),
+                           lmnet_crop=(4, 4, 4), linet_crop=(6, 6, 6), jitter=1)
+    man = pdata.prepare_dataset(clean, tmp_path / "cache", cfg, progress=False)
+    assert man.lesions and all(not rec["truncated"] for rec in man.lesions)
+    big = [rec for rec in man.lesions if rec["coarsen"] > 1]
+    assert big
+    for rec in big:
+        with np.load(tmp_path / "cache" / rec["file"]) as z:
+            lesion = z["lesion"].astype(bool)
+        assert lesion.any() and lesion.shape == cfg.crop_store()
+        room = slice(cfg.jitter, cfg.crop_store()[0] - cfg.jitter)
+        assert lesion[room, room, room].sum() == lesion.sum()  # whole, inside the jittered network crop
+        # the stored lesion spans the room the crop leaves, as its extent says it should after coarsening
+        assert max(np.ptp(np.argwhere(lesion), axis=0) + 1) >= max(rec["extent"]) / rec["coarsen"] - 1.5
+
+
+def test_crop_scaled_is_crop_at_without_coarsening():
+    arr = np.arange(10 * 10 * 10, dtype=np.float32).reshape(10, 10, 10)
+    assert np.array_equal(pdata.crop_scaled(arr, (5, 5, 5), (4, 4, 4), 1.0, -1, order=1), pdata.crop_at(arr, (5, 5, 5), (4, 4, 4), -1))
+    half = pdata.crop_scaled(arr, (4, 4, 4), (4, 4, 4), 2.0, -1, order=1)
+    assert half[2, 2, 2] == arr[4, 4, 4] and half[3, 2, 2] == arr[6, 4, 4]  # every second voxel

@@ -92,6 +92,7 @@ class CropGeometry:
     scale: np.ndarray
     image_size: tuple[int, int, int]
     mask_size: tuple[int, int, int]
+    coarsen: float = 1.0  # synthesis spacing / bundle spacing (> 1 for lesions larger than the trained crop)
 
     @property
     def mask_offset(self) -> tuple[int, ...]:
@@ -211,9 +212,17 @@ class LesionSynthesizer:
         lo, hi = np.asarray(box.lo, dtype=np.float64), np.asarray(box.hi, dtype=np.float64)
         box_mm = (hi - lo) * so
         crop = bcfg.crop
+        # A box (plus margin) larger than the trained LMNet crop is synthesised at a coarser spacing chosen
+        # so it fits, then resampled back: the networks only ever see crops of the size they were trained
+        # on, instead of a grown crop they never saw (which gave noisy box-shaped lesions).
+        need = (box_mm + 2 * crop.mask_margin_mm) / (np.asarray(crop.lmnet_size, dtype=np.float64) * sb)
+        coarsen = max(1.0, float(need.max()))
+        if coarsen > 1.0:
+            sb = sb * coarsen
+            scale = sb / so
         mask_size, image_size = [], []
         for a in range(3):
-            m = max(crop.lmnet_size[a], math.ceil((box_mm[a] + 2 * crop.mask_margin_mm) / sb[a]))
+            m = max(crop.lmnet_size[a], math.ceil((box_mm[a] + 2 * crop.mask_margin_mm) / sb[a] - 1e-6))
             m = _round_up(m, max(self.lm_div, 2))
             i = max(crop.linet_size[a], m + 2 * math.ceil(crop.context_margin_mm / sb[a]))
             i = _round_up(i, self.img_div)
@@ -222,7 +231,7 @@ class LesionSynthesizer:
             mask_size.append(m)
             image_size.append(i)
         center = (lo + hi - 1) / 2
-        return CropGeometry(center, scale, tuple(image_size), tuple(mask_size))  # type: ignore[arg-type]
+        return CropGeometry(center, scale, tuple(image_size), tuple(mask_size), coarsen)  # type: ignore[arg-type]
 
     # ---- public API ---------------------------------------------------------------------------
     def __call__(
@@ -323,7 +332,9 @@ class LesionSynthesizer:
         it.region = tuple(
             slice(max(0, int(l) - pad), min(int(s), int(h) + pad)) for l, h, s in zip(it.box.lo, it.box.hi, ct.shape)
         )  # type: ignore[assignment]
-        it.info.update(image_crop=list(geo.image_size), mask_crop=list(geo.mask_size), scale=[float(v) for v in geo.scale])
+        it.info.update(image_crop=list(geo.image_size), mask_crop=list(geo.mask_size), scale=[float(v) for v in geo.scale],
+                       synthesis_spacing_mm=[round(float(v), 4) for v in np.asarray(self.bundle.config.spacing_mm) * geo.coarsen],
+                       coarsen=round(float(geo.coarsen), 4))
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.config.amp:
