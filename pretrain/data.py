@@ -115,7 +115,9 @@ def case_paths(data_dir: Path, case: str, file_ending: str = ".nii.gz") -> dict[
 def read_report_file(path: Path) -> Any:
     import yaml
 
-    text = path.read_text(encoding="utf-8")
+    from lesiondiffusion.io import read_text_input
+
+    text = read_text_input(path, "report")
     if path.suffix == ".json":
         return json.loads(text)
     return yaml.safe_load(text)

@@ -393,6 +393,53 @@ def _pretrain_lr_nan(w: World, d: Path) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
+# 8. oversized, binary and many-times-wrong catalogs and reports
+
+def _big_catalog(w: World, d: Path) -> list[str]:
+    from lesiondiffusion.catalog import load_catalog
+
+    path = d / "big.yaml"
+    text = load_catalog("kidney_tumor").path.read_text()
+    path.write_text(text + "".join(f"# padding line {i:08d} ....................................\n" for i in range(40000)))
+    return ["catalogs", "validate", str(path)]
+
+
+def _binary_catalog(w: World, d: Path) -> list[str]:
+    path = d / "garbage.yaml"
+    path.write_bytes(bytes(range(256)) * 8)
+    return ["catalogs", "validate", str(path)]
+
+
+def _latin1_report(w: World, d: Path) -> list[str]:
+    path = d / "r.yaml"
+    path.write_bytes(w.report.read_bytes().replace(b"lesion_type:", b"# r\xe9sum\xe9\nlesion_type:"))
+    return ["report", "check", str(path)]
+
+
+def _binary_report(w: World, d: Path) -> list[str]:
+    path = d / "r.yaml"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR")
+    return w.synth("--report", str(path), out=d / "out")
+
+
+def _big_report(w: World, d: Path) -> list[str]:
+    path = _report_with(w, d)
+    path.write_text(path.read_text() + "# " + "x" * (2 << 20) + "\n")
+    return ["place", "--organs", str(w.seg), "--report", str(path), "-o", str(d / "b.json")]
+
+
+def _many_bad_values(w: World, d: Path) -> list[str]:
+    return ["report", "check", str(_report_with(w, d, shape="hexagonal", density="glowing", surface=7,
+                                                size_mm=[30], colour="red"))]
+
+
+def _pretrain_binary_report(w: World, d: Path) -> list[str]:
+    ds = _toy(d)
+    next((ds / "reportsTr").glob("*.yaml")).write_bytes(b"\x00\x01\x02 binary")
+    return ["pretrain", "check", str(ds)]
+
+
+# ------------------------------------------------------------------------------------------------
 # 7. leftovers of a killed run
 
 def _stale_temporaries(w: World, d: Path) -> list[str]:
@@ -463,6 +510,14 @@ CASES: list[Case] = [
     Case("guidance-nan", "blame", _guidance("nan"), 2, ("--guidance", "finite")),
     Case("guidance-inf", "blame", _guidance("inf"), 2, ("--guidance", "finite")),
     Case("pretrain-lr-nan", "blame", _pretrain_lr_nan, 2, ("--lr", "finite")),
+    Case("catalog-oversized", "minor", _big_catalog, 2, ("big.yaml", "too large", "MiB")),
+    Case("catalog-binary", "minor", _binary_catalog, 2, ("garbage.yaml", "not a text file", "NUL")),
+    Case("report-not-utf8", "minor", _latin1_report, 2, ("r.yaml:", "UTF-8", "0xe9")),
+    Case("report-binary", "minor", _binary_report, 2, ("r.yaml", "not a text file")),
+    Case("report-oversized", "minor", _big_report, 2, ("r.yaml", "too large")),
+    Case("report-every-bad-value-listed", "minor", _many_bad_values, 2,
+         ("5 problems", "'colour'", "'hexagonal'", "'glowing'", "'surface'", "[30]")),
+    Case("pretrain-check-binary-report", "minor", _pretrain_binary_report, 2, ("reportsTr", "not a text file")),
     Case("stale-temporaries-removed", "minor", _stale_temporaries, 0, ("wrote 1 sample",),
          may_change=("out/.sample_000.k3j2l1/image.nii.gz",), after=_stale_temporaries_after),
 ]

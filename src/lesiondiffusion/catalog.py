@@ -521,10 +521,9 @@ def _number(x: Any) -> float | None:
 
 
 def _parse_catalog(path: Path) -> Catalog:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CatalogError(f"Cannot read catalog {path}: {exc}.") from None
+    from .io import read_text_input
+
+    text = read_text_input(path, "catalog", CatalogError)
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

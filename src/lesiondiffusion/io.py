@@ -208,6 +208,37 @@ def refuse_overwrite_input(output: str | os.PathLike, *inputs: str | os.PathLike
                     )
 
 
+MAX_TEXT_INPUT_BYTES = 1 << 20  # catalogs and reports are a few KB; 1 MiB leaves room and parses in well under 1 s
+
+
+def read_text_input(path: str | os.PathLike, what: str, error: type[LesionDiffusionError] = LesionDiffusionError,
+                    limit: int = MAX_TEXT_INPUT_BYTES) -> str:
+    """Read a small YAML/JSON input, refusing at once a file that is too large or not text.
+
+    Parsing a 32 MB YAML file took 85 s of CPU before its first error; binary files gave a bare codec
+    message. Both are refused here before any parsing, naming the file and the fix.
+    """
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > limit:
+            raise error(f"{path}: {size / 2**20:.1f} MiB is far too large for a {what} file (limit "
+                        f"{limit // 2**20} MiB; they are a few KB of YAML). Check that this is the right file.")
+        data = path.read_bytes()
+    except OSError as exc:
+        raise error(f"Cannot read {what} file {path}: {exc.strerror or exc}.") from None
+    nul = data.find(b"\0")
+    if nul >= 0:
+        raise error(f"{path}: not a text file (a NUL byte at offset {nul}); a {what} file is UTF-8 YAML or JSON. "
+                    "Check that this is the right file.")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise error(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); save the "
+                    f"{what} file as UTF-8.") from None
+
+
 def load_nifti(path: str | os.PathLike, dtype: Any = None) -> tuple[np.ndarray, np.ndarray, Any]:
     """Read a NIfTI file and return ``(array, affine, header)`` in the file's voxel order."""
     import nibabel as nib

@@ -430,25 +430,30 @@ class LesionReport:
             raise ReportError(
                 f"{source}: a report must be a mapping of attribute: value, got {type(d).__name__}."
             )
+        # every problem is collected and reported at once, so one edit fixes the whole file
+        problems: list[str] = []
         known = set(ATTRIBUTES) | {"lesion_type", "size_mm", "free_text"}
         unknown = [k for k in d if k not in known]
         if unknown:
-            raise ReportError(
-                f"{source}: unknown report key(s) {', '.join(map(repr, unknown))}. Allowed keys: "
+            problems.append(
+                f"unknown report key(s) {', '.join(map(repr, unknown))}. Allowed keys: "
                 f"lesion_type, {', '.join(ATTRIBUTES)}, size_mm, free_text."
             )
         missing = [k for k in ("lesion_type", *ATTRIBUTES) if k not in d and k != "size"]
         if "size" not in d and "size_mm" not in d:
             missing.append("size or size_mm")
         if missing:
-            raise ReportError(
-                f"{source}: report is missing {', '.join(missing)}. Every report needs lesion_type, "
+            problems.append(
+                f"report is missing {', '.join(missing)}. Every report needs lesion_type, "
                 "the 11 attributes (size may be replaced by size_mm) and size_mm."
             )
+        lesion_type = d.get("lesion_type")
+        if "lesion_type" in d and (not isinstance(lesion_type, str) or not lesion_type.strip()):
+            problems.append(f"key 'lesion_type' must be a non-empty catalog name (e.g. 'kidney_tumor'), got {lesion_type!r}.")
         ft = tuple(free_text) if free_text is not None else tuple(d.get("free_text") or ())
         values: dict[str, Any] = {}
         for attribute in ATTRIBUTES:
-            if attribute == "size" and "size" not in d:
+            if attribute not in d:
                 continue
             value = d[attribute]
             if attribute in ft and attribute != "size":
@@ -457,17 +462,28 @@ class LesionReport:
             try:
                 values[attribute] = normalize_value(attribute, value)
             except ReportError as exc:
-                raise ReportError(f"{source}: key {attribute!r}: {exc}") from None
+                problems.append(f"key {attribute!r}: {exc}")
+        size_mm = None
         if "size_mm" in d and d["size_mm"] is not None:
-            size_mm = _parse_size_mm(d["size_mm"], f"{source}: key 'size_mm'")
-        else:
+            try:
+                size_mm = _parse_size_mm(d["size_mm"], "key 'size_mm'")
+            except ReportError as exc:
+                problems.append(str(exc))
+        elif "size" in values:
             size_mm = (SIZE_DEFAULT_MM[values["size"]],) * 3
+        if size_mm is not None:
+            derived = size_category(size_mm)
+            if "size" in values and values["size"] != derived:
+                problems.append(
+                    f"key 'size' is {values['size']!r} but size_mm {list(size_mm)} has largest extent "
+                    f"{max(size_mm):g} mm, which is {derived!r}. Fix one of them (or omit size: it is derived)."
+                )
+        if problems:
+            if len(problems) == 1:
+                raise ReportError(f"{source}: {problems[0]}")
+            raise ReportError(f"{source}: {len(problems)} problems:\n  " + "\n  ".join(problems))
+        assert size_mm is not None
         derived = size_category(size_mm)
-        if "size" in values and values["size"] != derived:
-            raise ReportError(
-                f"{source}: key 'size' is {values['size']!r} but size_mm {list(size_mm)} has largest extent "
-                f"{max(size_mm):g} mm, which is {derived!r}. Fix one of them (or omit size: it is derived)."
-            )
         values["size"] = derived
         try:
             return cls(lesion_type=str(d["lesion_type"]), size_mm=size_mm, free_text=ft, **values)
@@ -492,7 +508,9 @@ class LesionReport:
         path = Path(path)
         if not path.exists():
             raise ReportError(f"Report file not found: {path}. Create one with `lesiondiffusion report sample TYPE -o {path}`.")
-        text = path.read_text(encoding="utf-8")
+        from .io import read_text_input
+
+        text = read_text_input(path, "report", ReportError)
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
