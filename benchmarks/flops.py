@@ -135,6 +135,35 @@ def measure(preset: str, device: torch.device, batch: int, repeats: int) -> dict
     return out
 
 
+def sampler_overhead(preset: str, device: torch.device, steps: int = 20) -> dict[str, float]:
+    """Seconds per DDIM step spent outside the networks (guidance batching, input concatenation, the
+    scheduler update): both samplers run with a stand-in network that returns zeros instantly."""
+    from lesiondiffusion import sampling as S
+
+    cfg = bundle_config(preset)
+    lat = tuple(s // cfg.vq_factor for s in cfg.crop.linet_size)
+    g = cfg.schedule.guidance_scale
+    zero = lambda inp, timesteps, context: torch.zeros_like(inp[:, :1] if inp.shape[1] == 4 else inp[:, :-1])  # noqa: E731
+    ctx = torch.zeros(1, 8, cfg.text_dim, device=device)
+    out = {}
+    with torch.inference_mode():
+        cond = torch.rand(1, 3, *cfg.crop.lmnet_size, device=device)
+        noise = torch.randn(1, 1, *cfg.crop.lmnet_size, device=device)
+        z0 = torch.randn(1, cfg.latent_channels, *lat, device=device)
+        mask = (torch.rand(1, 1, *lat, device=device) > 0.5).float()
+        runs = {"lmnet": lambda sch: S.sample_mask(zero, cond, ctx, sch, noise, g),
+                "linet": lambda sch: S.inpaint_latent(zero, z0, mask, ctx, sch, torch.randn_like(z0), g)}
+        for name, run in runs.items():
+            sch = S.make_ddim(cfg.schedule, name, steps)
+            run(sch)
+            _sync(device)
+            t = time.perf_counter()
+            run(sch)
+            _sync(device)
+            out[name] = (time.perf_counter() - t) / steps
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--presets", default="tiny,paper")
@@ -185,6 +214,14 @@ def main() -> None:
             mem = f", peak {m['peak_gib']:.1f} GiB" if "peak_gib" in m else ""
             print(f"   measured batch {b} ({device}): LMNet step {m['lmnet_step']:.4f} s, LINet step "
                   f"{m['linet_step']:.4f} s, VQ enc+dec {m['vq']:.4f} s per lesion{mem}")
+        if args.measure and preset in timed:
+            ov = sampler_overhead(preset, device)
+            share = ""
+            if 1 in meas:
+                share = (f" ({100 * ov['lmnet'] / meas[1]['lmnet_step']:.1f}% / "
+                         f"{100 * ov['linet'] / meas[1]['linet_step']:.1f}% of a batch-1 network step)")
+            print(f"   sampler outside the networks: LMNet {1e3 * ov['lmnet']:.2f} ms/step, LINet "
+                  f"{1e3 * ov['linet']:.2f} ms/step{share}")
 
 
 if __name__ == "__main__":
