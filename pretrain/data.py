@@ -348,7 +348,8 @@ def _organ_classes(report: Any) -> list[str]:
 
 def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
     """What pretraining can live with but a user should see: a lesion_type without a catalog, an organ
-    absent from the case's organ map, a size_mm that disagrees with the mask (factor ``SIZE_WARN_FACTOR``).
+    absent from the case's organ map, a size_mm outside its catalog's range or one that disagrees with the
+    mask (factor ``SIZE_WARN_FACTOR``).
     Call after ``check_dataset`` found no problems."""
     import nibabel as nib
 
@@ -385,6 +386,12 @@ def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
                 warnings.append(f"{where}.report.lesion_type = {rep.lesion_type!r} has no catalog (known: "
                                 f"{', '.join(sorted(types))}). Pretraining works; synthesising this type needs one: "
                                 "copy attribute_catalogs/_template.yaml into a folder on $LESIONDIFFUSION_CATALOG_PATH.")
+            else:
+                from lesiondiffusion.catalog import load_catalog
+
+                size = load_catalog(types[rep.lesion_type]).size_problem(rep.size_mm)
+                if size:  # a real lesion may be larger than the catalog's range; synthesis would refuse it
+                    warnings.append(f"{where}.report: {size}")
             classes = _organ_classes(rep)
             present = [c for c in classes if organs.has(c)]
             if not present:

@@ -194,6 +194,15 @@ def _synth_report_huge(w: World, d: Path) -> list[str]:
     return w.synth("--report", str(_report_with(w, d, size_mm=_HUGE, size=None)), out=d / "out")
 
 
+def _pretrain_report_huge(w: World, d: Path) -> list[str]:
+    ds = _toy(d)
+    path = next(p for p in (ds / "reportsTr").glob("*.yaml") if yaml.safe_load(p.read_text())["lesions"])
+    doc = yaml.safe_load(path.read_text())
+    doc["lesions"][0]["report"].update(size_mm=_HUGE, size="large (>5 cm)", lesion_type="kidney_tumor")
+    path.write_text(yaml.safe_dump(doc))
+    return ["pretrain", "check", str(ds)]
+
+
 def _synth_set_tiny(w: World, d: Path) -> list[str]:
     return w.synth("--set", "size_mm=1,1,1", out=d / "out")
 
@@ -472,6 +481,8 @@ CASES: list[Case] = [
     Case("report-check-size-beyond-catalog", "machine", _check_huge, 2, ("5000", "8-120 mm")),
     Case("place-size-beyond-catalog", "machine", _place_huge, 2, ("--report", "8-120 mm")),
     Case("synthesize-report-size-beyond-catalog", "machine", _synth_report_huge, 2, ("--report", "8-120 mm")),
+    Case("pretrain-report-size-beyond-catalog", "machine", _pretrain_report_huge, 0,
+         ("warning", "5000", "8-120 mm")),
     Case("synthesize-set-size-below-catalog", "machine", _synth_set_tiny, 2, ("size_mm", "8-120 mm")),
     Case("size-one-number", "silent", _size_one_number, 2, ("size_mm", "three", "[30]")),
     Case("size-boolean", "silent", _size_bool, 2, ("size_mm", "three numbers", "True")),
