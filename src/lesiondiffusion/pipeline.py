@@ -62,6 +62,7 @@ class SynthesisConfig:
     hu_correction: str = "shift"
     batch_size: int = 8  # lesions per network batch
     use_crop: bool = True  # False: run on the whole volume (benchmark of the crop's benefit)
+    fit_trained_crop: bool = True  # False: grow the crop around a large box (benchmark of the coarse spacing)
     amp: bool = True  # bf16 (or fp16) autocast for the diffusion networks on CUDA
     on_failure: str = "result"  # "result": failed lesions come back with .failure; "raise": SynthesisError
 
@@ -216,7 +217,7 @@ class LesionSynthesizer:
         # so it fits, then resampled back: the networks only ever see crops of the size they were trained
         # on, instead of a grown crop they never saw (which gave noisy box-shaped lesions).
         need = (box_mm + 2 * crop.mask_margin_mm) / (np.asarray(crop.lmnet_size, dtype=np.float64) * sb)
-        coarsen = max(1.0, float(need.max()))
+        coarsen = max(1.0, float(need.max())) if self.config.fit_trained_crop else 1.0
         if coarsen > 1.0:
             sb = sb * coarsen
             scale = sb / so
