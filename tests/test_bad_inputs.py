@@ -12,6 +12,8 @@ import errno
 import hashlib
 import os
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -456,12 +458,20 @@ def _stale_temporaries(w: World, d: Path) -> list[str]:
     (out / ".sample_000.k3j2l1").mkdir(parents=True)  # a killed older run's folder
     (out / ".sample_000.k3j2l1" / "image.nii.gz").write_bytes(b"partial")
     (out / ".sample_001.pid999999999@elsewhere_host.abc").mkdir()  # another machine's live run: kept
+    from lesiondiffusion.io import temp_tag
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead_tag = temp_tag().replace(f"pid{os.getpid()}@", f"pid{int(dead.stdout)}@")
+    (out / f".sample_000.old.{dead_tag}q1").mkdir()  # this machine, a process that has exited: removed
+    (out / f".sample_002.{temp_tag()}q2").mkdir()  # this machine, a live process (this one): kept
     return w.synth("--set", "size_mm=15,12,14", "--set", "lesion_location=within the parenchymal organ", out=out)
 
 
 def _stale_temporaries_after(w: World, d: Path) -> None:
+    from lesiondiffusion.io import temp_tag
+
     names = sorted(p.name for p in (d / "out").iterdir())
-    assert names == [".sample_001.pid999999999@elsewhere_host.abc", "sample_000"], names
+    assert names == [".sample_001.pid999999999@elsewhere_host.abc", f".sample_002.{temp_tag()}q2", "sample_000"], names
 
 
 CASES: list[Case] = [
