@@ -98,10 +98,11 @@ def main() -> int:
     import yaml
 
     from lesiondiffusion.nnunet_integration import trainers as T
+    from lesiondiffusion.nnunet_integration.variants import tiny_network as V
 
     torch.set_num_threads(max(1, min(os.cpu_count() or 1, 4)))
-    plain_cls = T.nnUNetTrainer_ldsmoke if args.tiny else T.nnUNetTrainer
-    ld_cls = T.nnUNetTrainerLesionDiffusion_smoke if args.tiny else T.nnUNetTrainerLesionDiffusion
+    plain_cls = V.nnUNetTrainer_tinynet_2epochs_3iters if args.tiny else T.nnUNetTrainer
+    ld_cls = V.nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters if args.tiny else T.nnUNetTrainerLesionDiffusion
     generator = {"backend": args.backend, "device": args.gen_device, "options": json.loads(args.options)}
     if args.bundle:
         generator["bundle"] = args.bundle

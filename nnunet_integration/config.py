@@ -16,11 +16,11 @@ from typing import Any
 import yaml
 
 from lesiondiffusion.errors import ConfigError
+from lesiondiffusion.generator import BACKENDS
 
 CONFIG_ENV = "LESIONDIFFUSION_CONFIG"
 CONFIG_FILENAME = "lesiondiffusion.yaml"
 
-BACKENDS = ("lesiondiffusion", "rule_based")
 MODES = ("online", "offline")
 REFRESH = ("continuous", "once")
 ON_MISS = ("real", "wait")
@@ -34,6 +34,7 @@ generator:
   bundle: /path/to/bundle         # model bundle folder (lesiondiffusion backend)
   device: cuda                    # where the generator runs: cpu | cuda | cuda:N
   hu_correction: shift            # lesion mean outside the catalog's HU range: shift | clip | off
+  text_conditioning: true         # false: null prompts for both networks (text ablation)
 catalogs:
   - name: kidney_tumor            # built-in catalog name or path to a catalog YAML
     weight: 1.0                   # relative sampling weight
@@ -61,6 +62,7 @@ class GeneratorConfig:
     device: str = "cpu"
     hu_correction: str = "shift"     # off | shift | clip (lesiondiffusion backend; see pipeline.correct_hu)
     options: dict[str, Any] = field(default_factory=dict)   # extra kwargs for the backend
+    text_conditioning: bool = True   # false: null prompts for LMNet and LINet (the method's text ablation)
 
     def device_for_rank(self, local_rank: int | None) -> str:
         """Where this process's generator runs: plain ``cuda`` means the process's own GPU (``cuda:LOCAL_RANK``
@@ -217,6 +219,11 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
     if "hu_correction" in g.options:
         raise _err(p, "generator.options.hu_correction", g.options["hu_correction"],
                    "Set it once, as generator.hu_correction.")
+    if not isinstance(g.text_conditioning, bool):
+        raise _err(p, "generator.text_conditioning", g.text_conditioning, "Use true or false.")
+    if not g.text_conditioning and g.backend != "lesiondiffusion":
+        raise _err(p, "generator.text_conditioning", g.text_conditioning,
+                   f"Only the lesiondiffusion backend is text-conditioned; remove the key for backend {g.backend!r}.")
     if cfg.mode not in MODES:
         raise _err(p, "mode", cfg.mode, f"Use one of: {', '.join(MODES)}.")
     if g.backend == "lesiondiffusion" and cfg.mode == "online":

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import os
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,6 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lesiondiffusion.errors import ConfigError, LesionDiffusionError
+from lesiondiffusion.generator import build_generator as generator_from_name
 from lesiondiffusion.store import SyntheticCase
 
 from .config import LesionDiffusionConfig, resolve_label
@@ -131,6 +133,19 @@ def preprocess_template(image_file: str, organ_file: str, label_file: str | None
     return Template(name or Path(image_file).name, hu, omap, seg)
 
 
+def synthetic_context(crop_size: Sequence[int], margin: int = 0) -> list[int]:
+    """Voxels of context kept on each side of a lesion (3-D, nnU-Net axis order) so that any training
+    patch containing lesion voxels fits: half the loader's initial patch plus ``margin``. A ``2d``
+    configuration's patch is in-plane only (its loader takes one slice), so the slice axis keeps
+    ``margin`` slices beyond the lesion."""
+    half = [int(np.ceil(s / 2)) + margin for s in crop_size]
+    if len(half) == 2:
+        return [margin, *half]
+    if len(half) != 3:
+        raise LesionDiffusionError(f"patch size {tuple(crop_size)}: expected 2 (2d) or 3 (3d) axes.")
+    return half
+
+
 def _crop_template(t: Template, organ_names: Sequence[str], context: Sequence[int]) -> Template | None:
     """Keep only the part of a template around the organs lesions can go into (memory), or None."""
     mask = t.organs.mask(organ_names)
@@ -164,6 +179,21 @@ class FactorySpec:
     crop_size: tuple[int, ...]
     device: str | None = None            # overrides config.generator.device
     extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def for_dataset(cls, config: LesionDiffusionConfig, plans_manager: Any, configuration: str, dataset_json: dict,
+                    preprocessed_folder: str | None, identifiers: Sequence[str] | None,
+                    device: str | None = None) -> "FactorySpec":
+        """The spec for one dataset, plans and configuration (the trainer and ``cache build`` both use
+        this): synthetic crops sized by nnU-Net's initial patch, templates from ``$nnUNet_raw`` when set."""
+        from nnunetv2.paths import nnUNet_raw
+
+        name = plans_manager.dataset_name
+        return cls(config=config, plans=deepcopy(plans_manager.plans), configuration=configuration,
+                   dataset_json=dataset_json, dataset_name=name, preprocessed_folder=preprocessed_folder,
+                   raw_folder=os.path.join(nnUNet_raw.get(), name) if nnUNet_raw.is_set() else None,
+                   identifiers=None if identifiers is None else list(identifiers),
+                   crop_size=initial_patch_size(plans_manager.get_configuration(configuration)), device=device)
 
     def build(self) -> "SyntheticCaseFactory":
         return SyntheticCaseFactory(self)
@@ -224,7 +254,7 @@ def load_templates(spec: FactorySpec, catalogs: Sequence[Any], labels: Sequence[
         raise ConfigError(f"{cfg.source}: no template cases found (healthy training cases of {spec.dataset_name} "
                           f"without labels {list(labels)}, plus templates.folders). Add healthy cases or a template folder.")
     organ_names = sorted({n for c in catalogs for n in c.organ_names()})
-    context = [int(np.ceil(s / 2)) + cfg.store.context_margin for s in spec.crop_size]
+    context = synthetic_context(spec.crop_size, cfg.store.context_margin)
     templates = []
     for img, org, lab, name in sources:
         t = preprocess_template(img, org, lab, pm, cm, cfg.templates.organ_mapping, name)
@@ -240,19 +270,11 @@ def load_templates(spec: FactorySpec, catalogs: Sequence[Any], labels: Sequence[
 
 
 def build_generator(config: LesionDiffusionConfig, device: str | None = None) -> Any:
-    """The configured backend; LesionDiffusion is the default and is never silently replaced."""
+    """The configured backend (``lesiondiffusion.generator.build_generator`` decides)."""
     g = config.generator
-    if g.backend == "rule_based":
-        from lesiondiffusion.rule_based import RuleBasedGenerator
-
-        return RuleBasedGenerator(**g.options)
-    try:
-        from lesiondiffusion.pipeline import LesionSynthesizer
-    except ImportError as exc:
-        raise LesionDiffusionError(f"The LesionDiffusion backend is unavailable ({exc}). Reinstall the package, or set "
-                                   f"'generator: {{backend: rule_based}}' in {config.source} to use the baseline.") from exc
-    return LesionSynthesizer.from_bundle(os.path.expandvars(str(g.bundle)), device=device or g.device,
-                                         hu_correction=g.hu_correction, **g.options)
+    return generator_from_name(g.backend, bundle=g.bundle, device=device or g.device, options=g.options,
+                               text_conditioning=g.text_conditioning, hu_correction=g.hu_correction,
+                               source=str(config.source))
 
 
 class SyntheticCaseFactory:
@@ -278,7 +300,7 @@ class SyntheticCaseFactory:
         self.by_catalog = [[i for i, t in enumerate(self.templates) if t.organs.mask(c.organ_names()).any()]
                            for c in self.catalogs]
         self.generator = build_generator(cfg, spec.device)
-        self.context = [int(np.ceil(s / 2)) + cfg.store.context_margin for s in spec.crop_size]
+        self.context = np.asarray(synthetic_context(spec.crop_size, cfg.store.context_margin))
         log.info("synthetic case factory ready: %d templates, %d catalogs, backend %s", len(self.templates),
                  len(self.catalogs), cfg.generator.backend)
 

@@ -3,9 +3,9 @@
 ``nnUNetTrainerLesionDiffusion``: the first ``schedule.pretrain_fraction`` of the epochs draw each
 training sample from the synthetic store with ``synthetic_probability``, the rest train on real
 data only; one run, one flag. ``nnUNetTrainerLesionDiffusionSynthOnly`` trains on synthetic cases
-only (validation stays real). ``_5epochs`` ... variants shorten training in nnU-Net's naming style;
-``_smoke`` is a tiny CPU variant for tests. See ``data.py`` for the data-flow design and
-``lesiondiffusion.store`` for the producer/offline cache.
+only (validation stays real). Shorter and CPU-sized variants live in ``variants/`` (as nnU-Net's
+``variants/training_length``). See ``data.py`` for the data-flow design and ``lesiondiffusion.store``
+for the producer/offline cache.
 """
 
 from __future__ import annotations
@@ -13,19 +13,16 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
-from copy import deepcopy
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 
-from nnunetv2.paths import nnUNet_raw
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
-from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
+from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from lesiondiffusion.errors import ConfigError
 from lesiondiffusion.io import atomic_write_text
@@ -113,6 +110,14 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
 
     # ------------------------------------------------------------------ data
     def _ld_setup(self) -> None:
+        if self.is_cascaded:
+            # a cascade stage's input has the previous stage's segmentation as extra channels; a
+            # synthetic case has no such prediction, and the ground truth in its place would leak labels
+            raise ConfigError(
+                f"{self.__class__.__name__} does not support the cascade configuration '{self.configuration_name}' "
+                f"(previous stage '{self.configuration_manager.previous_stage_name}'): synthetic cases have no "
+                "previous-stage segmentation. Train '3d_fullres', '3d_lowres' or '2d' with this trainer, or the "
+                "cascade with plain nnUNetTrainer.")
         cfg = self.ld_config = self.load_lesiondiffusion_config()
         self.print_to_log_file("LesionDiffusion configuration:\n" + cfg.to_yaml(), add_timestamp=False)
         self._save_config()
@@ -135,21 +140,17 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
             self.print_to_log_file(f"LesionDiffusion: offline cache {root} with {len(self.ld_reader.files)} cases "
                                    "(no generator loaded)")
             return
-        raw_folder = os.path.join(nnUNet_raw, self.plans_manager.dataset_name) if nnUNet_raw.is_set() else None
-        if cfg.templates.dataset_healthy and (raw_folder is None or not os.path.isdir(raw_folder)):
-            raise ConfigError(f"{cfg.source}: key 'templates.dataset_healthy' is true but the raw dataset "
-                              f"{raw_folder or '$nnUNet_raw/' + self.plans_manager.dataset_name} is not available; set "
-                              "nnUNet_raw (templates are read in HU with their organsTr maps) or list templates.folders "
-                              "and set dataset_healthy: false.")
         tr_keys, _ = self.do_split()
         # one producer per DDP rank: on the rank's own GPU for 'cuda', or the dedicated 'cuda:N' of the YAML
         rank, world = self.ld_rank_world
         device = cfg.generator.device_for_rank(self.local_rank if self.is_ddp else None)
-        spec = FactorySpec(
-            config=cfg, plans=deepcopy(self.plans_manager.plans), configuration=self.configuration_name,
-            dataset_json=self.dataset_json, dataset_name=self.plans_manager.dataset_name,
-            preprocessed_folder=self.preprocessed_dataset_folder,
-            raw_folder=raw_folder, identifiers=list(tr_keys), crop_size=crop, device=device)
+        spec = FactorySpec.for_dataset(cfg, self.plans_manager, self.configuration_name, self.dataset_json,
+                                       self.preprocessed_dataset_folder, tr_keys, device=device)
+        if cfg.templates.dataset_healthy and (spec.raw_folder is None or not os.path.isdir(spec.raw_folder)):
+            raise ConfigError(f"{cfg.source}: key 'templates.dataset_healthy' is true but the raw dataset "
+                              f"{spec.raw_folder or '$nnUNet_raw/' + self.plans_manager.dataset_name} is not available; "
+                              "set nnUNet_raw (templates are read in HU with their organsTr maps) or list "
+                              "templates.folders and set dataset_healthy: false.")
         base = cfg.seed + 1000003 * self.current_epoch
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,
@@ -262,107 +263,6 @@ class nnUNetTrainerLesionDiffusionSynthOnly(nnUNetTrainerLesionDiffusion):
     """Every training sample is synthetic (waits for the producer rather than use a real case)."""
 
     synthetic_only = True
-
-
-def _epochs(base: type, n: int, name: str) -> type:
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        base.__init__(self, plans, configuration, fold, dataset_json, device)
-        self.num_epochs = n
-
-    return type(name, (base,), {"__init__": __init__, "__module__": __name__,
-                                "__doc__": f"{base.__name__} with {n} epochs."})
-
-
-# nnU-Net-style short variants (defined explicitly so they are importable by name and picklable)
-nnUNetTrainerLesionDiffusion_1epoch = _epochs(nnUNetTrainerLesionDiffusion, 1, "nnUNetTrainerLesionDiffusion_1epoch")
-nnUNetTrainerLesionDiffusion_5epochs = _epochs(nnUNetTrainerLesionDiffusion, 5, "nnUNetTrainerLesionDiffusion_5epochs")
-nnUNetTrainerLesionDiffusion_10epochs = _epochs(nnUNetTrainerLesionDiffusion, 10, "nnUNetTrainerLesionDiffusion_10epochs")
-nnUNetTrainerLesionDiffusion_20epochs = _epochs(nnUNetTrainerLesionDiffusion, 20, "nnUNetTrainerLesionDiffusion_20epochs")
-nnUNetTrainerLesionDiffusion_50epochs = _epochs(nnUNetTrainerLesionDiffusion, 50, "nnUNetTrainerLesionDiffusion_50epochs")
-nnUNetTrainerLesionDiffusion_100epochs = _epochs(nnUNetTrainerLesionDiffusion, 100, "nnUNetTrainerLesionDiffusion_100epochs")
-nnUNetTrainerLesionDiffusion_250epochs = _epochs(nnUNetTrainerLesionDiffusion, 250, "nnUNetTrainerLesionDiffusion_250epochs")
-nnUNetTrainerLesionDiffusionSynthOnly_5epochs = _epochs(nnUNetTrainerLesionDiffusionSynthOnly, 5,
-                                                        "nnUNetTrainerLesionDiffusionSynthOnly_5epochs")
-nnUNetTrainerLesionDiffusionSynthOnly_50epochs = _epochs(nnUNetTrainerLesionDiffusionSynthOnly, 50,
-                                                         "nnUNetTrainerLesionDiffusionSynthOnly_50epochs")
-
-
-def tiny_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
-                 num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-    """The plans' architecture class with 4..16 features and one conv per stage (CPU tests)."""
-    from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
-
-    kwargs = deepcopy(configuration_manager.network_arch_init_kwargs)
-    n = kwargs.get("n_stages", len(kwargs.get("features_per_stage", [])))
-    kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(n)]
-    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
-        if key in kwargs:
-            kwargs[key] = [1] * n
-    if "n_conv_per_stage_decoder" in kwargs:
-        kwargs["n_conv_per_stage_decoder"] = [1] * (n - 1)
-    return get_network_from_plans(configuration_manager.network_arch_class_name, kwargs,
-                                  configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
-                                  num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
-
-
-class _SmokeMixin:
-    """A short CPU run with a tiny network. Subclasses set the length as class attributes:
-    the default (2 epochs x 3 iterations) is the smoke test, ``_demo`` variants run a little longer."""
-
-    short_epochs = 2
-    short_iterations = 3
-
-    def _smoke(self) -> None:
-        self.num_epochs = self.short_epochs
-        self.num_iterations_per_epoch = self.short_iterations
-        self.num_val_iterations_per_epoch = 1
-        self.save_every = 1  # an interrupted short run resumes from its last epoch
-
-    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
-        out = super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
-        # smoke runs validate/predict without mirroring (8x fewer passes); training keeps mirroring
-        self.inference_allowed_mirroring_axes = None
-        return out
-
-    @staticmethod
-    def build_network_architecture(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                                   enable_deep_supervision: bool = True) -> nn.Module:
-        return tiny_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
-                            enable_deep_supervision)
-
-
-class nnUNetTrainerLesionDiffusion_smoke(_SmokeMixin, nnUNetTrainerLesionDiffusion):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self._smoke()
-
-
-class nnUNetTrainerLesionDiffusionSynthOnly_smoke(_SmokeMixin, nnUNetTrainerLesionDiffusionSynthOnly):
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self._smoke()
-
-
-class nnUNetTrainer_ldsmoke(_SmokeMixin, nnUNetTrainer):
-    """Plain nnU-Net with the smoke settings: the real-only baseline in tests and benchmarks."""
-
-    def __init__(self, plans, configuration, fold, dataset_json, device=torch.device("cuda")):
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self._smoke()
-
-
-class nnUNetTrainerLesionDiffusion_demo(nnUNetTrainerLesionDiffusion_smoke):
-    """`lesiondiffusion demo`: 10 epochs x 10 iterations with the tiny network (CPU minutes)."""
-
-    short_epochs = 10
-    short_iterations = 10
-
-
-class nnUNetTrainer_demo(nnUNetTrainer_ldsmoke):
-    """Real-only counterpart of ``nnUNetTrainerLesionDiffusion_demo``."""
-
-    short_epochs = 10
-    short_iterations = 10
 
 
 __all__ = [n for n in list(globals()) if n.startswith("nnUNetTrainer")]

@@ -125,11 +125,11 @@ def test_demo_trainer_variants_are_found_by_nnunet(monkeypatch):
     from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name
 
     from lesiondiffusion.demo import PRESETS
-    from lesiondiffusion.evaluation import ext_trainer_dir
+    from lesiondiffusion.nnunet_integration.discovery import ext_trainer_dir
 
     monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_dir()))
     for settings in PRESETS.values():
         cls = recursive_find_trainer_class_by_name(settings.trainer)
         assert issubclass(cls, nnUNetTrainer) and cls.__name__ == settings.trainer
-    demo_cls = recursive_find_trainer_class_by_name("nnUNetTrainerLesionDiffusion_demo")
-    assert (demo_cls.short_epochs, demo_cls.short_iterations) == (10, 10)
+    demo_cls = recursive_find_trainer_class_by_name("nnUNetTrainerLesionDiffusion_tinynet_10epochs_10iters")
+    assert (demo_cls.epochs, demo_cls.iterations) == (10, 10)

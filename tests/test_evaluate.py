@@ -207,7 +207,7 @@ def test_segmentation_study_real_nnunet(tmp_path):
                nnUNet_compile="false")
     out = tmp_path / "eval"
     args = ("evaluate", "segmentation", "--dataset", "931", "--settings", "real", "--fold", "all",
-            "--trainer-real", "nnUNetTrainer_ldsmoke", "--no-progress", "-o", str(out))
+            "--trainer-real", "nnUNetTrainer_tinynet_2epochs_3iters", "--no-progress", "-o", str(out))
     r = _cli(*args, env=env, timeout=900)
     assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
     rows = list(csv.DictReader(open(out / "segmentation_dice.csv")))

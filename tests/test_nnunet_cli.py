@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from lesiondiffusion.cli import main
-from lesiondiffusion.commands.nnunet import SHIM_NAME, SHIM_TEXT, ext_trainer_dir
+from lesiondiffusion.commands.nnunet import SHIM_NAME, SHIM_TEXT
+from lesiondiffusion.nnunet_integration.discovery import ext_trainer_dir
 from lesiondiffusion.errors import ConfigError
 from lesiondiffusion.nnunet_integration.config import config_from_dict, config_path_for, load_config
 
@@ -32,12 +33,12 @@ def test_nnunet_finds_trainers_through_ext_trainer_env():
     """The exact lookup nnUNetv2_train/predict do, in a fresh interpreter with only the env var set."""
     code = ("from nnunetv2.utilities.find_objects import recursive_find_trainer_class_by_name as f\n"
             "for n in ('nnUNetTrainerLesionDiffusion', 'nnUNetTrainerLesionDiffusionSynthOnly',\n"
-            "          'nnUNetTrainerLesionDiffusion_5epochs', 'nnUNetTrainerLesionDiffusion_smoke'):\n"
+            "          'nnUNetTrainerLesionDiffusion_5epochs', 'nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters'):\n"
             "    c = f(n); print(c.__name__, c.__module__)\n")
     env = dict(os.environ, nnUNet_extTrainer=str(ext_trainer_dir()))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert "nnUNetTrainerLesionDiffusion_5epochs lesiondiffusion.nnunet_integration.trainers" in out.stdout
+    assert "nnUNetTrainerLesionDiffusion_5epochs lesiondiffusion.nnunet_integration.variants.training_length" in out.stdout
     env.pop("nnUNet_extTrainer")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "Could not find requested nnunet trainer" in out.stderr

@@ -23,7 +23,7 @@ BIN = Path(sys.executable).parent
 
 
 def _env(root: Path, n_proc_da: int = 0, **extra: str) -> dict[str, str]:
-    from lesiondiffusion.commands.nnunet import ext_trainer_dir
+    from lesiondiffusion.nnunet_integration.discovery import ext_trainer_dir
 
     env = dict(os.environ)
     env.update({
@@ -86,7 +86,7 @@ def test_train_online_rule_based_then_predict(nnunet_root):
     nnUNetv2_predict uses the trained folder."""
     root = nnunet_root
     _write_config(root / "pre" / DS / "lesiondiffusion.yaml")
-    trainer = "nnUNetTrainerLesionDiffusion_smoke"
+    trainer = "nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters"
     proc = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "0", "-tr", trainer, "-device", "cpu"],
                 _env(root, n_proc_da=1))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -157,7 +157,7 @@ def test_offline_cache_build_resume_and_synth_only_training(nnunet_root, tmp_pat
         case = load_case(cache / "cases" / f)
         assert np.isfinite(case.data).all() and (case.seg == 1).any()
 
-    trainer = "nnUNetTrainerLesionDiffusionSynthOnly_smoke"
+    trainer = "nnUNetTrainerLesionDiffusionSynthOnly_tinynet_2epochs_3iters"
     proc = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "1", "-tr", trainer, "-device", "cpu"],
                 _env(root, LESIONDIFFUSION_CONFIG=str(cfg)))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -171,11 +171,60 @@ def test_bad_config_is_reported_by_training(nnunet_root, tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("catalogs: [{name: kidney_tumor}]\nstore: {reuse: 0}\n")
     proc = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_fullres", "2", "-tr",
-                 "nnUNetTrainerLesionDiffusion_smoke", "-device", "cpu"],
+                 "nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", "-device", "cpu"],
                 _env(nnunet_root, LESIONDIFFUSION_CONFIG=str(bad)))
     assert proc.returncode != 0
     assert f"{bad}: key 'generator.bundle'" in proc.stderr  # default backend needs a bundle; fix names rule_based
     assert "rule_based" in proc.stderr
+
+
+@pytest.fixture(scope="module")
+def more_configurations(nnunet_root) -> Path:
+    """The fixture dataset preprocessed for ``2d`` and ``3d_lowres`` too. The phantoms are too small for
+    nnU-Net to plan a low-resolution stage, so 3d_lowres (1.5x coarser) and its cascade are added to
+    the plans by hand, as nnU-Net's planner writes them for large images."""
+    root = nnunet_root
+    plans_file = root / "pre" / DS / "nnUNetPlans.json"
+    plans = json.loads(plans_file.read_text())
+    confs = plans["configurations"]
+    confs["2d"]["batch_size"] = 2
+    confs["3d_lowres"] = {"inherits_from": "3d_fullres", "data_identifier": "nnUNetPlans_3d_lowres",
+                          "spacing": [s * 1.5 for s in confs["3d_fullres"]["spacing"]],
+                          "next_stage": "3d_cascade_fullres"}
+    confs["3d_cascade_fullres"] = {"inherits_from": "3d_fullres", "previous_stage": "3d_lowres"}
+    plans_file.write_text(json.dumps(plans, indent=2))
+    proc = _run([str(BIN / "nnUNetv2_preprocess"), "-d", str(DATASET_ID), "-c", "2d", "3d_lowres", "-np", "1", "1"],
+                _env(root, n_proc_da=1))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root
+
+
+@pytest.mark.parametrize("configuration", ["2d", "3d_lowres"])
+def test_trainer_runs_with_2d_and_lowres_configurations(more_configurations, configuration, tmp_path):
+    """nnUNetv2_train with a LesionDiffusion trainer in every configuration nnU-Net plans (3d_fullres is
+    the test above): synthetic crops get the configuration's geometry, and the run validates."""
+    cfg = _write_config(tmp_path / "ld.yaml", synthetic_probability=1.0)
+    trainer = "nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters"
+    proc = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), configuration, "3", "-tr", trainer, "-device", "cpu"],
+                _env(more_configurations, LESIONDIFFUSION_CONFIG=str(cfg)), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    fold = more_configurations / "res" / DS / f"{trainer}__nnUNetPlans__{configuration}" / "fold_3"
+    assert (fold / "checkpoint_final.pth").is_file() and (fold / "validation" / "summary.json").is_file()
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    import re
+
+    hit = re.search(r"LesionDiffusion store \(pretrain\): hit rate ([0-9.]+)%", log)
+    assert hit and float(hit.group(1)) > 0, log[-2000:]  # synthetic cases reached the batches
+
+
+def test_cascade_is_refused_at_start_up(more_configurations, tmp_path):
+    cfg = _write_config(tmp_path / "ld.yaml")
+    proc = _run([str(BIN / "nnUNetv2_train"), str(DATASET_ID), "3d_cascade_fullres", "3", "-tr",
+                 "nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", "-device", "cpu"],
+                _env(more_configurations, LESIONDIFFUSION_CONFIG=str(cfg)), timeout=600)
+    assert proc.returncode != 0
+    assert "does not support the cascade configuration '3d_cascade_fullres'" in proc.stderr, proc.stderr[-3000:]
+    assert "Train '3d_fullres', '3d_lowres' or '2d'" in proc.stderr
 
 
 # ------------------------------------------------------------------ in-process batch checks
@@ -207,7 +256,7 @@ def trainer_factory(nnunet_root, monkeypatch, tmp_path):
     made = []
 
     def make(cls_name: str, fold: int, **cfg_over):
-        from lesiondiffusion.nnunet_integration import trainers
+        from lesiondiffusion.nnunet_integration import variants
 
         cfg = _write_config(tmp_path / f"cfg_{fold}.yaml", **cfg_over)
         monkeypatch.setenv("LESIONDIFFUSION_CONFIG", str(cfg))
@@ -215,7 +264,7 @@ def trainer_factory(nnunet_root, monkeypatch, tmp_path):
         plans = json.loads((pre / "nnUNetPlans.json").read_text())
         plans["continue_training"] = False
         dataset_json = json.loads((pre / "dataset.json").read_text())
-        t = getattr(trainers, cls_name)(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
+        t = getattr(variants, cls_name)(plans, "3d_fullres", fold, dataset_json, device=torch.device("cpu"))
         made.append(t)
         return t
 
@@ -240,7 +289,7 @@ def test_batches_hold_synthetic_samples_with_aligned_labels_and_nnunet_ds_target
         return ts
 
     monkeypatch.setattr(ld_data, "load_templates", flat)
-    tr = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 3, synthetic_probability=1.0,
+    tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 3, synthetic_probability=1.0,
                          store={"worker": "thread", "warmup": 4, "reuse": 3})
     np.random.seed(0)
     torch.manual_seed(0)
@@ -284,13 +333,13 @@ def test_batches_hold_synthetic_samples_with_aligned_labels_and_nnunet_ds_target
 
 
 def test_schedule_switches_at_configured_epoch(trainer_factory):
-    tr = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 4, schedule={"pretrain_fraction": 0.3},
+    tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, schedule={"pretrain_fraction": 0.3},
                          synthetic_probability=0.6)
     tr.num_epochs = 10
     tr.ld_config = tr.load_lesiondiffusion_config()
     phases = [tr.phase_for_epoch(e) for e in range(10)]
     assert phases[:3] == [("pretrain", 0.6)] * 3 and phases[3:] == [("finetune", 0.0)] * 7
-    so = trainer_factory("nnUNetTrainerLesionDiffusionSynthOnly_smoke", 4)
+    so = trainer_factory("nnUNetTrainerLesionDiffusionSynthOnly_tinynet_2epochs_3iters", 4)
     so.ld_config = so.load_lesiondiffusion_config()
     assert {so.phase_for_epoch(e) for e in range(2)} == {("synthetic_only", 1.0)}
     assert so.ld_config.store.on_miss == "wait"
@@ -304,7 +353,7 @@ def test_crashed_producer_stops_training_with_traceback(trainer_factory, monkeyp
         raise RuntimeError("generator failed to load: CUDA out of memory (test)")
 
     monkeypatch.setattr(ld_data, "build_generator", boom)
-    tr = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 4, store={"worker": "thread", "warmup": 0})
+    tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, store={"worker": "thread", "warmup": 0})
     tr.on_train_start()
     batch = next(tr.dataloader_train)  # the loader does not hang: a miss falls back to real data
     with pytest.raises(ProducerCrashed, match="CUDA out of memory \\(test\\)"):
@@ -314,19 +363,19 @@ def test_crashed_producer_stops_training_with_traceback(trainer_factory, monkeyp
 def test_resume_rebuilds_the_store_for_the_checkpoint_phase(trainer_factory):
     """What `nnUNetv2_train ... --c` does: load the checkpoint, then on_train_start; the store is
     rebuilt only when synthetic epochs remain."""
-    tr = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 4, store={"worker": "thread", "warmup": 1})
+    tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, store={"worker": "thread", "warmup": 1})
     tr.on_train_start()
     assert tr.ld_store is not None and tr.phase_for_epoch(0)[0] == "pretrain"
     ckpt = Path(tr.output_folder) / "checkpoint_latest.pth"
     tr.save_checkpoint(str(ckpt))  # end of epoch 0 -> resumes at epoch 1 (fine-tuning)
     assert (Path(tr.output_folder) / "lesiondiffusion.yaml").is_file()
     tr._ld_shutdown()
-    again = trainer_factory("nnUNetTrainerLesionDiffusion_smoke", 4, store={"worker": "thread", "warmup": 1})
+    again = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, store={"worker": "thread", "warmup": 1})
     again.load_checkpoint(str(ckpt))
     assert again.current_epoch == 1
     again.on_train_start()
     assert again.ld_store is None and again.ld_reader is None  # no generator for the real fine-tuning
-    synth = trainer_factory("nnUNetTrainerLesionDiffusionSynthOnly_smoke", 4, store={"worker": "thread", "warmup": 1})
+    synth = trainer_factory("nnUNetTrainerLesionDiffusionSynthOnly_tinynet_2epochs_3iters", 4, store={"worker": "thread", "warmup": 1})
     synth.load_checkpoint(str(ckpt))
     synth.on_train_start()
     assert synth.ld_store is not None and synth.ld_store.stats().produced >= 1

@@ -224,3 +224,28 @@ def test_a_box_larger_than_the_trained_crop_is_synthesised_coarser(scene, synth)
     assert np.allclose(big.scale, spacing / np.asarray(SPACING))
     mask_mm = np.asarray(big.mask_size) * spacing
     assert np.all(mask_mm >= np.array([80, 72, 48]) + 2 * crop.mask_margin_mm - 1e-6)  # the box fits whole
+
+
+def test_text_ablation_gives_both_networks_null_prompts(scene):
+    """``text_conditioning=False`` (the Table 2 ablation): LMNet and LINet see the all-zero null context
+    for every lesion; with text on, the same reports reach them as non-zero embeddings."""
+    ct, organs, bundle, catalog, reports = scene
+    seen: dict[str, list[torch.Tensor]] = {"lmnet": [], "linet": []}
+    hooks = [getattr(bundle, name).register_forward_pre_hook(
+        lambda mod, args, kwargs, name=name: seen[name].append(kwargs["context"].detach().clone()), with_kwargs=True)
+        for name in seen]
+    try:
+        for text in (True, False):
+            for v in seen.values():
+                v.clear()
+            # any mask is accepted (threshold -1, no size checks): this test is about what the networks see
+            cfg = SynthesisConfig(ddim_steps=1, text_conditioning=text, mask_threshold=-1.0, max_retries=0,
+                                  min_volume_fraction=0.0, min_organ_fraction=0.0)
+            out = LesionSynthesizer(bundle, "cpu", cfg)(ct, organs, reports[:1], catalog, seed=0)
+            assert out[0].ok, out[0].failure
+            for name, ctxs in seen.items():
+                assert ctxs, f"{name} was not called"
+                assert all(bool(c.any()) == text for c in ctxs), (name, text)
+    finally:
+        for h in hooks:
+            h.remove()

@@ -49,7 +49,7 @@ class DemoSettings:
     # a few minutes of CPU in total (tiny preset: about 1-2 s per step on 2 idle cores)
     pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 40, "lmnet": 60, "linet": 60})
     pretrain_workers: int = 0        # data loading in the main process: cheaper than spawning on 2 cores
-    trainer: str = "nnUNetTrainerLesionDiffusion_demo"
+    trainer: str = "nnUNetTrainerLesionDiffusion_tinynet_10epochs_10iters"
     trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
     dataset_id: int = 900
     dataset_name: str = "LDPhantom"
@@ -70,7 +70,7 @@ PRESETS: dict[str, DemoSettings] = {
         synth_per_type=1,
         ddim_steps=4,
         pretrain_steps={"vqgan": 8, "lmnet": 8, "linet": 8},
-        trainer="nnUNetTrainerLesionDiffusion_smoke",
+        trainer="nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters",
     ),
 }
 
@@ -230,29 +230,27 @@ class Demo:
 
     # ---- step 2: tiny generator bundle ------------------------------------------------------
     def step_bundle(self, results: dict[str, Any]) -> dict[str, Any]:
-        from .cli import main as cli_main
+        from .pretrain import train_linet, train_lmnet, train_vqgan
+        from .pretrain.common import PretrainOptions
+        from .pretrain.engine import TrainConfig
 
         s = self.settings
         losses: dict[str, str] = {}
+        trainers = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}
         for net in ("vqgan", "lmnet", "linet"):
             run_dir = self.paths.pretrain_runs / net
-            argv = ["pretrain", net, "--data", str(self.dataset_dir), "--preset", "tiny", "-o", str(run_dir),
-                    "--steps", str(s.pretrain_steps[net]), "--bundle", str(self.paths.bundle),
-                    "--device", self.device, "--workers", str(s.pretrain_workers),
-                    "--checkpoint-every", str(max(10, s.pretrain_steps[net] // 4)), "--log-every", "5"]
-            if not self.progress:
-                argv.append("--no-progress")
-            if (run_dir / "checkpoint.pt").exists():
-                argv.append("--resume")  # an interrupted demo continues its training
-            self.echo(f"    lesiondiffusion {' '.join(argv)}")
-            rc = cli_main(argv)
-            if rc == 130:
-                raise KeyboardInterrupt  # the pretraining CLI already kept its last checkpoint
-            if rc != 0:
-                raise LesionDiffusionError(
-                    f"`lesiondiffusion {' '.join(argv)}` failed with exit code {rc}; see the messages above. "
-                    "Re-run `lesiondiffusion demo` to resume from the last checkpoint."
-                )
+            steps = s.pretrain_steps[net]
+            opts = PretrainOptions(
+                data=self.dataset_dir, run_dir=run_dir, preset="tiny", bundle=self.paths.bundle,
+                resume=(run_dir / "checkpoint.pt").exists(),  # an interrupted demo continues its training
+                train=TrainConfig(steps=steps, device=self.device, num_workers=s.pretrain_workers,
+                                  checkpoint_every=max(10, steps // 4), log_every=5, progress=self.progress,
+                                  seed=s.seed))
+            self.echo(f"    pretrain {net}: {steps} steps (tiny preset) -> {run_dir}")
+            # an interrupt keeps the last checkpoint; the next demo run resumes from it
+            summary = trainers[net].train(opts)
+            self.echo(f"    {net}: {summary['step']} steps, "
+                      + ", ".join(f"{k} {v:.4g}" for k, v in summary["losses"].items()))
             for cand in ("metrics.csv", "scalars.csv", "log.csv"):
                 if (run_dir / cand).exists():
                     losses[net] = str(run_dir / cand)

@@ -167,6 +167,21 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
     atomic_write_text(path, yaml.safe_dump(obj, sort_keys=False, allow_unicode=True))
 
 
+def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], float_format: str = ".4g") -> None:
+    """Rows (dicts with the same keys) as a CSV with a header, atomically; floats as ``float_format``."""
+    import csv
+
+    if not rows:
+        atomic_write_text(path, "")
+        return
+    with atomic_path(path) as tmp:
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            for r in rows:
+                w.writerow({k: (format(v, float_format) if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def _forms(path: str | os.PathLike) -> set[Path]:
     """The literal absolute path and its symlink-resolved form (a link and its target both count)."""
     return {Path(os.path.abspath(path)), Path(path).resolve()}

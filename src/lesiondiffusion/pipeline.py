@@ -32,7 +32,8 @@ from .generator import SynthesisResult
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
 from .placement import organ_fraction_rule
-from .sampling import codebook_range, inpaint_latent, latent_mask, make_ddim, organ_semantics, sample_mask
+from .sampling import (codebook_range, inpaint_latent, latent_mask, make_ddim, null_context, organ_semantics,
+                       sample_mask)
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +66,7 @@ class SynthesisConfig:
     fit_trained_crop: bool = True  # False: grow the crop around a large box (benchmark of the coarse spacing)
     amp: bool = True  # bf16 (or fp16) autocast for the diffusion networks on CUDA
     on_failure: str = "result"  # "result": failed lesions come back with .failure; "raise": SynthesisError
+    text_conditioning: bool = True  # False: null prompts for LMNet and LINet (the text ablation, Table 2)
 
     def __post_init__(self) -> None:
         if self.hu_correction not in HU_CORRECTIONS:
@@ -337,6 +339,13 @@ class LesionSynthesizer:
                        synthesis_spacing_mm=[round(float(v), 4) for v in np.asarray(self.bundle.config.spacing_mm) * geo.coarsen],
                        coarsen=round(float(geo.coarsen), 4))
 
+    def _context(self, phrase_lists: list[list[str]]) -> torch.Tensor:
+        """Text context of a batch; with ``text_conditioning`` off, the null context the networks were
+        trained with for dropped prompts (so guidance has nothing to amplify and the report's words are
+        unused; the report still places the box and, with ``hu_correction``, bounds the HU)."""
+        context = self.bundle.context(phrase_lists).to(self.device)
+        return context if self.config.text_conditioning else null_context(context)
+
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.device.type == "cuda" and self.config.amp:
             dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -379,7 +388,7 @@ class LesionSynthesizer:
                 )
                 cond_t = torch.from_numpy(cond).to(self.device)
                 cond_t = torch.cat([organ_semantics(cond_t[:, 0:1]), cond_t[:, 1:3]], dim=1)
-                context = self.bundle.context([it.report.phrases(self.bundle.config.attributes("lmnet")) for it in batch]).to(self.device)
+                context = self._context([it.report.phrases(self.bundle.config.attributes("lmnet")) for it in batch])
                 shape = (1, 1) + tuple(batch[0].geometry.mask_size)  # type: ignore[union-attr]
                 noise = torch.cat([self._noise(shape, it.seed + 1000003 * it.attempts) for it in batch]).to(self.device)
                 with self._autocast():
@@ -462,7 +471,7 @@ class LesionSynthesizer:
             norm = bcfg.latents  # LINet works on standardised latents (models.vqgan.LatentNorm)
             z0 = norm.normalize(self.bundle.vqgan.encode_stage_2_inputs(x))
             lmask = latent_mask(mask_t, tuple(z0.shape[2:]))
-            context = self.bundle.context([it.report.phrases(self.bundle.config.attributes("linet")) for it in batch]).to(self.device)
+            context = self._context([it.report.phrases(self.bundle.config.attributes("linet")) for it in batch])
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(

@@ -21,7 +21,7 @@ def _build(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
     from ..nnunet_integration.config import load_config
-    from ..nnunet_integration.data import FactorySpec, initial_patch_size
+    from ..nnunet_integration.data import FactorySpec
     from ..nnunet_integration.trainers import cache_identity, default_cache_dir
     from ..io import refuse_overwrite_input
     from ..store import OfflineCache, Shard
@@ -51,7 +51,6 @@ def _build(args: argparse.Namespace) -> int:
     if cfg.generator.backend == "lesiondiffusion" and cfg.mode == "offline" and not cfg.generator.bundle:
         raise ConfigError(f"{cfg.source}: key 'generator.bundle' is not set; building a cache with the LesionDiffusion "
                           "backend needs a model bundle (or set generator.backend: rule_based).")
-    crop = initial_patch_size(cm)
     data_folder = pre / cm.data_identifier
     if not data_folder.is_dir():
         raise LesionDiffusionError(f"{data_folder} not found: preprocess configuration {args.configuration} first.")
@@ -79,12 +78,9 @@ def _build(args: argparse.Namespace) -> int:
         if Path(e.name).suffix in (".yaml", ".yml"):
             inputs[f"catalog {e.name}"] = e.name
     refuse_overwrite_input(out, names=inputs)
-    spec = FactorySpec(config=cfg, plans=plans, configuration=args.configuration, dataset_json=dataset_json,
-                       dataset_name=name, preprocessed_folder=str(data_folder),
-                       raw_folder=os.path.join(nnUNet_raw.get(), name) if nnUNet_raw.is_set() else None,
-                       identifiers=list(identifiers), crop_size=crop,
-                       device=args.device or cfg.generator.device_for_rank(_local_rank(shard)))
-    identity = cache_identity(pm, args.configuration, crop)
+    spec = FactorySpec.for_dataset(cfg, pm, args.configuration, dataset_json, str(data_folder), identifiers,
+                                   device=args.device or cfg.generator.device_for_rank(_local_rank(shard)))
+    identity = cache_identity(pm, args.configuration, spec.crop_size)
     identity.update(generator_identity(cfg))
     identity["fold"] = args.fold
     manifest = OfflineCache(out, identity).build(spec.build, args.n, seed=cfg.seed, lazy=True,

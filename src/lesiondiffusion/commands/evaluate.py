@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lesiondiffusion.generator import BACKENDS
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="prompt alignment of generated lesions; nnU-Net Dice in three settings")
@@ -31,7 +33,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt groups to evaluate: shape, density or both (default shape,density)")
     a.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule)")
     a.add_argument("--device", default="cpu")
-    a.add_argument("--backend", choices=("lesiondiffusion", "rule_based"), default="lesiondiffusion",
+    a.add_argument("--backend", choices=BACKENDS, default="lesiondiffusion",
                    help="generator to evaluate (rule_based: the weight-free baseline)")
     a.add_argument("-o", "--out", type=Path, default=Path("alignment"), help="output folder (default ./alignment)")
     a.add_argument("--no-progress", action="store_true")
@@ -56,7 +58,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("-c", "--configuration", default="3d_fullres")
     s.add_argument("-p", "--plans", default="nnUNetPlans")
     s.add_argument("--trainer-suffix", default="",
-                   help="variant suffix appended to every trainer, e.g. _5epochs or _smoke")
+                   help="variant suffix appended to every trainer, e.g. _5epochs or _tinynet_2epochs_3iters")
     s.add_argument("--trainer-real", help="trainer for 'real' (default nnUNetTrainer + suffix)")
     s.add_argument("--trainer-synthetic", help="trainer for 'synthetic' (default nnUNetTrainerLesionDiffusionSynthOnly + suffix)")
     s.add_argument("--trainer-synthetic-real", help="trainer for 'synthetic_real' (default nnUNetTrainerLesionDiffusion + suffix)")
@@ -74,7 +76,8 @@ def run_alignment(args: argparse.Namespace) -> int:
 
     from lesiondiffusion.catalog import load_catalog
     from lesiondiffusion.errors import LesionDiffusionError
-    from lesiondiffusion.evaluation import format_alignment_table, run_alignment as study, write_alignment
+    from lesiondiffusion.evaluation.alignment import format_alignment_table, run_alignment as study, write_alignment
+    from lesiondiffusion.generator import build_generator
     from lesiondiffusion.io import load_nifti
     from lesiondiffusion.organs import load_organ_map
 
@@ -88,19 +91,13 @@ def run_alignment(args: argparse.Namespace) -> int:
             f"{args.ct} has shape {ct.shape} but {args.organs} has {organs.labels.shape}; the organ map must be "
             "on the CT grid (TotalSegmentator writes it that way; resample it with nearest neighbour otherwise)."
         )
-    if args.backend == "rule_based":
-        from lesiondiffusion.rule_based import RuleBasedGenerator
-
-        generator = RuleBasedGenerator()
-    else:
-        if args.bundle is None:
-            raise LesionDiffusionError("--bundle DIR is required for the lesiondiffusion backend.")
-        from lesiondiffusion.pipeline import LesionSynthesizer
-
-        # the density half measures what the model makes: a catalog HU correction would move every
-        # lesion into the prompt's range and measure the catalog instead
-        overrides = {"ddim_steps": args.ddim_steps} if args.ddim_steps else {}
-        generator = LesionSynthesizer.from_bundle(args.bundle, device=args.device, hu_correction="off", **overrides)
+    if args.backend == "lesiondiffusion" and args.bundle is None:
+        raise LesionDiffusionError("--bundle DIR is required for the lesiondiffusion backend.")
+    options = {"ddim_steps": args.ddim_steps} if args.ddim_steps and args.backend == "lesiondiffusion" else {}
+    # the density half measures what the model makes: a catalog HU correction would move every
+    # lesion into the prompt's range and measure the catalog instead
+    generator = build_generator(args.backend, bundle=args.bundle, device=args.device, options=options,
+                                hu_correction="off")
     groups = tuple(g.strip() for g in args.groups.split(",") if g.strip())
     bad = [g for g in groups if g not in ("shape", "density")]
     if bad or not groups:
@@ -114,7 +111,7 @@ def run_alignment(args: argparse.Namespace) -> int:
 
 
 def run_segmentation(args: argparse.Namespace) -> int:
-    from lesiondiffusion.evaluation import SegmentationStudy
+    from lesiondiffusion.evaluation.segmentation import SegmentationStudy
 
     trainers = {k: v for k, v in (("real", args.trainer_real), ("synthetic", args.trainer_synthetic),
                                   ("synthetic_real", args.trainer_synthetic_real)) if v}

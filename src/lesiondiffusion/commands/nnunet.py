@@ -1,7 +1,7 @@
 """``lesiondiffusion nnunet``: make nnU-Net v2 find the LesionDiffusion trainers.
 
 ``env`` prints the ``nnUNet_extTrainer`` setting (nnunetv2 >= 2.8 imports the modules of that folder
-by name); ``register``/``unregister`` drop or remove a two-line shim inside nnU-Net's own trainer
+by name); ``register``/``unregister`` drop or remove a small shim inside nnU-Net's own trainer
 folder for older nnunetv2 versions; ``unregister`` only deletes a file whose text is exactly ours.
 """
 
@@ -12,20 +12,22 @@ import os
 from pathlib import Path
 
 from ..errors import LesionDiffusionError
+from ..nnunet_integration.discovery import ext_trainer_dir, ext_trainer_value
 
 SHIM_NAME = "lesiondiffusion_shim.py"
 SHIM_TEXT = (
     "# written by `lesiondiffusion nnunet register`; remove with `lesiondiffusion nnunet unregister`\n"
-    "try: from lesiondiffusion.nnunet_integration.trainers import *  # noqa: F401,F403\n"
+    "try:\n"
+    "    from lesiondiffusion.nnunet_integration.trainers import *  # noqa: F401,F403\n"
+    "    from lesiondiffusion.nnunet_integration.variants import *  # noqa: F401,F403\n"
     "except ImportError: pass  # lesiondiffusion uninstalled: keep nnU-Net working\n"
 )
-
-
-def ext_trainer_dir() -> Path:
-    """The installed folder ``nnUNet_extTrainer`` should point at."""
-    from .. import nnunet_integration
-
-    return Path(nnunet_integration.__file__).resolve().parent / "ext_trainers"
+# what earlier versions wrote (no variants module yet); register replaces it, unregister removes it
+OLD_SHIM_TEXTS = (
+    "# written by `lesiondiffusion nnunet register`; remove with `lesiondiffusion nnunet unregister`\n"
+    "try: from lesiondiffusion.nnunet_integration.trainers import *  # noqa: F401,F403\n"
+    "except ImportError: pass  # lesiondiffusion uninstalled: keep nnU-Net working\n",
+)
 
 
 def nnunet_trainer_dir() -> Path:
@@ -36,18 +38,9 @@ def nnunet_trainer_dir() -> Path:
     return Path(nnunetv2.__path__[0]) / "training" / "nnUNetTrainer"
 
 
-def env_value(current: str | None = None) -> str:
-    """``nnUNet_extTrainer`` value including our folder, keeping folders already listed."""
-    ours = str(ext_trainer_dir())
-    parts = [p for p in (current or "").split(os.pathsep) if p]
-    if ours not in parts:
-        parts.append(ours)
-    return os.pathsep.join(parts)
-
-
 def register_shim(target_dir: Path) -> Path:
     target = Path(target_dir) / SHIM_NAME
-    if target.exists() and target.read_text(encoding="utf-8") != SHIM_TEXT:
+    if target.exists() and target.read_text(encoding="utf-8") not in (SHIM_TEXT, *OLD_SHIM_TEXTS):
         raise LesionDiffusionError(f"{target} exists and was not written by 'lesiondiffusion nnunet register'; it is "
                                    "left untouched. Remove or rename it yourself, then run register again.")
     from ..io import atomic_write_text
@@ -60,7 +53,7 @@ def unregister_shim(target_dir: Path) -> Path | None:
     target = Path(target_dir) / SHIM_NAME
     if not target.exists():
         return None
-    if target.read_text(encoding="utf-8") != SHIM_TEXT:
+    if target.read_text(encoding="utf-8") not in (SHIM_TEXT, *OLD_SHIM_TEXTS):
         raise LesionDiffusionError(f"{target} was changed after 'lesiondiffusion nnunet register' wrote it; it is left "
                                    "untouched. Delete it yourself if it is no longer needed.")
     target.unlink()
@@ -74,7 +67,7 @@ def _env(args: argparse.Namespace) -> int:
     if args.path:
         print(ext_trainer_dir())
     else:
-        print(f"export nnUNet_extTrainer={env_value(os.environ.get('nnUNet_extTrainer'))}")
+        print(f"export nnUNet_extTrainer={ext_trainer_value(os.environ.get('nnUNet_extTrainer'))}")
     return 0
 
 
