@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -356,8 +357,13 @@ def test_crashed_producer_stops_training_with_traceback(trainer_factory, monkeyp
     tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, store={"worker": "thread", "warmup": 0})
     tr.on_train_start()
     batch = next(tr.dataloader_train)  # the loader does not hang: a miss falls back to real data
+    # the producer thread reads its templates before it loads the generator: on a busy machine the
+    # crash can come a few training steps later, but it must come
+    deadline = time.monotonic() + 300
     with pytest.raises(ProducerCrashed, match="CUDA out of memory \\(test\\)"):
-        tr.train_step(batch)
+        while time.monotonic() < deadline:
+            tr.train_step(batch)
+            time.sleep(0.2)
 
 
 def test_resume_rebuilds_the_store_for_the_checkpoint_phase(trainer_factory):
