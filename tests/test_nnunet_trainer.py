@@ -395,13 +395,13 @@ def _ddp_rank(rank: int, world: int, root: str, cfg: str, init_file: str, out: s
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    from lesiondiffusion.nnunet_integration import trainers
+    from lesiondiffusion.nnunet_integration import variants
 
     pre = Path(root) / "pre" / DS
     plans = json.loads((pre / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False
     dataset_json = json.loads((pre / "dataset.json").read_text())
-    tr = trainers.nnUNetTrainerLesionDiffusion_smoke(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
+    tr = variants.nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters(plans, "3d_fullres", 0, dataset_json, device=torch.device("cpu"))
     if rank == 0:
         tr.do_split()  # writes splits_final.json once before the other rank reads it
     dist.barrier()
