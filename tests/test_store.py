@@ -263,7 +263,7 @@ def test_throttle_controller_fits_plain_time_and_sets_duty_to_the_budget():
     rng = np.random.default_rng(0)
     for slowdown, want in ((1.0, 0.05), (0.02, 1.0)):
         throttle = Throttle()
-        ctl = ThrottleController(throttle, 0.05, probe_every=50, probe_len=3)
+        ctl = ThrottleController(throttle, 0.05, probe_every=50, probe_len=3, first_probe=50)
         duties = []
         for i in range(120):
             f = float(rng.uniform())

@@ -192,18 +192,19 @@ class ThrottleController:
     iteration time without the producer (plain nnU-Net's, measured online, not in a separate run) and
     ``extra / plain`` the slowdown while it works. Training then costs ``duty * extra / plain`` on
     average, so the duty becomes ``budget * plain / extra`` (at most 1). The fit needs iterations with
-    and without synthesis: a full store idles the producer, and every ``probe_every`` iterations the
-    producer is paused for ``probe_len`` iterations in case it never idles. Until the first fit the
-    producer runs unthrottled.
+    and without synthesis: a full store idles the producer, and from iteration ``first_probe`` on, every
+    ``probe_every`` iterations the producer is paused for ``probe_len`` iterations in case it never
+    idles. Until the first fit the producer runs unthrottled.
     """
 
     def __init__(self, throttle: Throttle, budget: float, *, window: int = 200, probe_every: int = 100,
-                 probe_len: int = 4, min_duty: float = 0.01) -> None:
+                 probe_len: int = 4, first_probe: int = 20, min_duty: float = 0.01) -> None:
         from collections import deque
 
         self.throttle, self.budget = throttle, float(budget)
         self.samples: Any = deque(maxlen=window)
         self.probe_every, self.probe_len, self.min_duty = probe_every, probe_len, min_duty
+        self.first_probe = first_probe
         self.duty = throttle.duty
         self.plain: float | None = None
         self.slowdown: float | None = None
@@ -227,9 +228,10 @@ class ThrottleController:
         self.samples.append((seconds, busy_share))
         self._i += 1
         self._fit()
-        # the first probe only after probe_every iterations: short runs and a store that fills up (an idle
-        # producer) need none, and pausing at the very start would cost the warm-up's fresh cases
-        probing = self._i >= self.probe_every and self._i % self.probe_every < self.probe_len
+        # the first probe after first_probe iterations, not at the start: pausing then would cost the
+        # warm-up's fresh cases, and a store that fills up idles the producer anyway
+        k = self._i - self.first_probe
+        probing = k >= 0 and k % self.probe_every < self.probe_len
         self.throttle.set_duty(0.0 if probing else self.duty)
 
     def _fit(self) -> None:
