@@ -203,3 +203,30 @@ def test_phantom_ids_agree_with_organs_table():
 
     for name, i in TS_V2_IDS.items():
         assert TOTALSEG_V2[name] == i, name
+
+
+@pytest.mark.parametrize("surface, fades", [("ill-defined margin", True), ("well-defined margin", False)])
+def test_lesion_margin_follows_surface_attribute(surface, fades):
+    """An ill-defined margin blends into the organ across the label boundary; a well-defined one is a
+    step: the organ voxels touching the lesion keep their HU."""
+    from scipy import ndimage
+
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.phantoms import _ellipsoid_vox, _paint_lesion
+
+    catalog = load_catalog("liver_tumor")
+    report = catalog.sample(0, fixed={"surface": surface, "density": "hypodense", "density_variations": "homogeneous",
+                                      "specific_features": "none", "enhancement": "non-contrast CT"})
+    ct = np.full((24, 24, 24), 60.0, np.float32)
+    mask = _ellipsoid_vox(ct.shape, (12, 12, 12), (6, 6, 6))
+    _paint_lesion(ct, mask, report, catalog, (1.0, 1.0, 1.0), np.random.default_rng(0), texture_hu=0.0)
+    outer = ndimage.binary_dilation(mask) & ~mask
+    core = ndimage.binary_erosion(mask, iterations=3)
+    lesion_hu = float(ct[core].mean())
+    assert lesion_hu < 40  # hypodense against the 60 HU organ
+    shift = 60.0 - float(ct[outer].mean())
+    if fades:
+        assert shift > 0.15 * (60.0 - lesion_hu)
+    else:
+        assert abs(shift) < 1e-3
+    assert np.all(ct[ndimage.distance_transform_edt(~mask) >= 2] == 60.0)  # nothing further away changes

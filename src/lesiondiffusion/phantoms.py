@@ -460,7 +460,22 @@ def _paint_lesion(ct: np.ndarray, mask: np.ndarray, report: "LesionReport", cata
             vals[spot] = mean + max(25.0, 0.3 * (hi - lo))
         else:
             vals[spot] = float(rng.uniform(400, 900))
-    ct[mask] = np.clip(vals[mask], -1024, 3071)
+    vals = np.clip(vals, -1024, 3071)
+    if _ill_defined(report.surface):
+        # an ill-defined margin fades into the organ across the label boundary (weights 0.75 and 0.25 on
+        # the voxels either side of it); the label stays the hard mask, as a reader would draw it
+        outside, nearest = ndimage.distance_transform_edt(~mask, return_indices=True)
+        inside = ndimage.distance_transform_edt(mask)
+        alpha = np.clip(0.5 + (inside - outside) / 4.0, 0.0, 1.0).astype(np.float32)
+        zone = alpha > 0
+        lesion_vals = vals[tuple(nearest)][zone]   # outside the mask: the nearest lesion voxel's value
+        ct[zone] = alpha[zone] * lesion_vals + (1.0 - alpha[zone]) * ct[zone]
+        return
+    ct[mask] = vals[mask]
+
+
+def _ill_defined(surface: str) -> bool:
+    return any(w in surface for w in ("ill-defined", "unclear", "irregular serosal"))
 
 
 def _add_lesions(ct, organs_arr, body, affine, lesion_types, rng, enhanced, cfg) -> tuple[np.ndarray, list, list]:
