@@ -162,8 +162,8 @@ class FewShotStudy:
             gen["bundle"] = str(Path(self.bundle).resolve())
             gen["device"] = self.device
             gen.setdefault("options", {})["ddim_steps"] = self.ddim_steps
-        if self.hu_correction is not None:
-            gen.setdefault("options", {})["hu_correction"] = self.hu_correction
+        if self.hu_correction is not None and gen["backend"] == "lesiondiffusion":
+            gen["hu_correction"] = self.hu_correction
         cfg: dict[str, Any] = {
             "generator": gen,
             "catalogs": [{"name": t, "weight": 1.0, "label": t} for t in self.lesion_types],
