@@ -113,3 +113,27 @@ class nnUNetTrainerLesionDiffusionSynthOnly_fewshotcpu(FewShotCPURecipe, nnUNetT
 
 __all__ = ["FewShotCPURecipe", "small_network", "nnUNetTrainer_fewshotcpu", "nnUNetTrainerLesionDiffusion_fewshotcpu",
            "nnUNetTrainerLesionDiffusionSynthOnly_fewshotcpu"]
+
+
+class FewShotCPURecipeSmoke(FewShotCPURecipe):
+    """The same recipe for 2 epochs x 3 iterations of batch 4 (CI and ``lesiondiffusion demo --fast``)."""
+
+    epochs = 2
+    iterations = 3
+    batch = 4
+
+
+class nnUNetTrainer_fewshotcpu_smoke(FewShotCPURecipeSmoke, nnUNetTrainer):
+    """Real data only, smoke length."""
+
+
+class nnUNetTrainerLesionDiffusion_fewshotcpu_smoke(FewShotCPURecipeSmoke, nnUNetTrainerLesionDiffusion):
+    """Synthetic then real, smoke length."""
+
+
+class nnUNetTrainerLesionDiffusionSynthOnly_fewshotcpu_smoke(FewShotCPURecipeSmoke, nnUNetTrainerLesionDiffusionSynthOnly):
+    """Synthetic only, smoke length."""
+
+
+__all__ += ["FewShotCPURecipeSmoke", "nnUNetTrainer_fewshotcpu_smoke", "nnUNetTrainerLesionDiffusion_fewshotcpu_smoke",
+            "nnUNetTrainerLesionDiffusionSynthOnly_fewshotcpu_smoke"]

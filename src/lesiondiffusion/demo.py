@@ -38,18 +38,23 @@ class DemoSettings:
     spacing: tuple[float, float, float] = (3.0, 3.0, 4.0)
     n_healthy: int = 6
     # lesion types of the segmentation dataset (dataset labels 1..n in this order)
-    lesion_types: tuple[str, ...] = ("kidney_tumor", "liver_tumor")
-    cases_per_type: int = 2
-    n_test_per_type: int = 2
+    lesion_types: tuple[str, ...] = ("liver_tumor",)
+    cases_per_type: int = 2          # the few-shot setting: K real lesion cases per type
+    n_test_per_type: int = 6
     # catalogs shown in the synthesis step; at least one hollow-organ type
     synth_types: tuple[str, ...] = ("kidney_tumor", "liver_tumor", "gastric_cancer")
     synth_per_type: int = 1
     synth_attempts: int = 3          # new report + seed after a failed synthesis, per lesion
-    ddim_steps: int = 10             # DDIM steps of the demo's synthesis and of the trainer's producer
-    # a few minutes of CPU in total (tiny preset: about 1-2 s per step on 2 idle cores)
+    ddim_steps: int = 10             # DDIM steps of the demo's synthesis and of the synthetic cache
+    # generator: the bundle shipped in the package (trained on phantoms by pretrain/demo_bundle.py), or
+    # "train": a few minutes of pretraining with the steps below
+    bundle_source: str = "packaged"
     pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 40, "lmnet": 60, "linet": 60})
     pretrain_workers: int = 0        # data loading in the main process: cheaper than spawning on 2 cores
-    trainer: str = "nnUNetTrainerLesionDiffusion_tinynet_10epochs_10iters"
+    # segmentation: real only vs LesionDiffusion (synthetic pretraining, then real fine-tuning), same recipe
+    configuration: str = "2d"
+    trainer_suffix: str = "_fewshotcpu"
+    synthetic_cases: int = 48        # offline cache of synthetic cases for the LesionDiffusion trainer
     trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
     dataset_id: int = 900
     dataset_name: str = "LDPhantom"
@@ -69,8 +74,10 @@ PRESETS: dict[str, DemoSettings] = {
         n_test_per_type=1,
         synth_per_type=1,
         ddim_steps=4,
+        bundle_source="train",
         pretrain_steps={"vqgan": 8, "lmnet": 8, "linet": 8},
-        trainer="nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters",
+        trainer_suffix="_fewshotcpu_smoke",
+        synthetic_cases=4,
     ),
 }
 
@@ -200,36 +207,51 @@ class Demo:
         return results
 
     # ---- step 1: phantom dataset -----------------------------------------------------------
-    def step_data(self, results: dict[str, Any]) -> dict[str, Any]:
-        from .phantoms import make_phantom, write_phantom_dataset
+    def fewshot_data(self) -> "FewShotData":
+        from .fewshot import FewShotData
 
         s = self.settings
-        ds = write_phantom_dataset(
-            self.paths.raw, n_healthy=s.n_healthy, lesion_types=list(s.lesion_types), shape=s.shape,
-            spacing=s.spacing, seed=s.seed, dataset_id=s.dataset_id, name=s.dataset_name,
-            cases_per_type=s.cases_per_type, progress=self.progress,
-        )
-        # a held-out test set (other seeds) for the Dice of the trained nnU-Net
-        ims, labs, orgs = ds / "imagesTs", ds / "labelsTs", ds / "organsTs"
-        k = 0
-        rng = np.random.SeedSequence([s.seed, 7919])
-        seeds = rng.spawn(len(s.lesion_types) * s.n_test_per_type)
-        for rep in range(s.n_test_per_type):
-            for li, t in enumerate(s.lesion_types, start=1):
-                case = f"{s.dataset_name.lower()}_test_{k:03d}"
-                files = (ims / f"{case}_0000.nii.gz", labs / f"{case}.nii.gz", orgs / f"{case}.nii.gz")
-                if not all(f.exists() for f in files):
-                    ph = make_phantom(s.shape, s.spacing, np.random.default_rng(seeds[k]), [t])
-                    save_nifti(files[0], ph.ct, ph.affine)
-                    save_nifti(files[1], (ph.lesion > 0).astype(np.uint8) * li, ph.affine)
-                    save_nifti(files[2], ph.organs, ph.affine)
-                k += 1
+        return FewShotData(lesion_types=tuple(s.lesion_types), k_real=s.cases_per_type, n_healthy=s.n_healthy,
+                           n_test_per_type=s.n_test_per_type, shape=tuple(s.shape), spacing=tuple(s.spacing),
+                           seed=s.seed, dataset_id=s.dataset_id, name=s.dataset_name)
+
+    def step_data(self, results: dict[str, Any]) -> dict[str, Any]:
+        from .fewshot import write_fewshot_dataset
+
+        s = self.settings
+        ds = write_fewshot_dataset(self.paths.raw, self.fewshot_data(), progress=self.progress)
         n_train = len(list((ds / "imagesTr").glob("*_0000.nii.gz")))
-        self.echo(f"    dataset: {ds} ({n_train} training cases, {k} test cases, shape {s.shape} @ {s.spacing} mm)")
+        k = len(list((ds / "imagesTs").glob("*_0000.nii.gz")))
+        self.echo(f"    dataset: {ds} ({n_train} training cases, {s.cases_per_type} with a lesion per type; {k} test "
+                  f"cases; shape {s.shape} @ {s.spacing} mm)")
         return {"dataset": str(ds), "n_train": n_train, "n_test": k}
 
     # ---- step 2: tiny generator bundle ------------------------------------------------------
     def step_bundle(self, results: dict[str, Any]) -> dict[str, Any]:
+        s = self.settings
+        if s.bundle_source == "packaged":
+            return self._packaged_bundle()
+        if s.bundle_source != "train":
+            raise LesionDiffusionError(f"demo setting bundle_source={s.bundle_source!r}: use 'packaged' or 'train'.")
+        return self._train_bundle()
+
+    def _packaged_bundle(self) -> dict[str, Any]:
+        from .pretrain.demo_bundle import packaged_bundle_dir
+
+        src = packaged_bundle_dir()
+        if not (src / "config.yaml").is_file():
+            raise LesionDiffusionError(
+                f"The demo bundle is not installed ({src} has no config.yaml). Reinstall the package, or rebuild it "
+                "with `python -m lesiondiffusion.pretrain.demo_bundle --install`.")
+        if self.paths.bundle.exists():
+            shutil.rmtree(self.paths.bundle)
+        shutil.copytree(src, self.paths.bundle)
+        info = json.loads((src / "demo_bundle.json").read_text()) if (src / "demo_bundle.json").exists() else {}
+        self.echo(f"    bundle: {self.paths.bundle} (shipped demo weights, trained on phantoms by "
+                  f"pretrain/demo_bundle.py; {DEMO_NOTICE.split('.')[0]})")
+        return {"bundle": str(self.paths.bundle), "metrics": {}, "source": "packaged", "recipe": info.get("recipe")}
+
+    def _train_bundle(self) -> dict[str, Any]:
         from .pretrain import train_linet, train_lmnet, train_vqgan
         from .pretrain.common import PretrainOptions
         from .pretrain.engine import TrainConfig
@@ -334,52 +356,46 @@ class Demo:
         env.setdefault("nnUNet_def_n_proc", n)
         return env
 
-    def write_trainer_config(self) -> Path:
-        """The LesionDiffusion trainer's YAML: the demo bundle, the dataset's lesion types, healthy templates."""
+    def study(self) -> "FewShotStudy":
+        """Real only vs LesionDiffusion (synthetic pretraining then real fine-tuning), one recipe, one seed."""
+        from .fewshot import FewShotStudy
+
         s = self.settings
-        cfg = {
-            "generator": {"backend": "lesiondiffusion", "bundle": str(self.paths.bundle), "device": self.device},
-            "catalogs": [{"name": t, "weight": 1.0, "label": t} for t in s.lesion_types],
-            "templates": {"dataset_healthy": True},
-            "mode": "online",
-            "seed": s.seed,
-            # the demo's budget: few DDIM steps; training starts after two ready synthetic cases
-            "store": {"warmup": 2, "size": 8},
-        }
-        cfg["generator"]["options"] = {"ddim_steps": s.ddim_steps}
-        cfg.update(s.trainer_config)
-        path = self.paths.workdir / "lesiondiffusion.yaml"
-        write_yaml(path, cfg)
-        return path
+        return FewShotStudy(
+            workdir=self.paths.segmentation, dataset_dir=self.dataset_dir, lesion_types=tuple(s.lesion_types),
+            bundle=self.paths.bundle, generators=("lesiondiffusion",), settings=("real", "synthetic_real"),
+            seeds=(s.seed,), configuration=s.configuration, trainer_suffix=s.trainer_suffix,
+            synthetic_cases=s.synthetic_cases, ddim_steps=s.ddim_steps, parallel=2, device=self.device,
+            progress=self.progress, env=self.nnunet_env(), echo=self.echo, extra_config=dict(s.trainer_config))
 
     def step_nnunet(self, results: dict[str, Any]) -> dict[str, Any]:
-        from .evaluation import SegmentationStudy
-
-        s = self.settings
-        study = SegmentationStudy(
-            dataset=str(s.dataset_id), out_dir=self.paths.segmentation,
-            settings=("synthetic_real",), fold="all", trainers={"synthetic_real": s.trainer},
-            device=self.device, config=self.write_trainer_config(), progress=self.progress,
-            env=self.nnunet_env(), echo=self.echo,
-        )
-        out = study.run()
-        row = out["rows"]["synthetic_real"]
-        curve = training_curve(row["fold_dir"])
-        return {"fold_dir": row["fold_dir"], "predictions": row["predictions"], "dice": row["dice"],
-                "dice_table": str(out["markdown"]), "curve": curve}
+        out = self.study().run()
+        by = {r["setting"]: r for r in out["rows"]}
+        real, ld = by["real"], by["synthetic_real"]
+        return {
+            "dice": {"real_only": real["dice"], "lesiondiffusion": ld["dice"]},
+            "fold_dirs": {"real_only": real["fold_dir"], "lesiondiffusion": ld["fold_dir"]},
+            "predictions": {"real_only": real["predictions"], "lesiondiffusion": ld["predictions"]},
+            "curves": {"real_only": training_curve(real["fold_dir"]),
+                       "lesiondiffusion": training_curve(ld["fold_dir"])},
+            "trainers": {"real_only": real["trainer"], "lesiondiffusion": ld["trainer"]},
+            "table": str(out["markdown"]), "chart": str(out["png"]),
+        }
 
     # ---- step 5: summary -------------------------------------------------------------------
     def step_summary(self, results: dict[str, Any]) -> dict[str, Any]:
         write_summary_png(self, results, self.paths.summary_png)
+        nn = results["nnunet"]
         summary = {
             "workdir": str(self.paths.workdir),
             "dataset": results["data"]["dataset"],
             "bundle": results["bundle"]["bundle"],
             "bundle_notice": DEMO_NOTICE,
             "synthesis": [x["dir"] for x in results["synthesis"]["samples"]],
-            "nnunet_model": results["nnunet"]["fold_dir"],
-            "predictions": results["nnunet"]["predictions"],
-            "dice": results["nnunet"]["dice"],
+            "nnunet_models": nn["fold_dirs"],
+            "predictions": nn["predictions"],
+            "dice": nn["dice"],
+            "trainers": nn["trainers"],
             "summary_png": str(self.paths.summary_png),
         }
         write_json(self.paths.summary_json, summary)
@@ -474,23 +490,26 @@ def write_summary_png(demo: Demo, results: dict[str, Any], path: Path) -> None:
     ax.set_xlabel("step")
     ax.legend(fontsize=7)
     ax = fig.add_subplot(gs[1, 2:])
-    curve = results["nnunet"].get("curve", {})
-    for k in ("train_losses", "val_losses"):
-        if curve.get(k):
-            ax.plot(curve[k], label=k)
-    if curve.get("mean_fg_dice"):
-        ax.plot(curve["mean_fg_dice"], label="pseudo Dice (val)")
-    ax.set_title(f"nnU-Net training ({demo.settings.trainer})", fontsize=9)
-    ax.set_xlabel("epoch")
+    dice = results["nnunet"]["dice"]
+    types = list(demo.settings.lesion_types)
+    x = np.arange(len(types))
+    for i, (name, color) in enumerate((("real_only", "tab:gray"), ("lesiondiffusion", "tab:red"))):
+        vals = [dice[name].get(t, float("nan")) for t in types]
+        bars = ax.bar(x + (i - 0.5) * 0.38, vals, 0.38, label=name.replace("_", " "), color=color)
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(x)
+    ax.set_xticklabels([t.replace("_", " ") for t in types], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("test Dice")
+    ax.set_title(f"nnU-Net, {demo.settings.cases_per_type} real lesion cases per type (same recipe)", fontsize=9)
     ax.legend(fontsize=7)
     ax = fig.add_subplot(gs[2, :])
     ax.axis("off")
-    dice = results["nnunet"]["dice"]
     lines = ["LesionDiffusion demo (procedural phantoms, " + DEMO_NOTICE.split(".")[0].lower() + ")",
              f"dataset: {results['data']['dataset']}  ({results['data']['n_train']} train / "
              f"{results['data']['n_test']} test cases)",
              f"bundle:  {results['bundle']['bundle']}",
-             "Dice on held-out phantoms: " + ", ".join(f"{t} {v:.3f}" for t, v in dice.items())]
+             *comparison_lines(dice)]
     ax.text(0.0, 0.9, "\n".join(lines), va="top", family="monospace", fontsize=9)
     fig.tight_layout()
     with atomic_path(path, suffix=".png") as tmp:
@@ -498,9 +517,22 @@ def write_summary_png(demo: Demo, results: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
+def comparison_lines(dice: dict[str, dict[str, float]]) -> list[str]:
+    """Which training is better on the test phantoms, per lesion type, and by how much."""
+    out = []
+    for t, real in dice["real_only"].items():
+        ld = dice["lesiondiffusion"].get(t, float("nan"))
+        diff = ld - real
+        if abs(diff) < 0.005:
+            verdict = "no difference"
+        else:
+            verdict = f"{'LesionDiffusion' if diff > 0 else 'real only'} better by {abs(diff):.3f}"
+        out.append(f"Dice {t}: real only {real:.3f}, LesionDiffusion {ld:.3f} ({verdict})")
+    return out
+
+
 def format_final(results: dict[str, Any]) -> str:
     s = results["summary"]
-    dice = ", ".join(f"{t}: {v:.3f}" for t, v in s["dice"].items())
     return "\n".join([
         "",
         "LesionDiffusion demo finished.",
@@ -508,10 +540,10 @@ def format_final(results: dict[str, Any]) -> str:
         f"  generator bundle     {s['bundle']}   <- {DEMO_NOTICE.split('.')[0]}",
         f"  synthetic lesions    {Path(s['synthesis'][0]).parent if s['synthesis'] else '-'} "
         f"({len(s['synthesis'])} cases: image.nii.gz, lesion.nii.gz, report.yaml, preview.png)",
-        f"  nnU-Net model        {s['nnunet_model']}",
-        f"  predictions          {s['predictions']}",
-        f"  Dice (test phantoms) {dice}",
-        "                       (minutes of CPU training with demo weights: expect low Dice; the demo shows",
-        "                        that every stage runs, the evaluate commands measure the method on real data)",
+        f"  nnU-Net models       real only: {s['nnunet_models']['real_only']}",
+        f"                       LesionDiffusion: {s['nnunet_models']['lesiondiffusion']}",
+        f"  predictions          {s['predictions']['lesiondiffusion']} (and .../real)",
+        *(f"  {line}" for line in comparison_lines(s["dice"])),
+        "                       (one seed, minutes of CPU: docs/fewshot.md has the 3-seed table and what it means)",
         f"  one-page summary     {s['summary_png']}",
     ])

@@ -198,13 +198,14 @@ class FewShotStudy:
         from .evaluation import run_logged
 
         n = int(self.synthetic_cases or 0)
-        manifest = self.cache_dir(generator) / "manifest.json"
-        if n <= 0 or (manifest.exists() and json.loads(manifest.read_text()).get("n_cases", -1) >= n):
+        if n <= 0:
             return
+        # always called: the build is resumable (a complete cache returns at once) and refuses a cache made
+        # with another generator or bundle, naming what changed
         exe = shutil.which("lesiondiffusion") or "lesiondiffusion"
         ds_id = str(int(self.dataset_dir.name[len("Dataset"):len("Dataset") + 3]))
         run_logged([exe, "cache", "build", "--config", str(self.write_config(generator, 0)), "--dataset", ds_id,
-                    "--configuration", self.configuration, "-n", str(n), "--no-progress"],
+                    "--configuration", self.configuration, "-n", str(n), "--quiet"],
                    self.workdir / "logs" / f"cache_{generator}.log", env, progress=False, echo=self.echo)
 
     def jobs(self) -> list[tuple[str, str | None, int]]:
