@@ -39,8 +39,10 @@ def test_demo_fast_outputs_are_valid(demo_run):
     workdir, r, seconds = demo_run
     summary = json.loads((workdir / "summary.json").read_text())
     # the final summary says where everything is
-    for key in ("dataset", "bundle", "nnunet_model", "predictions", "summary_png"):
+    for key in ("dataset", "bundle", "summary_png"):
         assert summary[key] in r.stdout, key
+    for name in ("real_only", "lesiondiffusion"):
+        assert summary["nnunet_models"][name] in r.stdout, name
     assert "DEMO WEIGHTS" in r.stdout and "Dice" in r.stdout
 
     # dataset: nnU-Net raw layout, images/labels/organs on one grid
@@ -74,18 +76,26 @@ def test_demo_fast_outputs_are_valid(demo_run):
     types = {s["type"] for s in steps["synthesis"]["samples"]} | {f["type"] for f in steps["synthesis"]["failures"]}
     assert "gastric_cancer" in types  # a hollow-organ type was attempted (success depends on the tiny weights)
 
-    # nnU-Net: trained model, predictions on the test grid, Dice numbers
-    assert (Path(summary["nnunet_model"]) / "checkpoint_final.pth").exists()
-    preds = sorted(Path(summary["predictions"]).glob("*.nii.gz"))
-    assert len(preds) == len(list((ds / "labelsTs").glob("*.nii.gz"))) > 0
-    for p in preds:
-        pr = nib.load(p)
-        lab = nib.load(ds / "labelsTs" / p.name)
-        assert pr.shape == lab.shape and np.allclose(pr.affine, lab.affine, atol=1e-4)
-    assert set(summary["dice"]) == set(meta["labels"]) - {"background"}
-    for v in summary["dice"].values():
-        assert isinstance(v, float) and (math.isnan(v) or 0.0 <= v <= 1.0)
-    assert (workdir / "segmentation" / "segmentation_dice.md").exists()
+    # nnU-Net: both trainings (real only and LesionDiffusion), predictions on the test grid, Dice numbers
+    assert set(summary["dice"]) == {"real_only", "lesiondiffusion"}
+    for name in ("real_only", "lesiondiffusion"):
+        assert (Path(summary["nnunet_models"][name]) / "checkpoint_final.pth").exists()
+        preds = sorted(Path(summary["predictions"][name]).glob("*.nii.gz"))
+        assert len(preds) == len(list((ds / "labelsTs").glob("*.nii.gz"))) > 0
+        for p in preds:
+            pr = nib.load(p)
+            lab = nib.load(ds / "labelsTs" / p.name)
+            assert pr.shape == lab.shape and np.allclose(pr.affine, lab.affine, atol=1e-4)
+        assert set(summary["dice"][name]) == set(meta["labels"]) - {"background"}
+        for v in summary["dice"][name].values():
+            assert isinstance(v, float) and (math.isnan(v) or 0.0 <= v <= 1.0)
+    assert summary["trainers"] == {"real_only": "nnUNetTrainer_fewshotcpu_smoke",
+                                   "lesiondiffusion": "nnUNetTrainerLesionDiffusion_fewshotcpu_smoke"}
+    assert "real only" in r.stdout and "LesionDiffusion" in r.stdout  # the printed comparison
+    assert (workdir / "segmentation" / "fewshot_dice.md").exists()
+    # the LesionDiffusion run trained on synthetic cases from the offline cache
+    log = next(Path(summary["nnunet_models"]["lesiondiffusion"]).glob("training_log_*.txt")).read_text()
+    assert "offline cache" in log
 
     # one-page summary
     assert (workdir / "summary.png").read_bytes()[:8] == PNG
@@ -126,10 +136,13 @@ def test_demo_trainer_variants_are_found_by_nnunet(monkeypatch):
 
     from lesiondiffusion.demo import PRESETS
     from lesiondiffusion.nnunet_integration.discovery import ext_trainer_dir
+    from lesiondiffusion.fewshot import SETTING_TRAINERS
 
     monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_dir()))
     for settings in PRESETS.values():
-        cls = recursive_find_trainer_class_by_name(settings.trainer)
-        assert issubclass(cls, nnUNetTrainer) and cls.__name__ == settings.trainer
-    demo_cls = recursive_find_trainer_class_by_name("nnUNetTrainerLesionDiffusion_tinynet_10epochs_10iters")
-    assert (demo_cls.epochs, demo_cls.iterations) == (10, 10)
+        for base in SETTING_TRAINERS.values():
+            name = base + settings.trainer_suffix
+            cls = recursive_find_trainer_class_by_name(name)
+            assert issubclass(cls, nnUNetTrainer) and cls.__name__ == name
+    recipe = recursive_find_trainer_class_by_name("nnUNetTrainerLesionDiffusion_fewshotcpu")
+    assert (recipe.epochs, recipe.iterations, recipe.batch) == (10, 50, 16)
