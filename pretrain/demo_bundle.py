@@ -34,7 +34,7 @@ RECIPE = {
     "lmnet_crop": 16,
     "linet_crop": 16,
     "hu_window": [-200.0, 250.0],
-    "steps": {"vqgan": 300, "lmnet": 1200, "linet": 1200},
+    "steps": {"vqgan": 300, "lmnet": 600, "linet": 2000},
     "batch": 4,
     "lr": {"vqgan": 5e-4, "diffusion": 1e-3},
     "seed": 0,
@@ -42,8 +42,10 @@ RECIPE = {
 
 
 def packaged_bundle_dir() -> Path:
-    """Where the shipped demo bundle lives inside the installed package."""
-    return Path(__file__).resolve().parents[1] / "data" / "demo_bundle"
+    """Where the shipped demo bundle lives inside the installed package (``lesiondiffusion/data``)."""
+    import lesiondiffusion
+
+    return Path(lesiondiffusion.__file__).resolve().parent / "data" / "demo_bundle"
 
 
 def train_demo_bundle(out: Path, recipe: dict = RECIPE, nets: tuple[str, ...] = ("vqgan", "lmnet", "linet"),

@@ -22,7 +22,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import LesionDiffusionError
-from .io import atomic_write_text, save_nifti, write_json, write_yaml
+from .io import atomic_path, atomic_write_text, save_nifti, write_csv, write_json, write_yaml
 from .phantoms import make_phantom, write_phantom_dataset
 
 log = logging.getLogger(__name__)
@@ -182,7 +182,7 @@ class FewShotStudy:
 
     # -- stages ------------------------------------------------------------------------------
     def preprocess(self, env: dict[str, str]) -> None:
-        from .evaluation import nnunet_executable, run_logged
+        from .evaluation.nnunet_runner import nnunet_executable, run_logged
 
         ds_id = str(int(self.dataset_dir.name[len("Dataset"):len("Dataset") + 3]))
         pre = Path(env["nnUNet_preprocessed"]) / self.dataset_dir.name
@@ -195,7 +195,7 @@ class FewShotStudy:
     def build_cache(self, generator: str, env: dict[str, str]) -> None:
         import shutil
 
-        from .evaluation import run_logged
+        from .evaluation.nnunet_runner import run_logged
 
         n = int(self.synthetic_cases or 0)
         if n <= 0:
@@ -274,11 +274,6 @@ class FewShotStudy:
         return out
 
     def write_results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        try:
-            from .io import write_csv
-        except ImportError:
-            from .evaluation import _write_csv as write_csv
-
         summary = self.summarise(rows)
         per_case = []
         for r in rows:
@@ -315,8 +310,6 @@ def plot_fewshot(summary: list[dict[str, Any]], types: tuple[str, ...] | list[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-
-    from .io import atomic_path
 
     labels = [f"{e['setting']}\n{e['generator']}" if e["generator"] != "-" else e["setting"] for e in summary]
     x = np.arange(len(summary))
