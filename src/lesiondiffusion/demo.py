@@ -74,8 +74,6 @@ PRESETS: dict[str, DemoSettings] = {
         n_test_per_type=1,
         synth_per_type=1,
         ddim_steps=4,
-        bundle_source="train",
-        pretrain_steps={"vqgan": 8, "lmnet": 8, "linet": 8},
         trainer_suffix="_fewshotcpu_smoke",
         synthetic_cases=4,
     ),
