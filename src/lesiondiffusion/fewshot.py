@@ -87,7 +87,7 @@ def write_fewshot_dataset(raw_root: str | Path, data: FewShotData, *, progress: 
 GENERATORS: dict[str, dict[str, Any]] = {
     "lesiondiffusion": {"backend": "lesiondiffusion"},
     "rule_based": {"backend": "rule_based"},
-    "lesiondiffusion_notext": {"backend": "lesiondiffusion", "options": {"text_conditioning": False}},
+    "lesiondiffusion_notext": {"backend": "lesiondiffusion", "text_conditioning": False},
 }
 # setting -> base trainer class (the recipe suffix is appended)
 SETTING_TRAINERS = {
