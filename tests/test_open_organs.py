@@ -88,6 +88,13 @@ def test_declared_organs_join_the_report_vocabulary(catalog_dir):
         normalize_value("organ", "pineal gland")
 
 
+def test_vocabulary_lists_declared_organs(catalog_dir, capsys):
+    assert main(["catalogs", "vocabulary", "--synonyms"]) == 0
+    out = capsys.readouterr().out
+    assert "  - adrenal gland   [declared by a catalog]   (also: suprarenal gland)" in out
+    assert "  - soft tissue   [declared by a catalog]" in out
+
+
 def test_declared_organ_without_class_names_or_clashing_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(ADRENAL.replace("    v2: [adrenal_gland_left, adrenal_gland_right]\n    v1: [adrenal_gland_left, adrenal_gland_right]\n", ""))

@@ -266,6 +266,16 @@ def declare_organ(name: str, synonyms: Iterable[str] = ()) -> str:
     return display
 
 
+def declared_organs() -> dict[str, list[str]]:
+    """Catalog-declared organs registered so far: display name -> its other spellings."""
+    out: dict[str, list[str]] = {}
+    for k, display in _DECLARED_ORGANS.items():
+        out.setdefault(display, [])
+        if k != _key(display):
+            out[display].append(k)
+    return out
+
+
 def declared_organ(value: str) -> str | None:
     """The display name of a catalog-declared organ (or synonym) ``value``; ``None`` when no catalog
     on the catalog path declares it."""

@@ -75,11 +75,19 @@ def _validate(args: argparse.Namespace) -> int:
 def _vocabulary(args: argparse.Namespace) -> int:
     from ..report import ATTRIBUTES, VOCABULARY
 
+    from ..catalog import declare_catalog_organs
+    from ..report import declared_organs
+
+    declare_catalog_organs()
     for attribute in ATTRIBUTES:
         print(f"{attribute}:")
         for value, synonyms in VOCABULARY[attribute].items():
             extra = f"   (also: {', '.join(synonyms)})" if args.synonyms and synonyms else ""
             print(f"  - {value}{extra}")
+        if attribute == "organ":
+            for value, synonyms in declared_organs().items():
+                extra = f"   (also: {', '.join(synonyms)})" if args.synonyms and synonyms else ""
+                print(f"  - {value}   [declared by a catalog]{extra}")
     return 0
 
 
