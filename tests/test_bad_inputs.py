@@ -37,7 +37,7 @@ class Case:
     # files a row may change on purpose (relative to its folder), e.g. a stale temporary it asks to remove
     may_change: tuple[str, ...] = ()
     after: Callable[["World", Path], None] | None = None
-    fault: Callable[[pytest.MonkeyPatch], None] | None = field(default=None, repr=False)
+    fault: Callable[[pytest.MonkeyPatch, Path], None] | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -171,6 +171,50 @@ def _report_sample_over_catalog(w: World, d: Path) -> list[str]:
 
     cat = shutil.copy(load_catalog("kidney_tumor").path, d / "kidney_tumor.yaml")
     return ["report", "sample", str(cat), "-o", str(cat)]
+
+
+def _fake_preprocessed(d: Path) -> tuple[Path, Path]:
+    """nnU-Net plans for a dataset whose preprocessing produced no case yet (enough for cache build to start)."""
+    import json
+
+    pre = d / "pre" / "Dataset997_Fake"
+    (pre / "nnUNetPlans_3d_fullres").mkdir(parents=True)
+    kw = {"order_z": 0, "force_separate_z": None}
+    conf = {"data_identifier": "nnUNetPlans_3d_fullres", "preprocessor_name": "DefaultPreprocessor", "batch_size": 2,
+            "patch_size": [32, 32, 32], "median_image_size_in_voxels": [32, 32, 32], "spacing": [1.0, 1.0, 1.0],
+            "normalization_schemes": ["CTNormalization"], "use_mask_for_norm": [False],
+            "resampling_fn_data": "resample_data_or_seg_to_shape", "resampling_fn_seg": "resample_data_or_seg_to_shape",
+            "resampling_fn_probabilities": "resample_data_or_seg_to_shape",
+            "resampling_fn_data_kwargs": {"is_seg": False, "order": 3, **kw},
+            "resampling_fn_seg_kwargs": {"is_seg": True, "order": 1, **kw},
+            "resampling_fn_probabilities_kwargs": {"is_seg": False, "order": 1, **kw},
+            "architecture": {"network_class_name": "x", "arch_kwargs": {}, "_kw_requires_import": []}, "batch_dice": True}
+    plans = {"dataset_name": "Dataset997_Fake", "plans_name": "nnUNetPlans", "transpose_forward": [0, 1, 2],
+             "transpose_backward": [0, 1, 2], "original_median_spacing_after_transp": [1.0, 1.0, 1.0],
+             "original_median_shape_after_transp": [32, 32, 32], "image_reader_writer": "SimpleITKIO",
+             "configurations": {"3d_fullres": conf}, "experiment_planner_used": "ExperimentPlanner",
+             "label_manager": "LabelManager", "foreground_intensity_properties_per_channel": {}}
+    (pre / "nnUNetPlans.json").write_text(json.dumps(plans))
+    (pre / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+                                                  "labels": {"background": 0, "kidney_tumor": 1}, "numTraining": 0}))
+    cfg = pre / "lesiondiffusion.yaml"
+    cfg.write_text(yaml.safe_dump({"generator": {"backend": "rule_based"}, "catalogs": [{"name": "kidney_tumor"}],
+                                   "mode": "offline"}))
+    return pre, cfg
+
+
+def _nnunet_env(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
+    for var, sub in (("nnUNet_preprocessed", "pre"), ("nnUNet_raw", "raw"), ("nnUNet_results", "results")):
+        monkeypatch.setenv(var, str(d / sub))
+
+
+def _cache_out(where: str) -> Callable[[World, Path], list[str]]:
+    def setup(w: World, d: Path) -> list[str]:
+        pre, cfg = _fake_preprocessed(d)
+        out = {"holds-config": pre, "in-data": pre / "nnUNetPlans_3d_fullres" / "cache", "ok": d / "cache"}[where]
+        return ["cache", "build", "--config", str(cfg), "--dataset", "Dataset997_Fake", "-n", "2", "-q",
+                "-o", str(out)]
+    return setup
 
 
 # ------------------------------------------------------------------------------------------------
@@ -315,7 +359,7 @@ def _bbox_under_file(w: World, d: Path) -> list[str]:
     return ["place", "--organs", str(w.seg), "--report", str(w.report), "-o", str(d / "notes.txt" / "b.json")]
 
 
-def _read_only_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+def _read_only_fault(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
     import tempfile
 
     def refuse(*args, dir=None, **kwargs):  # noqa: A002 - tempfile's own keyword
@@ -325,7 +369,7 @@ def _read_only_fault(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tempfile, "mkstemp", refuse)
 
 
-def _disk_full_fault(monkeypatch: pytest.MonkeyPatch) -> None:
+def _disk_full_fault(monkeypatch: pytest.MonkeyPatch, d: Path) -> None:
     def full(img, filename):
         with open(filename, "wb") as fh:
             fh.write(b"\x00" * 100)  # part of the file made it to disk
@@ -487,6 +531,12 @@ CASES: list[Case] = [
     Case("mask-out-symlink-to-organs", "data loss", _mask_out_links_to_report, 2, ("--organs", "never overwritten")),
     Case("bbox-json-is-report", "data loss", _bbox_is_report, 2, ("--report", "same path")),
     Case("report-sample-over-catalog", "data loss", _report_sample_over_catalog, 2, ("catalog", "same path")),
+    Case("cache-output-holds-config", "data loss", _cache_out("holds-config"), 2, ("contains", "--config"),
+         fault=_nnunet_env),
+    Case("cache-output-in-preprocessed-data", "data loss", _cache_out("in-data"), 2,
+         ("lies inside", "preprocessed data"), fault=_nnunet_env),
+    Case("cache-build-no-preprocessed-cases", "traceback", _cache_out("ok"), 2,
+         ("no readable preprocessed cases", "nnUNetv2_plan_and_preprocess"), fault=_nnunet_env),
     Case("set-size-beyond-catalog", "machine", _set_huge, 2, ("size_mm", "8-120 mm", "outside")),
     Case("report-check-size-beyond-catalog", "machine", _check_huge, 2, ("5000", "8-120 mm")),
     Case("place-size-beyond-catalog", "machine", _place_huge, 2, ("--report", "8-120 mm")),
@@ -549,7 +599,7 @@ def test_bad_input(case: Case, world: World, tmp_path: Path, capsys, monkeypatch
     argv = case.setup(world, tmp_path)
     before = _hashes(world.root, tmp_path)
     if case.fault is not None:
-        case.fault(monkeypatch)
+        case.fault(monkeypatch, tmp_path)
     try:
         rc = main(argv)
     except SystemExit as exc:  # argparse refuses an option value before any command runs

@@ -54,18 +54,6 @@ def _build(args: argparse.Namespace) -> int:
     data_folder = pre / cm.data_identifier
     if not data_folder.is_dir():
         raise LesionDiffusionError(f"{data_folder} not found: preprocess configuration {args.configuration} first.")
-    if args.fold == "all":
-        identifiers = None
-    else:
-        splits = pre / "splits_final.json"
-        if not splits.is_file():
-            raise LesionDiffusionError(f"--fold {args.fold}: {splits} does not exist yet (nnU-Net writes it when training "
-                                       "starts); use --fold all or start a training once.")
-        identifiers = json.loads(splits.read_text())[int(args.fold)]["train"]
-    if identifiers is None:
-        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
-
-        identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
     out = Path(args.output) if args.output else (
         Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else default_cache_dir(str(pre), pm.plans_name, args.configuration))
     inputs: dict[str, str | os.PathLike | None] = {"--config": args.config, "generator.bundle": cfg.generator.bundle,
@@ -78,6 +66,25 @@ def _build(args: argparse.Namespace) -> int:
         if Path(e.name).suffix in (".yaml", ".yml"):
             inputs[f"catalog {e.name}"] = e.name
     refuse_overwrite_input(out, names=inputs)
+    if args.fold == "all":
+        identifiers = None
+    else:
+        splits = pre / "splits_final.json"
+        if not splits.is_file():
+            raise LesionDiffusionError(f"--fold {args.fold}: {splits} does not exist yet (nnU-Net writes it when training "
+                                       "starts); use --fold all or start a training once.")
+        identifiers = json.loads(splits.read_text())[int(args.fold)]["train"]
+    if identifiers is None:
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        try:
+            identifiers = sorted(infer_dataset_class(str(data_folder)).get_identifiers(str(data_folder)))
+        except (AssertionError, RuntimeError, ValueError) as exc:  # nnU-Net asserts on an empty/mixed folder
+            raise LesionDiffusionError(f"{data_folder}: no readable preprocessed cases ({exc}). Run "
+                                       f"'nnUNetv2_plan_and_preprocess -d {args.dataset} -c {args.configuration}' first.") from None
+    if not identifiers:
+        raise LesionDiffusionError(f"{data_folder}: no preprocessed cases to use as templates. Run "
+                                   f"'nnUNetv2_plan_and_preprocess -d {args.dataset} -c {args.configuration}' first.")
     spec = FactorySpec.for_dataset(cfg, pm, args.configuration, dataset_json, str(data_folder), identifiers,
                                    device=args.device or cfg.generator.device_for_rank(_local_rank(shard)))
     identity = cache_identity(pm, args.configuration, spec.crop_size)
