@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--small", type=float, default=20.0)
     ap.add_argument("--large", type=float, default=60.0)
     ap.add_argument("--ddim-steps", type=int, default=10)
+    ap.add_argument("--crop-fill", type=float, nargs="+", default=[1.0],
+                    help="share(s) of the trained crop a large box may span before the spacing coarsens")
     ap.add_argument("--ct", default=str(SHARED / "example_ct_sm.nii.gz"))
     ap.add_argument("--organs", default=str(SHARED / "example_seg.nii.gz"))
     args = ap.parse_args()
@@ -54,11 +56,12 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for size in (args.small, args.large):
         reports = [cat.sample(s, {**fixed, "size_mm": f"{size},{size * 0.9:.1f},{size * 0.9:.1f}"}) for s in range(args.n)]
-        for fit in (True, False):
-            if size == args.small and not fit:
+        for fit, fill_share in [(True, c) for c in args.crop_fill] + [(False, 1.0)]:
+            if size == args.small and (not fit or fill_share != args.crop_fill[0]):
                 continue  # identical for boxes that fit
             synth = LesionSynthesizer.from_bundle(args.bundle, ddim_steps=args.ddim_steps, hu_correction="off",
-                                                  fit_trained_crop=fit, max_retries=0, batch_size=1)
+                                                  fit_trained_crop=fit, crop_fill=fill_share, max_retries=0,
+                                                  batch_size=1)
             t = time.perf_counter()
             res = synth(ct, organs, reports, cat, seed=1)
             dt = (time.perf_counter() - t) / len(res)
@@ -67,7 +70,7 @@ def main() -> None:
             fill = [float(r.lesion_mask[r.box.slices()].mean()) for r in ok]
             inorg = [r.info["raw_organ_fraction"] for r in ok]
             coarsen = np.mean([r.info.get("coarsen", 1.0) for r in res if "coarsen" in r.info] or [1.0])
-            label = "coarse spacing (default)" if fit else "grown crop (before)"
+            label = f"coarse spacing, crop_fill {fill_share:g}" if fit else "grown crop (before)"
             f = (lambda v: f"{np.mean(v):.2f} ± {np.std(v):.2f}" if v else "n/a")
             print(f"| {size:g} mm | {label} | {coarsen:.2f} | {f(sph)} | {f(fill)} | {f(inorg)} | "
                   f"{len(ok)}/{len(res)} | {dt:.1f} |")

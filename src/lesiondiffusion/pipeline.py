@@ -64,6 +64,7 @@ class SynthesisConfig:
     batch_size: int = 8  # lesions per network batch
     use_crop: bool = True  # False: run on the whole volume (benchmark of the crop's benefit)
     fit_trained_crop: bool = True  # False: grow the crop around a large box (benchmark of the coarse spacing)
+    crop_fill: float = 1.0  # share of the trained LMNet crop a box (+ margins) may span before the spacing coarsens
     amp: bool = True  # bf16 (or fp16) autocast for the diffusion networks on CUDA
     on_failure: str = "result"  # "result": failed lesions come back with .failure; "raise": SynthesisError
     text_conditioning: bool = True  # False: null prompts for LMNet and LINet (the text ablation, Table 2)
@@ -218,7 +219,7 @@ class LesionSynthesizer:
         # A box (plus margin) larger than the trained LMNet crop is synthesised at a coarser spacing chosen
         # so it fits, then resampled back: the networks only ever see crops of the size they were trained
         # on, instead of a grown crop they never saw (which gave noisy box-shaped lesions).
-        need = (box_mm + 2 * crop.mask_margin_mm) / (np.asarray(crop.lmnet_size, dtype=np.float64) * sb)
+        need = (box_mm + 2 * crop.mask_margin_mm) / (np.asarray(crop.lmnet_size, dtype=np.float64) * sb * self.config.crop_fill)
         coarsen = max(1.0, float(need.max())) if self.config.fit_trained_crop else 1.0
         if coarsen > 1.0:
             sb = sb * coarsen
