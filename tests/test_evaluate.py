@@ -4,20 +4,22 @@ segmentation study driving real nnU-Net commands on phantoms."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pytest
+import yaml
 
 from lesiondiffusion.evaluation import (
     convexity,
     dice,
     dice_on_folders,
-    format_dice_markdown,
     hu_stats,
     sphericity,
 )
@@ -73,7 +75,7 @@ def test_hu_stats_and_dice():
     assert dice(ref2, pred, label=2) == pytest.approx(0.0)
 
 
-def test_dice_on_folders_and_markdown(tmp_path):
+def test_dice_on_folders(tmp_path):
     aff = np.diag([2.0, 2.0, 3.0, 1.0])
     (tmp_path / "ref").mkdir()
     (tmp_path / "pred").mkdir()
@@ -88,12 +90,7 @@ def test_dice_on_folders_and_markdown(tmp_path):
     out = dice_on_folders(tmp_path / "ref", tmp_path / "pred", [1, 2])
     assert out["mean"][1] == pytest.approx(0.75)
     assert math.isnan(out["mean"][2])  # label absent everywhere: no score, not a perfect one
-    md = format_dice_markdown(
-        [{"setting": "Real only", "kidney_tumor": 0.5, "liver_tumor": float("nan"), "mean": 0.5}],
-        ["kidney_tumor", "liver_tumor"],
-    )
-    assert "| Training data | kidney tumor | liver tumor | Mean |" in md
-    assert "| Real only | 50.0 | n/a | 50.0 |" in md
+    assert [c["case"] for c in out["per_case"]] == ["a", "b"] and out["per_case"][1]["dice"][1] == 1.0
 
 
 def _cli(*args: str, env=None, timeout=600) -> subprocess.CompletedProcess:
@@ -189,36 +186,107 @@ def test_segmentation_requires_nnunet_env(tmp_path):
     assert r.returncode == 2 and "nnUNet_raw" in r.stderr
 
 
+def test_seeds_and_bad_study_options_are_clear(tmp_path):
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.evaluation.segmentation import SegmentationStudy, parse_seeds
+
+    assert parse_seeds("3") == (0, 1, 2) and parse_seeds("0,4,7") == (0, 4, 7) and parse_seeds(2) == (0, 1)
+    for bad in ("0", "a,b", "1,1"):
+        with pytest.raises(LesionDiffusionError, match="--seeds"):
+            parse_seeds(bad)
+    with pytest.raises(LesionDiffusionError, match="lesiondiffusion_notext"):
+        SegmentationStudy("1", tmp_path, generators=("gan",))
+    study = SegmentationStudy("1", tmp_path, settings=("real", "synthetic"), generators=("rule_based",),
+                              sources=("offline", "online"), seeds=(0, 1))
+    assert [r.key for r in study.runs()] == [
+        "real__seed0", "real__seed1", "synthetic__rule_based__offline__seed0", "synthetic__rule_based__offline__seed1",
+        "synthetic__rule_based__online__seed0", "synthetic__rule_based__online__seed1"]
+    with pytest.raises(LesionDiffusionError, match="--bundle"):  # lesiondiffusion generators need a bundle
+        SegmentationStudy("1", tmp_path).generator_config({"generator": {}}, "lesiondiffusion", 0)
+
+
+def test_summary_mean_sd_over_seeds_and_markdown():
+    from lesiondiffusion.evaluation.segmentation import format_dice_markdown, summarize
+
+    runs = [{"group": "real", "setting": "real", "generator": None, "source": None,
+             "dice": {"kidney_tumor": d, "liver_tumor": float("nan")}} for d in (0.2, 0.4, 0.6)]
+    rows = summarize(runs, ["kidney_tumor", "liver_tumor"])
+    assert len(rows) == 1 and rows[0]["seeds"] == 3
+    assert rows[0]["kidney_tumor_mean"] == pytest.approx(0.4) and rows[0]["kidney_tumor_sd"] == pytest.approx(0.2)
+    assert math.isnan(rows[0]["liver_tumor_mean"]) and rows[0]["mean_mean"] == pytest.approx(0.4)
+    md = format_dice_markdown(rows, ["kidney_tumor", "liver_tumor"])
+    assert "| Training data | Generator | Synthetic cases | kidney tumor | liver tumor | Mean |" in md
+    assert "| Real only | – | – | 40.0 ± 20.0 | n/a | 40.0 ± 20.0 |" in md
+
+
 @pytest.mark.slow
-def test_segmentation_study_real_nnunet(tmp_path):
-    """Plan, train (short plain nnU-Net variant), predict and score; a second run reuses everything."""
+@pytest.mark.timeout(1800)  # eight tiny nnU-Net trainings + predictions
+def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
+    """The protocol at smoke scale with nnU-Net's own commands: real only, then synthetic only and
+    synthetic-then-real for each generator (on-the-fly), one offline-cache run, one seed; a repeat
+    reuses every finished run."""
+    from lesiondiffusion.evaluation.segmentation import run_segmentation_study
     from lesiondiffusion.io import save_nifti
     from lesiondiffusion.phantoms import make_phantom, write_phantom_dataset
 
     raw = tmp_path / "raw"
-    ds = write_phantom_dataset(raw, n_healthy=1, lesion_types=["kidney_tumor", "liver_tumor"], shape=(32, 32, 24),
+    ds = write_phantom_dataset(raw, n_healthy=2, lesion_types=["kidney_tumor"], shape=(32, 32, 24),
                                spacing=(5.0, 5.0, 6.0), seed=0, dataset_id=931, name="EvalSeg", cases_per_type=2)
-    for i, t in enumerate(["kidney_tumor", "liver_tumor"]):
-        ph = make_phantom((32, 32, 24), (5.0, 5.0, 6.0), seed=100 + i, lesion_types=[t])
+    for i in range(2):
+        ph = make_phantom((32, 32, 24), (5.0, 5.0, 6.0), seed=100 + i, lesion_types=["kidney_tumor"])
         save_nifti(ds / "imagesTs" / f"t{i}_0000.nii.gz", ph.ct, ph.affine)
-        save_nifti(ds / "labelsTs" / f"t{i}.nii.gz", ph.lesion * (i + 1), ph.affine)
+        save_nifti(ds / "labelsTs" / f"t{i}.nii.gz", ph.lesion, ph.affine)
+    bundle = tmp_path / "bundle"
+    r = _cli("bundle", "init", "--preset", "tiny", "-o", str(bundle))
+    assert r.returncode == 0, r.stderr
     env = dict(os.environ, nnUNet_raw=str(raw), nnUNet_preprocessed=str(tmp_path / "pre"),
                nnUNet_results=str(tmp_path / "res"), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
-               nnUNet_compile="false")
-    out = tmp_path / "eval"
-    args = ("evaluate", "segmentation", "--dataset", "931", "--settings", "real", "--fold", "all",
-            "--trainer-real", "nnUNetTrainer_tinynet_2epochs_3iters", "--no-progress", "-o", str(out))
-    r = _cli(*args, env=env, timeout=900)
-    assert r.returncode == 0, (r.stdout[-3000:], r.stderr[-3000:])
-    rows = list(csv.DictReader(open(out / "segmentation_dice.csv")))
-    assert [row["setting"] for row in rows] == ["Real only"]
-    for t in ("kidney_tumor", "liver_tumor", "mean"):
-        assert 0.0 <= float(rows[0][t]) <= 1.0 or math.isnan(float(rows[0][t]))
-    md = (out / "segmentation_dice.md").read_text()
-    assert md.startswith("| Training data | kidney tumor | liver tumor | Mean |")
-    preds = sorted(p.name for p in (out / "predictions" / "real").glob("*.nii.gz"))
-    assert preds == ["t0.nii.gz", "t1.nii.gz"]
-    # resumable: the second run trains nothing and predicts nothing
-    r2 = _cli(*args, env=env, timeout=300)
-    assert r2.returncode == 0, r2.stderr[-3000:]
-    assert "reusing" in r2.stdout and "nnUNetv2_train" not in r2.stdout
+               nnUNet_compile="false", OMP_NUM_THREADS="1")
+    env.pop("LESIONDIFFUSION_CONFIG", None)
+    # random tiny weights: accept any mask (the smoke test is about the protocol, not the lesions)
+    base = {"catalogs": [{"name": "kidney_tumor"}], "synthetic_probability": 1.0,
+            "store": {"size": 4, "reuse": 4, "warmup": 1},
+            "generator": {"options": {"ddim_steps": 2, "mask_threshold": -1.0, "max_retries": 0,
+                                      "min_volume_fraction": 0.0, "min_organ_fraction": 0.0}}}
+    said: list[str] = []
+    common = dict(seeds=1, fold="all", trainer_suffix="_tinynet_2epochs_3iters", config=base, bundle=bundle,
+                  env=env, progress=False, echo=said.append)
+    out = tmp_path / "study"
+    res = run_segmentation_study(931, out, sources=("online",), **common)
+    groups = [r["group"] for r in res.rows]
+    assert groups == ["real"] + [f"{s}__{g}__online" for s in ("synthetic", "synthetic_real")
+                                 for g in ("lesiondiffusion", "rule_based", "lesiondiffusion_notext")]
+    assert res.lesion_types == ["kidney_tumor"]
+    for run in res.runs:
+        assert run["dice"]["kidney_tumor"] is not None
+        d = run["dice"]["kidney_tumor"]
+        assert math.isnan(d) or 0.0 <= d <= 1.0
+        assert sorted(c["case"] for c in run["per_case"]) == ["t0", "t1"]
+        assert Path(run["fold_dir"]).joinpath("checkpoint_final.pth").is_file()
+    # each run trained in its own nnU-Net results folder with its own generator configuration
+    notext = next(r for r in res.runs if r["group"] == "synthetic_real__lesiondiffusion_notext__online")
+    saved = yaml.safe_load((Path(notext["fold_dir"]) / "lesiondiffusion.yaml").read_text())
+    assert saved["generator"]["backend"] == "lesiondiffusion" and saved["generator"]["text_conditioning"] is False
+    assert len({r["fold_dir"] for r in res.runs}) == len(res.runs)
+    assert len(res.per_case) == 2 * len(res.runs)
+    assert res.paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = res.paths["markdown"].read_text()
+    assert md.startswith("| Training data | Generator | Synthetic cases | kidney tumor | Mean |")
+    assert "| Synthetic then real | lesiondiffusion_notext | on-the-fly |" in md
+    assert len(list(csv.DictReader(open(res.paths["csv"])))) == 7
+
+    # an offline cache of N cases: built once, then trained from without a generator
+    off = run_segmentation_study(931, out, settings=("synthetic_real",), generators=("rule_based",),
+                                 sources=("offline",), synthetic_cases=2, **common)
+    run = off.runs[0]
+    assert run["group"] == "synthetic_real__rule_based__offline"
+    manifest = json.loads((out / "caches" / "rule_based__n2" / "manifest.json").read_text())
+    assert manifest["n_cases"] == 2
+    log = next(Path(run["fold_dir"]).glob("training_log_*.txt")).read_text()
+    assert "(no generator loaded)" in log
+
+    # resumable: the same study again trains and predicts nothing
+    said.clear()
+    again = run_segmentation_study(931, out, sources=("online",), **common)
+    assert [r["dice"] for r in again.runs] == [r["dice"] for r in res.runs]
+    assert sum("reusing" in line for line in said) == 7 and not any("$ " in line for line in said)

@@ -9,7 +9,7 @@ from lesiondiffusion.generator import BACKENDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("evaluate", help="prompt alignment of generated lesions; nnU-Net Dice in three settings")
+    p = sub.add_parser("evaluate", help="prompt alignment of generated lesions; nnU-Net Dice per training setting and generator")
     ev = p.add_subparsers(dest="evaluate_command", metavar="WHAT")
     ev.required = True
 
@@ -41,21 +41,35 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     s = ev.add_parser(
         "segmentation",
-        help="nnU-Net Dice per lesion type: real only / synthetic only / synthetic then real",
+        help="nnU-Net Dice per lesion type: real only / synthetic only / synthetic then real, per generator",
         description=(
-            "Runs the real nnU-Net commands (plan and preprocess if needed, train, predict) for each setting "
-            "and writes a Dice table per lesion type (CSV + Markdown). Needs nnUNet_raw, nnUNet_preprocessed "
-            "and nnUNet_results. Finished trainings, predictions and scores are reused; an interrupted "
+            "The method's protocol with the real nnU-Net commands (plan and preprocess if needed, train, predict): "
+            "real only; synthetic only and synthetic pretraining then real fine-tuning for each generator "
+            "(lesiondiffusion, rule_based, lesiondiffusion_notext = null prompts for both networks) and source "
+            "(an offline cache of --synthetic-cases cases, or on-the-fly), each for every seed. Per-case Dice with "
+            "nnU-Net's metric code; mean ± sd over seeds per lesion type as CSV, Markdown and a bar chart PNG. "
+            "Needs nnUNet_raw, nnUNet_preprocessed and nnUNet_results. Finished runs are reused; an interrupted "
             "training continues with --c."
         ),
     )
     s.add_argument("--dataset", required=True, help="nnU-Net dataset id (e.g. 900) or folder name")
-    s.add_argument("--config", type=Path, help="lesiondiffusion.yaml for the LesionDiffusion trainers "
-                   "(default: $LESIONDIFFUSION_CONFIG or the one beside the preprocessed dataset)")
+    s.add_argument("--config", type=Path, help="base lesiondiffusion.yaml for the LesionDiffusion trainers (catalogs, "
+                   "templates, store, schedule; generator.bundle). Default: the dataset's label names as catalogs, "
+                   "healthy training cases as templates")
+    s.add_argument("--bundle", type=Path, help="model bundle for the lesiondiffusion generators "
+                   "(overrides generator.bundle of --config)")
     s.add_argument("--settings", default="real,synthetic,synthetic_real",
                    help="comma-separated subset of real,synthetic,synthetic_real")
-    s.add_argument("--fold", default="0", help="nnU-Net fold (0-4 or all; default 0)")
-    s.add_argument("-c", "--configuration", default="3d_fullres")
+    s.add_argument("--generators", default="lesiondiffusion,rule_based,lesiondiffusion_notext",
+                   help="comma-separated subset of lesiondiffusion,rule_based,lesiondiffusion_notext (synthetic settings)")
+    s.add_argument("--synthetic-source", default="offline,online",
+                   help="offline (a cache of --synthetic-cases cases per generator), online (on-the-fly) or both")
+    s.add_argument("--synthetic-cases", type=int, default=1000, help="cases in each offline cache (default 1000, "
+                   "the method's number)")
+    s.add_argument("--seeds", default="3", help="a count (3 = seeds 0,1,2) or a comma-separated list (default 3)")
+    s.add_argument("--fold", default="all", help="nnU-Net fold (all or 0-4; default all: train on every training "
+                   "case, test on imagesTs)")
+    s.add_argument("-c", "--configuration", default="3d_fullres", help="nnU-Net configuration (2d, 3d_lowres, 3d_fullres)")
     s.add_argument("-p", "--plans", default="nnUNetPlans")
     s.add_argument("--trainer-suffix", default="",
                    help="variant suffix appended to every trainer, e.g. _5epochs or _tinynet_2epochs_3iters")
@@ -64,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--trainer-synthetic-real", help="trainer for 'synthetic_real' (default nnUNetTrainerLesionDiffusion + suffix)")
     s.add_argument("--test-images", type=Path, help="held-out images (default: the raw dataset's imagesTs)")
     s.add_argument("--test-labels", type=Path, help="their labels (default: the raw dataset's labelsTs)")
-    s.add_argument("--device", default="cpu", help="cpu | cuda | mps (passed to nnU-Net)")
+    s.add_argument("--device", default="cpu", help="cpu | cuda | mps (nnU-Net and the generator)")
     s.add_argument("--no-plan", action="store_true", help="fail instead of running plan_and_preprocess")
     s.add_argument("-o", "--out", type=Path, default=Path("segmentation_eval"))
     s.add_argument("--no-progress", action="store_true")
@@ -111,19 +125,22 @@ def run_alignment(args: argparse.Namespace) -> int:
 
 
 def run_segmentation(args: argparse.Namespace) -> int:
-    from lesiondiffusion.evaluation.segmentation import SegmentationStudy
+    from lesiondiffusion.evaluation.segmentation import run_segmentation_study
+
+    def items(text: str) -> tuple[str, ...]:
+        return tuple(x.strip() for x in text.split(",") if x.strip())
 
     trainers = {k: v for k, v in (("real", args.trainer_real), ("synthetic", args.trainer_synthetic),
                                   ("synthetic_real", args.trainer_synthetic_real)) if v}
-    study = SegmentationStudy(
-        dataset=args.dataset, out_dir=args.out,
-        settings=tuple(x.strip() for x in args.settings.split(",") if x.strip()),
+    result = run_segmentation_study(
+        args.dataset, args.out, settings=items(args.settings), generators=items(args.generators),
+        sources=items(args.synthetic_source), synthetic_cases=args.synthetic_cases, seeds=args.seeds,
         configuration=args.configuration, fold=args.fold, plans=args.plans, trainer_suffix=args.trainer_suffix,
-        trainers=trainers, test_images=args.test_images, test_labels=args.test_labels, device=args.device,
-        config=args.config, plan=not args.no_plan, progress=not args.no_progress, echo=print,
+        trainers=trainers, config=args.config, bundle=args.bundle, test_images=args.test_images,
+        test_labels=args.test_labels, device=args.device, plan=not args.no_plan, progress=not args.no_progress,
+        echo=print,
     )
-    out = study.run()
     print()
-    print(out["markdown"].read_text())
-    print(f"written: {out['csv']}, {out['markdown']}")
+    print(result.paths["markdown"].read_text())
+    print("written: " + ", ".join(str(p) for p in result.paths.values()))
     return 0

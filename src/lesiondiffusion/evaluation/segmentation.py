@@ -1,5 +1,12 @@
-"""The segmentation study: nnU-Net trained in the method's settings (real only, synthetic only,
-synthetic then real), predicted on held-out cases and scored with nnU-Net's Dice; Markdown/CSV table."""
+"""The segmentation study (the method's Table 1 / Table 2 protocol on any nnU-Net dataset).
+
+Settings: real only, synthetic only, synthetic pretraining then real fine-tuning. Each synthetic
+setting runs per generator (``lesiondiffusion``, ``rule_based``, ``lesiondiffusion_notext`` = null
+prompts for both networks) and per source (an offline cache of N synthetic cases, or on-the-fly),
+and every run per seed. A run is nnU-Net's own train and predict commands in its own results folder
+(so runs sharing a trainer class stay independent), scored per case with nnU-Net's Dice; the table
+gives mean ± sd over seeds per lesion type. Finished runs are reused; an interrupted training resumes.
+"""
 
 from __future__ import annotations
 
@@ -8,71 +15,197 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import yaml
 
 from ..errors import LesionDiffusionError
-from ..io import atomic_write_text, write_csv, write_json
+from ..io import atomic_path, atomic_write_text, write_csv, write_json, write_yaml
 from . import nnunet_runner as runner
 from .metrics import dice_on_folders
 
 log = logging.getLogger(__name__)
 
-# setting -> (table row name, base trainer class); a suffix such as "_5epochs" selects short variants
+# setting -> (table name, base trainer class); a suffix such as "_5epochs" selects a variant of all three
 SETTINGS: dict[str, tuple[str, str]] = {
     "real": ("Real only", "nnUNetTrainer"),
     "synthetic": ("Synthetic only", "nnUNetTrainerLesionDiffusionSynthOnly"),
     "synthetic_real": ("Synthetic then real", "nnUNetTrainerLesionDiffusion"),
 }
+# generator name -> the lesiondiffusion.yaml ``generator`` keys it sets (bundle/device/options come from
+# the study's base config)
+GENERATORS: dict[str, dict[str, Any]] = {
+    "lesiondiffusion": {"backend": "lesiondiffusion"},
+    "rule_based": {"backend": "rule_based"},
+    "lesiondiffusion_notext": {"backend": "lesiondiffusion", "text_conditioning": False},
+}
+SOURCES = ("offline", "online")   # offline: a cache of ``synthetic_cases`` built once per generator
+
+
+@dataclass(frozen=True)
+class Run:
+    """One nnU-Net training: a setting, for synthetic settings a generator and source, and a seed."""
+
+    setting: str
+    generator: str | None
+    source: str | None
+    seed: int
+
+    @property
+    def group(self) -> str:
+        return self.setting if self.generator is None else f"{self.setting}__{self.generator}__{self.source}"
+
+    @property
+    def key(self) -> str:
+        return f"{self.group}__seed{self.seed}"
+
+
+@dataclass
+class StudyResult:
+    """``rows``: one per setting/generator/source with mean and sd over seeds per lesion type (Dice 0..1);
+    ``runs``: one per training with its per-type Dice; ``per_case``: one per run, test case and label."""
+
+    rows: list[dict[str, Any]]
+    runs: list[dict[str, Any]]
+    per_case: list[dict[str, Any]]
+    lesion_types: list[str]
+    paths: dict[str, Path]
+
+
+def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
+    """``3`` -> (0, 1, 2); ``"0,4,7"`` -> (0, 4, 7)."""
+    if isinstance(text, int):
+        return tuple(range(text))
+    if not isinstance(text, str):
+        return tuple(int(s) for s in text)
+    parts = [p.strip() for p in text.split(",") if p.strip()]
+    try:
+        vals = [int(p) for p in parts]
+    except ValueError:
+        raise LesionDiffusionError(f"--seeds {text!r}: give a count (3) or a comma-separated list (0,1,2).") from None
+    if len(parts) == 1 and "," not in text:
+        if vals[0] < 1:
+            raise LesionDiffusionError(f"--seeds {text!r}: give at least 1 seed.")
+        return tuple(range(vals[0]))
+    if len(set(vals)) != len(vals):
+        raise LesionDiffusionError(f"--seeds {text!r}: seeds repeat; each seed is one independent run.")
+    return tuple(vals)
 
 
 @dataclass
 class SegmentationStudy:
-    """Train, predict and score nnU-Net for each setting; every finished stage is reused.
-
-    ``dataset`` is an nnU-Net dataset id or folder name under ``$nnUNet_raw``; the test set is the
-    raw dataset's ``imagesTs``/``labelsTs`` unless ``test_images``/``test_labels`` are given.
-    """
+    """The study as data; ``run()`` does it. See ``run_segmentation_study`` for the arguments."""
 
     dataset: str
     out_dir: Path
-    settings: tuple[str, ...] = ("real", "synthetic", "synthetic_real")
+    settings: Sequence[str] = tuple(SETTINGS)
+    generators: Sequence[str] = tuple(GENERATORS)
+    sources: Sequence[str] = SOURCES
+    synthetic_cases: int = 1000
+    seeds: Sequence[int] = (0, 1, 2)
     configuration: str = "3d_fullres"
-    fold: str = "0"
+    fold: str = "all"
     plans: str = "nnUNetPlans"
     trainer_suffix: str = ""
     trainers: dict[str, str] = field(default_factory=dict)   # explicit per-setting trainer names
+    config: Path | Mapping[str, Any] | None = None   # base lesiondiffusion.yaml (catalogs, store, bundle ...)
+    bundle: Path | None = None       # overrides generator.bundle of the base config
     test_images: Path | None = None
     test_labels: Path | None = None
     device: str = "cpu"
-    config: Path | None = None       # lesiondiffusion.yaml for the LesionDiffusion trainers
     plan: bool = True                # run nnUNetv2_plan_and_preprocess when the plans are missing
     progress: bool = True
-    env: dict[str, str] | None = None
+    env: Mapping[str, str] | None = None
     echo: Callable[[str], Any] = log.info   # the CLI passes print
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
-        for s in self.settings:
-            if s not in SETTINGS:
-                raise LesionDiffusionError(
-                    f"Unknown setting {s!r}; choose from {', '.join(SETTINGS)} (comma-separated)."
-                )
+        self.settings, self.generators, self.sources = tuple(self.settings), tuple(self.generators), tuple(self.sources)
+        self.seeds = parse_seeds(self.seeds) if isinstance(self.seeds, (int, str)) else tuple(self.seeds)
+        for values, known, what in ((self.settings, SETTINGS, "setting"), (self.generators, GENERATORS, "generator"),
+                                    (self.sources, SOURCES, "synthetic source")):
+            bad = [v for v in values if v not in known]
+            if bad or not values:
+                raise LesionDiffusionError(f"Unknown or no {what} {bad or values!r}; choose from {', '.join(known)} "
+                                           "(comma-separated).")
+        if not self.seeds:
+            raise LesionDiffusionError("No seeds: give at least one (e.g. --seeds 3).")
+        if "offline" in self.sources and self.synthetic_cases < 1:
+            raise LesionDiffusionError(f"--synthetic-cases {self.synthetic_cases}: the offline cache needs >= 1 case.")
+        unknown = sorted(set(self.trainers) - set(SETTINGS))
+        if unknown:
+            raise LesionDiffusionError(f"trainers: unknown setting(s) {unknown}; keys are {', '.join(SETTINGS)}.")
 
-    def environment(self) -> dict[str, str]:
-        return runner.nnunet_environment(self.env, self.config)
+    # -- what runs ------------------------------------------------------------------------------
+    def runs(self) -> list[Run]:
+        out = []
+        for setting in self.settings:
+            if setting == "real":
+                out += [Run(setting, None, None, s) for s in self.seeds]
+                continue
+            for g in self.generators:
+                for src in self.sources:
+                    out += [Run(setting, g, src, s) for s in self.seeds]
+        return out
 
     def trainer(self, setting: str) -> str:
         return self.trainers.get(setting) or SETTINGS[setting][1] + self.trainer_suffix
 
-    def fold_dir(self, env: dict[str, str], setting: str) -> Path:
-        ds = runner.dataset_folder(env["nnUNet_raw"], self.dataset).name
-        return (Path(env["nnUNet_results"]) / ds / f"{self.trainer(setting)}__{self.plans}__{self.configuration}"
-                / f"fold_{self.fold}")
+    def label(self, run: Run) -> str:
+        name = SETTINGS[run.setting][0]
+        if run.generator is None:
+            return name
+        src = f"offline {self.synthetic_cases}" if run.source == "offline" else "on-the-fly"
+        return f"{name} · {run.generator} · {src}"
 
-    def run(self) -> dict[str, Any]:
-        env = self.environment()
+    def run_dir(self, run: Run) -> Path:
+        return self.out_dir / "runs" / run.key
+
+    def fold_dir(self, run: Run, dataset_name: str) -> Path:
+        return (self.run_dir(run) / "nnUNet_results" / dataset_name
+                / f"{self.trainer(run.setting)}__{self.plans}__{self.configuration}" / f"fold_{self.fold}")
+
+    # -- configuration of the LesionDiffusion trainers ------------------------------------------
+    def base_config(self, labels: dict[int, str]) -> dict[str, Any]:
+        if self.config is None:
+            # the dataset's label names as lesion types (catalog names); healthy training cases as templates
+            raw: dict[str, Any] = {"catalogs": [{"name": n, "label": n} for _, n in sorted(labels.items())],
+                                   "templates": {"dataset_healthy": True}}
+        elif isinstance(self.config, Mapping):
+            raw = json.loads(json.dumps(dict(self.config)))
+        else:
+            path = Path(self.config)
+            if not path.is_file():
+                raise LesionDiffusionError(f"Config file {path} does not exist; pass the lesiondiffusion.yaml path.")
+            raw = yaml.safe_load(path.read_text()) or {}
+            if not isinstance(raw, dict):
+                raise LesionDiffusionError(f"{path}: expected a YAML mapping (a lesiondiffusion.yaml).")
+        raw.setdefault("generator", {})
+        if self.bundle is not None:
+            raw["generator"]["bundle"] = str(Path(self.bundle).resolve())
+        raw["generator"].setdefault("device", self.device)
+        return raw
+
+    def generator_config(self, base: dict[str, Any], generator: str, seed: int) -> dict[str, Any]:
+        cfg = json.loads(json.dumps(base))
+        g = {k: v for k, v in cfg["generator"].items() if k not in ("backend", "text_conditioning")}
+        if GENERATORS[generator]["backend"] == "rule_based":
+            g = {"device": g.get("device", self.device)}  # bundle and diffusion options do not apply
+        elif not g.get("bundle"):
+            raise LesionDiffusionError(
+                f"Generator {generator!r} needs a model bundle: pass --bundle DIR (or set generator.bundle in the "
+                "--config YAML), or leave it out with --generators rule_based.")
+        cfg["generator"] = {**g, **GENERATORS[generator]}
+        cfg["seed"] = int(seed)
+        return cfg
+
+    def cache_dir(self, generator: str) -> Path:
+        return self.out_dir / "caches" / f"{generator}__n{self.synthetic_cases}"
+
+    # -- the study ------------------------------------------------------------------------------
+    def run(self) -> StudyResult:
+        env = runner.nnunet_environment(self.env)
         ds_dir = runner.dataset_folder(env["nnUNet_raw"], self.dataset)
         ds_id = runner.dataset_id(ds_dir)
         labels = runner.dataset_labels(ds_dir)
@@ -94,59 +227,196 @@ class SegmentationStudy:
                 )
             runner.plan_and_preprocess(ds_id, [self.configuration], env, logs / "plan_and_preprocess.log",
                                        plans=self.plans, progress=self.progress, echo=self.echo)
-        rows: dict[str, dict[str, Any]] = {}
-        for setting in self.settings:
-            rows[setting] = self._one(setting, env, ds_id, test_images, test_labels, labels, logs)
-        table = self.write_table(rows, labels)
-        return {"rows": rows, **table}
+        base = self.base_config(labels) if any(s != "real" for s in self.settings) else {}
+        runs = self.runs()
+        self.echo(f"segmentation study: {len(runs)} nnU-Net runs ({len(self.seeds)} seed(s)) on {ds_dir.name}, "
+                  f"configuration {self.configuration}, fold {self.fold}; outputs in {self.out_dir}")
+        results = []
+        for i, run in enumerate(runs, start=1):
+            results.append(self._one(i, len(runs), run, env, base, ds_id, ds_dir.name, test_images, test_labels,
+                                     labels, logs))
+        return self.write_tables(results, labels)
 
-    def _one(self, setting: str, env, ds_id, test_images, test_labels, labels, logs) -> dict[str, Any]:
-        trainer = self.trainer(setting)
-        fold_dir = self.fold_dir(env, setting)
-        marker = self.out_dir / "done" / f"{setting}.json"
+    def _build_cache(self, generator: str, env: dict[str, str], base: dict[str, Any], ds_id: str,
+                     logs: Path) -> Path:
+        import sys
+
+        cache = self.cache_dir(generator)
+        manifest = cache / "manifest.json"
+        if manifest.exists() and json.loads(manifest.read_text()).get("n_cases", 0) >= self.synthetic_cases:
+            return cache
+        cfg = self.generator_config(base, generator, int(base.get("seed", 0)))
+        cfg.update({"mode": "offline", "offline": {"cache_dir": str(cache)}})
+        cfg_path = cache.parent / f"{generator}.yaml"
+        write_yaml(cfg_path, cfg)
+        self.echo(f"  offline cache for {generator}: {self.synthetic_cases} synthetic cases -> {cache}")
+        # `lesiondiffusion cache build` in its own process, like the nnU-Net commands: it reads the plans
+        # through nnU-Net's environment variables and resumes an interrupted build. Templates come from
+        # every training case (--fold all): they are healthy cases, and the study scores on a separate test set.
+        runner.run_logged([sys.executable, "-m", "lesiondiffusion", "cache", "build", "--config", str(cfg_path),
+                           "--dataset", ds_id, "-n", str(self.synthetic_cases), "-c", self.configuration,
+                           "--plans", self.plans, "--fold", "all", "-q"],
+                          logs / f"cache_{generator}.log", env, progress=False, echo=self.echo)
+        return cache
+
+    def _one(self, i: int, n: int, run: Run, env: dict[str, str], base: dict[str, Any], ds_id: str,
+             ds_name: str, test_images: Path, test_labels: Path, labels: dict[int, str], logs: Path) -> dict[str, Any]:
+        trainer = self.trainer(run.setting)
+        rdir = self.run_dir(run)
+        marker = rdir / "result.json"
+        head = f"[{i}/{n}] {self.label(run)}, seed {run.seed}"
+        cfg: dict[str, Any] | None = None
+        if run.generator is not None:
+            cfg = self.generator_config(base, run.generator, run.seed)
+            if run.source == "offline":
+                cfg.update({"mode": "offline", "offline": {"cache_dir": str(self.cache_dir(run.generator))}})
+            else:
+                cfg["mode"] = "online"
+        # a finished run is reused only if it was made exactly this way
+        ident = {"trainer": trainer, "fold": self.fold, "configuration": self.configuration, "plans": self.plans,
+                 "synthetic_cases": self.synthetic_cases if run.source == "offline" else None, "config": cfg}
         if marker.exists():
             prev = json.loads(marker.read_text())
-            if prev.get("trainer") == trainer and prev.get("fold") == self.fold:
-                self.echo(f"  {SETTINGS[setting][0]}: reusing {marker}")
+            if prev.get("identity") == json.loads(json.dumps(ident)):
+                self.echo(f"{head}: reusing {marker}")
                 return prev
-        runner.train(ds_id, self.configuration, self.fold, trainer, env, logs / f"train_{setting}.log",
+        self.echo(f"{head}: {trainer}")
+        run_env = dict(env, nnUNet_results=str(rdir / "nnUNet_results"))
+        if cfg is not None:
+            if run.source == "offline":
+                self._build_cache(run.generator, env, base, ds_id, logs)
+            cfg_path = rdir / "lesiondiffusion.yaml"
+            write_yaml(cfg_path, cfg)
+            run_env["LESIONDIFFUSION_CONFIG"] = str(cfg_path)
+        fold_dir = self.fold_dir(run, ds_name)
+        runner.train(ds_id, self.configuration, self.fold, trainer, run_env, logs / f"train_{run.key}.log",
                      fold_dir=fold_dir, plans=self.plans, device=self.device, progress=self.progress, echo=self.echo)
-        pred = self.out_dir / "predictions" / setting
-        runner.predict(ds_id, self.configuration, self.fold, trainer, test_images, pred, env,
-                       logs / f"predict_{setting}.log", plans=self.plans, device=self.device,
+        pred = rdir / "predictions"
+        runner.predict(ds_id, self.configuration, self.fold, trainer, test_images, pred, run_env,
+                       logs / f"predict_{run.key}.log", plans=self.plans, device=self.device,
                        progress=self.progress, echo=self.echo)
         scores = dice_on_folders(test_labels, pred, sorted(labels))
-        row = {"setting": setting, "trainer": trainer, "fold": self.fold, "fold_dir": str(fold_dir),
-               "predictions": str(pred),
-               "dice": {labels[k]: v for k, v in scores["mean"].items()}, "per_case": scores["per_case"]}
-        write_json(marker, row)
-        return row
+        result = {"key": run.key, "group": run.group, "setting": run.setting, "generator": run.generator,
+                  "source": run.source, "seed": run.seed, "label": self.label(run), "identity": ident,
+                  "fold_dir": str(fold_dir), "predictions": str(pred),
+                  "dice": {labels[k]: v for k, v in scores["mean"].items()},
+                  "per_case": [{"case": c["case"], "dice": {labels[k]: v for k, v in c["dice"].items()},
+                                "n_ref": {labels[k]: v for k, v in c["n_ref"].items()}} for c in scores["per_case"]]}
+        write_json(marker, result)
+        self.echo(f"{head}: Dice " + ", ".join(f"{t} {v:.3f}" for t, v in result["dice"].items()))
+        return result
 
-    def write_table(self, rows: dict[str, dict[str, Any]], labels: dict[int, str]) -> dict[str, Any]:
+    # -- tables -----------------------------------------------------------------------------------
+    def write_tables(self, results: list[dict[str, Any]], labels: dict[int, str]) -> StudyResult:
         types = [labels[k] for k in sorted(labels)]
-        table_rows = []
-        for setting, row in rows.items():
-            vals = [row["dice"].get(t, float("nan")) for t in types]
-            finite = [v for v in vals if not math.isnan(v)]
-            table_rows.append({"setting": SETTINGS[setting][0], "trainer": row["trainer"],
-                               **{t: v for t, v in zip(types, vals)},
-                               "mean": float(np.mean(finite)) if finite else float("nan")})
-        csv_path = self.out_dir / "segmentation_dice.csv"
-        md_path = self.out_dir / "segmentation_dice.md"
-        write_csv(csv_path, table_rows)
-        atomic_write_text(md_path, format_dice_markdown(table_rows, types))
-        return {"csv": csv_path, "markdown": md_path, "table": table_rows}
+        rows = summarize(results, types)
+        for r in rows:
+            r["label"] = next(x["label"] for x in results if x["group"] == r["group"])
+        per_case = [{"run": r["key"], "setting": r["setting"], "generator": r["generator"] or "",
+                     "source": r["source"] or "", "seed": r["seed"], "case": c["case"], "lesion_type": t,
+                     "voxels_ref": c["n_ref"][t], "dice": c["dice"][t]}
+                    for r in results for c in r["per_case"] for t in types]
+        paths = {"csv": self.out_dir / "segmentation_dice.csv", "markdown": self.out_dir / "segmentation_dice.md",
+                 "png": self.out_dir / "segmentation_dice.png", "per_case": self.out_dir / "segmentation_per_case.csv",
+                 "runs": self.out_dir / "segmentation_runs.csv"}
+        write_csv(paths["csv"], [{k: v for k, v in r.items() if k != "group"} for r in rows])
+        write_csv(paths["per_case"], per_case)
+        write_csv(paths["runs"], [{"run": r["key"], "setting": r["setting"], "generator": r["generator"] or "",
+                                   "source": r["source"] or "", "seed": r["seed"],
+                                   **{t: r["dice"].get(t, float("nan")) for t in types}} for r in results])
+        atomic_write_text(paths["markdown"], format_dice_markdown(rows, types, self.describe()))
+        plot_dice(rows, types, paths["png"], title=f"nnU-Net Dice on the test set ({len(self.seeds)} seed(s))")
+        return StudyResult(rows, results, per_case, types, paths)
+
+    def describe(self) -> str:
+        return (f"nnU-Net {self.configuration}, fold {self.fold}, trainers: "
+                + ", ".join(f"{s} `{self.trainer(s)}`" for s in self.settings)
+                + f"; seeds {', '.join(map(str, self.seeds))}"
+                + (f"; offline cache of {self.synthetic_cases} synthetic cases per generator"
+                   if "offline" in self.sources and set(self.settings) - {"real"} else ""))
 
 
-def format_dice_markdown(rows: list[dict[str, Any]], types: list[str]) -> str:
-    """Dice (%) per lesion type, one row per training setting (the layout of the method's Table 1)."""
-    head = "| Training data | " + " | ".join(t.replace("_", " ") for t in types) + " | Mean |"
-    sep = "|---|" + "---:|" * (len(types) + 1)
+def run_segmentation_study(dataset: str | int, out_dir: str | Path, **options: Any) -> StudyResult:
+    """Run the segmentation study and return its rows (see ``StudyResult``).
+
+    ``options`` are the fields of ``SegmentationStudy``: ``settings`` (subset of ``SETTINGS``),
+    ``generators`` (subset of ``GENERATORS``), ``sources`` (``offline``/``online``), ``synthetic_cases``,
+    ``seeds`` (a count or a list), ``configuration`` (``2d``, ``3d_fullres`` ...), ``fold`` (default
+    ``all``), ``plans``, ``trainer_suffix`` or ``trainers`` ({setting: class name}), ``config`` (a base
+    lesiondiffusion.yaml path or dict: catalogs, templates, store, schedule; default: the dataset's
+    label names as catalogs), ``bundle``, ``test_images``/``test_labels`` (default the raw dataset's
+    imagesTs/labelsTs), ``device``, ``env`` (nnU-Net's three folders; default this process's),
+    ``progress``, ``echo``.
+    """
+    return SegmentationStudy(dataset=str(dataset), out_dir=Path(out_dir), **options).run()
+
+
+def summarize(results: list[dict[str, Any]], types: list[str]) -> list[dict[str, Any]]:
+    """Mean and sd over seeds of each run group's per-type Dice (a seed whose type is NaN is left out)."""
+    rows = []
+    for group in dict.fromkeys(r["group"] for r in results):
+        rs = [r for r in results if r["group"] == group]
+        row: dict[str, Any] = {"group": group, "setting": SETTINGS[rs[0]["setting"]][0],
+                               "generator": rs[0]["generator"] or "", "source": rs[0]["source"] or "",
+                               "seeds": len(rs)}
+        for t in types + ["mean"]:
+            if t == "mean":
+                per_seed = [np.nanmean(v) if np.isfinite(v).any() else np.nan
+                            for v in ([r["dice"].get(x, np.nan) for x in types] for r in rs)]
+            else:
+                per_seed = [r["dice"].get(t, np.nan) for r in rs]
+            v = np.asarray(per_seed, float)
+            v = v[np.isfinite(v)]
+            row[f"{t}_mean"] = float(v.mean()) if v.size else float("nan")
+            row[f"{t}_sd"] = float(v.std(ddof=1)) if v.size > 1 else float("nan")
+        rows.append(row)
+    return rows
+
+
+def format_dice_markdown(rows: list[dict[str, Any]], types: list[str], caption: str = "") -> str:
+    """Dice (%) per lesion type, one row per setting/generator/source (the layout of the method's Table 1)."""
+    head = ("| Training data | Generator | Synthetic cases | " + " | ".join(t.replace("_", " ") for t in types)
+            + " | Mean |")
+    sep = "|---|---|---|" + "---:|" * (len(types) + 1)
     lines = [head, sep]
     for r in rows:
-        cells = ["n/a" if math.isnan(r[t]) else f"{100 * r[t]:.1f}" for t in types + ["mean"]]
-        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+        cells = []
+        for t in types + ["mean"]:
+            m, s = r[f"{t}_mean"], r[f"{t}_sd"]
+            cells.append("n/a" if math.isnan(m) else f"{100 * m:.1f}" if math.isnan(s) else
+                         f"{100 * m:.1f} ± {100 * s:.1f}")
+        src = {"offline": "offline cache", "online": "on-the-fly"}.get(r["source"], "–")
+        lines.append(f"| {r['setting']} | {r['generator'] or '–'} | {src} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + (
-        "\n\nDice in %, mean over test cases; as in nnU-Net's evaluation, a case where the lesion type is "
-        "absent from both reference and prediction is skipped (a false positive counts as 0).\n"
+        "\n\nDice in %, mean ± sd over seeds (sd shown with 2 or more seeds) of each run's mean over test cases; "
+        "as in nnU-Net's evaluation, a case where the lesion type is absent from both reference and prediction is "
+        "skipped (a false positive counts as 0)." + (f" {caption}." if caption else "") + "\n"
     )
+
+
+def plot_dice(rows: list[dict[str, Any]], types: list[str], path: str | Path, title: str = "") -> None:
+    """Grouped bars: one group per lesion type (and the mean), one bar per row, sd over seeds as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = types + ["mean"]
+    width = 0.8 / max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 + 0.35 * len(rows) * len(cols)), 4.5))
+    x = np.arange(len(cols))
+    for i, r in enumerate(rows):
+        m = np.array([r[f"{c}_mean"] for c in cols], float)
+        s = np.array([r[f"{c}_sd"] for c in cols], float)
+        ax.bar(x + (i - (len(rows) - 1) / 2) * width, np.nan_to_num(m), width, yerr=np.where(np.isfinite(s), s, 0),
+               capsize=2, label=r.get("label") or r["setting"])
+    ax.set_xticks(x)
+    ax.set_xticklabels([c.replace("_", " ") for c in cols])
+    ax.set_ylabel("Dice")
+    ax.set_ylim(0, 1)
+    ax.set_title(title)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    with atomic_path(path, suffix=".png") as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
