@@ -188,21 +188,21 @@ def test_segmentation_requires_nnunet_env(tmp_path):
 
 def test_seeds_and_bad_study_options_are_clear(tmp_path):
     from lesiondiffusion.errors import LesionDiffusionError
-    from lesiondiffusion.evaluation.segmentation import SegmentationStudy, parse_seeds
+    from lesiondiffusion.evaluation.segmentation import SegmentationProtocol, parse_seeds
 
     assert parse_seeds("3") == (0, 1, 2) and parse_seeds("0,4,7") == (0, 4, 7) and parse_seeds(2) == (0, 1)
     for bad in ("0", "a,b", "1,1"):
         with pytest.raises(LesionDiffusionError, match="--seeds"):
             parse_seeds(bad)
     with pytest.raises(LesionDiffusionError, match="lesiondiffusion_notext"):
-        SegmentationStudy("1", tmp_path, generators=("gan",))
-    study = SegmentationStudy("1", tmp_path, settings=("real", "synthetic"), generators=("rule_based",),
+        SegmentationProtocol("1", tmp_path, generators=("gan",))
+    study = SegmentationProtocol("1", tmp_path, settings=("real", "synthetic"), generators=("rule_based",),
                               sources=("offline", "online"), seeds=(0, 1))
     assert [r.key for r in study.runs()] == [
         "real__seed0", "real__seed1", "synthetic__rule_based__offline__seed0", "synthetic__rule_based__offline__seed1",
         "synthetic__rule_based__online__seed0", "synthetic__rule_based__online__seed1"]
     with pytest.raises(LesionDiffusionError, match="--bundle"):  # lesiondiffusion generators need a bundle
-        SegmentationStudy("1", tmp_path).generator_config({"generator": {}}, "lesiondiffusion", 0)
+        SegmentationProtocol("1", tmp_path).generator_config({"generator": {}}, "lesiondiffusion", 0)
 
 
 def test_summary_mean_sd_over_seeds_and_markdown():

@@ -94,8 +94,8 @@ def parse_seeds(text: str | int | Sequence[int]) -> tuple[int, ...]:
 
 
 @dataclass
-class SegmentationStudy:
-    """The study as data; ``run()`` does it. See ``run_segmentation_study`` for the arguments."""
+class SegmentationProtocol:
+    """The protocol as data; ``run()`` does it. See ``run_segmentation_study`` for the arguments."""
 
     dataset: str
     out_dir: Path
@@ -336,10 +336,123 @@ class SegmentationStudy:
                    if "offline" in self.sources and set(self.settings) - {"real"} else ""))
 
 
+@dataclass
+class SegmentationStudy:
+    """One configuration, settings only: train, predict and score nnU-Net for each setting with the given
+    trainers and one lesiondiffusion.yaml; every finished stage is reused. The building block of
+    ``fewshot.FewShotStudy``; the whole protocol (generators, sources, seeds) is ``SegmentationProtocol``.
+
+    ``dataset`` is an nnU-Net dataset id or folder name under ``$nnUNet_raw``; the test set is the
+    raw dataset's ``imagesTs``/``labelsTs`` unless ``test_images``/``test_labels`` are given.
+    """
+
+    dataset: str
+    out_dir: Path
+    settings: tuple[str, ...] = ("real", "synthetic", "synthetic_real")
+    configuration: str = "3d_fullres"
+    fold: str = "0"
+    plans: str = "nnUNetPlans"
+    trainer_suffix: str = ""
+    trainers: dict[str, str] = field(default_factory=dict)   # explicit per-setting trainer names
+    test_images: Path | None = None
+    test_labels: Path | None = None
+    device: str = "cpu"
+    config: Path | None = None       # lesiondiffusion.yaml for the LesionDiffusion trainers
+    plan: bool = True                # run nnUNetv2_plan_and_preprocess when the plans are missing
+    progress: bool = True
+    env: dict[str, str] | None = None
+    echo: Callable[[str], Any] = log.info   # the CLI passes print
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        for s in self.settings:
+            if s not in SETTINGS:
+                raise LesionDiffusionError(
+                    f"Unknown setting {s!r}; choose from {', '.join(SETTINGS)} (comma-separated)."
+                )
+
+    def environment(self) -> dict[str, str]:
+        return runner.nnunet_environment(self.env, self.config)
+
+    def trainer(self, setting: str) -> str:
+        return self.trainers.get(setting) or SETTINGS[setting][1] + self.trainer_suffix
+
+    def fold_dir(self, env: dict[str, str], setting: str) -> Path:
+        ds = runner.dataset_folder(env["nnUNet_raw"], self.dataset).name
+        return (Path(env["nnUNet_results"]) / ds / f"{self.trainer(setting)}__{self.plans}__{self.configuration}"
+                / f"fold_{self.fold}")
+
+    def run(self) -> dict[str, Any]:
+        env = self.environment()
+        ds_dir = runner.dataset_folder(env["nnUNet_raw"], self.dataset)
+        ds_id = runner.dataset_id(ds_dir)
+        labels = runner.dataset_labels(ds_dir)
+        test_images = Path(self.test_images or ds_dir / "imagesTs")
+        test_labels = Path(self.test_labels or ds_dir / "labelsTs")
+        for p, what in ((test_images, "images"), (test_labels, "labels")):
+            if not p.is_dir() or not any(p.iterdir()):
+                raise LesionDiffusionError(
+                    f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
+                    "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels."
+                )
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        logs = self.out_dir / "logs"
+        pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
+        if not (pre / f"{self.plans}.json").exists():
+            if not self.plan:
+                raise LesionDiffusionError(
+                    f"No plans {pre / (self.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
+                )
+            runner.plan_and_preprocess(ds_id, [self.configuration], env, logs / "plan_and_preprocess.log",
+                                       plans=self.plans, progress=self.progress, echo=self.echo)
+        rows: dict[str, dict[str, Any]] = {}
+        for setting in self.settings:
+            rows[setting] = self._one(setting, env, ds_id, test_images, test_labels, labels, logs)
+        table = self.write_table(rows, labels)
+        return {"rows": rows, **table}
+
+    def _one(self, setting: str, env, ds_id, test_images, test_labels, labels, logs) -> dict[str, Any]:
+        trainer = self.trainer(setting)
+        fold_dir = self.fold_dir(env, setting)
+        marker = self.out_dir / "done" / f"{setting}.json"
+        if marker.exists():
+            prev = json.loads(marker.read_text())
+            if prev.get("trainer") == trainer and prev.get("fold") == self.fold:
+                self.echo(f"  {SETTINGS[setting][0]}: reusing {marker}")
+                return prev
+        runner.train(ds_id, self.configuration, self.fold, trainer, env, logs / f"train_{setting}.log",
+                     fold_dir=fold_dir, plans=self.plans, device=self.device, progress=self.progress, echo=self.echo)
+        pred = self.out_dir / "predictions" / setting
+        runner.predict(ds_id, self.configuration, self.fold, trainer, test_images, pred, env,
+                       logs / f"predict_{setting}.log", plans=self.plans, device=self.device,
+                       progress=self.progress, echo=self.echo)
+        scores = dice_on_folders(test_labels, pred, sorted(labels))
+        row = {"setting": setting, "trainer": trainer, "fold": self.fold, "fold_dir": str(fold_dir),
+               "predictions": str(pred),
+               "dice": {labels[k]: v for k, v in scores["mean"].items()}, "per_case": scores["per_case"]}
+        write_json(marker, row)
+        return row
+
+    def write_table(self, rows: dict[str, dict[str, Any]], labels: dict[int, str]) -> dict[str, Any]:
+        types = [labels[k] for k in sorted(labels)]
+        table_rows = []
+        for setting, row in rows.items():
+            vals = [row["dice"].get(t, float("nan")) for t in types]
+            finite = [v for v in vals if not math.isnan(v)]
+            table_rows.append({"setting": SETTINGS[setting][0], "trainer": row["trainer"],
+                               **{t: v for t, v in zip(types, vals)},
+                               "mean": float(np.mean(finite)) if finite else float("nan")})
+        csv_path = self.out_dir / "segmentation_dice.csv"
+        md_path = self.out_dir / "segmentation_dice.md"
+        write_csv(csv_path, table_rows)
+        atomic_write_text(md_path, _format_setting_markdown(table_rows, types))
+        return {"csv": csv_path, "markdown": md_path, "table": table_rows}
+
+
 def run_segmentation_study(dataset: str | int, out_dir: str | Path, **options: Any) -> StudyResult:
     """Run the segmentation study and return its rows (see ``StudyResult``).
 
-    ``options`` are the fields of ``SegmentationStudy``: ``settings`` (subset of ``SETTINGS``),
+    ``options`` are the fields of ``SegmentationProtocol``: ``settings`` (subset of ``SETTINGS``),
     ``generators`` (subset of ``GENERATORS``), ``sources`` (``offline``/``online``), ``synthetic_cases``,
     ``seeds`` (a count or a list), ``configuration`` (``2d``, ``3d_fullres`` ...), ``fold`` (default
     ``all``), ``plans``, ``trainer_suffix`` or ``trainers`` ({setting: class name}), ``config`` (a base
@@ -348,7 +461,7 @@ def run_segmentation_study(dataset: str | int, out_dir: str | Path, **options: A
     imagesTs/labelsTs), ``device``, ``env`` (nnU-Net's three folders; default this process's),
     ``progress``, ``echo``.
     """
-    return SegmentationStudy(dataset=str(dataset), out_dir=Path(out_dir), **options).run()
+    return SegmentationProtocol(dataset=str(dataset), out_dir=Path(out_dir), **options).run()
 
 
 def summarize(results: list[dict[str, Any]], types: list[str]) -> list[dict[str, Any]]:
@@ -420,3 +533,17 @@ def plot_dice(rows: list[dict[str, Any]], types: list[str], path: str | Path, ti
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
+
+
+def _format_setting_markdown(rows: list[dict[str, Any]], types: list[str]) -> str:
+    """Dice (%) per lesion type, one row per training setting (the layout of the method's Table 1)."""
+    head = "| Training data | " + " | ".join(t.replace("_", " ") for t in types) + " | Mean |"
+    sep = "|---|" + "---:|" * (len(types) + 1)
+    lines = [head, sep]
+    for r in rows:
+        cells = ["n/a" if math.isnan(r[t]) else f"{100 * r[t]:.1f}" for t in types + ["mean"]]
+        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + (
+        "\n\nDice in %, mean over test cases; as in nnU-Net's evaluation, a case where the lesion type is "
+        "absent from both reference and prediction is skipped (a false positive counts as 0).\n"
+    )
