@@ -681,7 +681,9 @@ def _prepare_case(data_dir: Path, cache: Path, case: str, cfg: PrepConfig, valid
         crop_file = f"lesions/{case}_{k:03d}.npz"
         # a lesion larger than the networks' crop (less the jitter) is stored at a coarser spacing chosen
         # so it fits whole, as synthesis does for large boxes: never truncated
-        room = [min(a, b) - 2 * cfg.jitter for a, b in zip(cfg.lmnet_crop, cfg.linet_crop)]
+        # (a jitter as large as half the crop would leave no room: then half the crop is the room, and the
+        # jitter may push part of the lesion out, as it always could)
+        room = [max(min(a, b) - 2 * cfg.jitter, min(a, b) // 2) for a, b in zip(cfg.lmnet_crop, cfg.linet_crop)]
         coarsen = max(1.0, max(e / max(r, 1) for e, r in zip(extent, room)))
         mid = [(a + b - 1) / 2 for a, b in zip(lo, hi)] if coarsen > 1.0 else center
         _save_npz(cache / crop_file,

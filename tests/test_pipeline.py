@@ -157,9 +157,18 @@ def test_crop_geometry_resamples_and_grows_with_the_lesion(scene, synth):
 
     small = synth.geometry(Box((10, 10, 5), (14, 14, 7)), organs.shape, organs.spacing)
     big = synth.geometry(Box((2, 2, 1), (40, 38, 19)), organs.shape, organs.spacing)
-    assert small.image_size == (32, 32, 32) and small.mask_size == (16, 16, 16)
-    assert all(b > s for b, s in zip(big.image_size, small.image_size))
-    assert all(s % 8 == 0 for s in big.image_size) and all(s % 4 == 0 for s in big.mask_size)
+    assert small.image_size == (32, 32, 32) and small.mask_size == (16, 16, 16) and small.coarsen == 1.0
+    # a box larger than the trained crop is synthesised at a coarser spacing on the trained crop size
+    assert big.coarsen > 1.0 and big.mask_size == small.mask_size and big.image_size == small.image_size
+    assert np.all(big.scale > small.scale)
+    # without fitting, the crop grows around the box instead (the old behaviour, kept as a benchmark switch)
+    synth.config.fit_trained_crop = False
+    try:
+        grown = synth.geometry(Box((2, 2, 1), (40, 38, 19)), organs.shape, organs.spacing)
+    finally:
+        synth.config.fit_trained_crop = True
+    assert grown.coarsen == 1.0 and all(g > s for g, s in zip(grown.image_size, small.image_size))
+    assert all(s % 8 == 0 for s in grown.image_size) and all(s % 4 == 0 for s in grown.mask_size)
 
 
 def test_hu_correction_off_shift_clip(scene, results):

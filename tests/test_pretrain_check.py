@@ -133,7 +133,8 @@ def test_prepare_resamples_windows_crops_and_reuses_cache(clean, tmp_path):
     assert (tmp_path / "cache" / "manifest.json").stat().st_mtime_ns == mtime and again.lesions == man.lesions
     # a different setting invalidates the cache instead of silently reusing it
     other = pdata.prepare_dataset(clean, tmp_path / "cache", pdata.PrepConfig(
-        spacing_mm=(2.0, 2.0, 3.0), hu_window=(-200.0, 200.0), lmnet_crop=(8, 8, 8), linet_crop=(12, 12, 12)),
+        spacing_mm=(2.0, 2.0, 3.0), hu_window=(-200.0, 200.0), lmnet_crop=(8, 8, 8), linet_crop=(12, 12, 12),
+        jitter=2),
         progress=False)
     assert np.load(tmp_path / "cache" / other.cases[0]["image"]).shape == (20, 20, 12)
 
@@ -144,7 +145,10 @@ def test_prepare_resamples_windows_crops_and_reuses_cache(clean, tmp_path):
     a, b = ds[1], ds[1]
     assert all(np.array_equal(a[k], b[k]) for k in a)  # same (seed, epoch, index) -> same sample
     ds.set_epoch(1)
-    assert a["box"].sum() > 0 and a["phrase_ids"].shape == (8,)
+    from lesiondiffusion.report import IMAGE_ATTRIBUTES
+
+    assert a["box"].sum() > 0 and a["phrase_ids"].shape == (len(IMAGE_ATTRIBUTES),)
+    assert all(les["coarsen"] < 2 for les in other.lesions)  # toy lesions of 4-6 voxels are not shrunk to a dot
 
 
 def test_prepare_refuses_bad_dataset(clean, tmp_path):
