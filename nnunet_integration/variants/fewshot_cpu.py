@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import random
-from copy import deepcopy
 
 import numpy as np
 
@@ -29,26 +28,17 @@ from torch import nn
 
 from nnunetv2.training.lr_scheduler.polylr import PolyLRScheduler
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
-from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from nnunetv2.utilities.plans_handling.plans_handler import ConfigurationManager, PlansManager
 
 from ..trainers import nnUNetTrainerLesionDiffusion, nnUNetTrainerLesionDiffusionSynthOnly
+from .tiny_network import tiny_network
 
 
 def small_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
     """The plans' architecture class with 8..32 features and one convolution per stage."""
-    kwargs = deepcopy(configuration_manager.network_arch_init_kwargs)
-    n = kwargs.get("n_stages", len(kwargs.get("features_per_stage", [])))
-    kwargs["features_per_stage"] = [min(8 * 2 ** i, 32) for i in range(n)]
-    for key in ("n_conv_per_stage", "n_blocks_per_stage"):
-        if key in kwargs:
-            kwargs[key] = [1] * n
-    if "n_conv_per_stage_decoder" in kwargs:
-        kwargs["n_conv_per_stage_decoder"] = [1] * (n - 1)
-    return get_network_from_plans(configuration_manager.network_arch_class_name, kwargs,
-                                  configuration_manager.network_arch_init_kwargs_req_import, num_input_channels,
-                                  num_output_channels, allow_init=True, deep_supervision=enable_deep_supervision)
+    return tiny_network(plans_manager, configuration_manager, num_input_channels, num_output_channels,
+                        enable_deep_supervision, base_features=8, max_features=32)
 
 
 class FewShotCPURecipe:

@@ -20,11 +20,13 @@ from ..trainers import nnUNetTrainerLesionDiffusion, nnUNetTrainerLesionDiffusio
 
 
 def tiny_network(plans_manager: PlansManager, configuration_manager: ConfigurationManager, num_input_channels: int,
-                 num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-    """The plans' architecture class with 4..16 features and one conv per stage."""
+                 num_output_channels: int, enable_deep_supervision: bool = True, *, base_features: int = 4,
+                 max_features: int = 16) -> nn.Module:
+    """The plans' architecture class with ``base_features``..``max_features`` features (doubling per
+    stage; 4..16 by default) and one conv per stage."""
     kwargs = deepcopy(configuration_manager.network_arch_init_kwargs)
     n = kwargs.get("n_stages", len(kwargs.get("features_per_stage", [])))
-    kwargs["features_per_stage"] = [min(4 * 2 ** i, 16) for i in range(n)]
+    kwargs["features_per_stage"] = [min(base_features * 2 ** i, max_features) for i in range(n)]
     for key in ("n_conv_per_stage", "n_blocks_per_stage"):
         if key in kwargs:
             kwargs[key] = [1] * n

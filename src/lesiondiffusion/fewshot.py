@@ -107,7 +107,7 @@ class FewShotStudy:
     """
 
     workdir: Path
-    dataset_dir: Path                       # $nnUNet_raw/DatasetXXX_Name with imagesTs/labelsTs
+    dataset_dir: Path                       # $nnUNet_raw/Dataset<ID>_<Name> with imagesTs/labelsTs
     lesion_types: tuple[str, ...]
     bundle: Path | None = None
     generators: tuple[str, ...] = ("lesiondiffusion", "rule_based", "lesiondiffusion_notext")
