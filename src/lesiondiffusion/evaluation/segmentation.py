@@ -43,6 +43,33 @@ GENERATORS: dict[str, dict[str, Any]] = {
 SOURCES = ("offline", "online")   # offline: a cache of ``synthetic_cases`` built once per generator
 
 
+
+def _prepare(study: Any, env: dict[str, str]) -> tuple[Path, str, dict[int, str], Path, Path, Path]:
+    """Shared start of both studies: resolve the dataset and its test set, plan and preprocess if needed.
+    Returns (dataset folder, id, labels, test images, test labels, log folder)."""
+    ds_dir = runner.dataset_folder(env["nnUNet_raw"], study.dataset)
+    ds_id = runner.dataset_id(ds_dir)
+    labels = runner.dataset_labels(ds_dir)
+    test_images = Path(study.test_images or ds_dir / "imagesTs")
+    test_labels = Path(study.test_labels or ds_dir / "labelsTs")
+    for p, what in ((test_images, "images"), (test_labels, "labels")):
+        if not p.is_dir() or not any(p.iterdir()):
+            raise LesionDiffusionError(
+                f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
+                "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels."
+            )
+    study.out_dir.mkdir(parents=True, exist_ok=True)
+    logs = study.out_dir / "logs"
+    pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
+    if not (pre / f"{study.plans}.json").exists():
+        if not study.plan:
+            raise LesionDiffusionError(
+                f"No plans {pre / (study.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
+            )
+        runner.plan_and_preprocess(ds_id, [study.configuration], env, logs / "plan_and_preprocess.log",
+                                   plans=study.plans, progress=study.progress, echo=study.echo)
+    return ds_dir, ds_id, labels, test_images, test_labels, logs
+
 @dataclass(frozen=True)
 class Run:
     """One nnU-Net training: a setting, for synthetic settings a generator and source, and a seed."""
@@ -206,27 +233,7 @@ class SegmentationProtocol:
     # -- the study ------------------------------------------------------------------------------
     def run(self) -> StudyResult:
         env = runner.nnunet_environment(self.env)
-        ds_dir = runner.dataset_folder(env["nnUNet_raw"], self.dataset)
-        ds_id = runner.dataset_id(ds_dir)
-        labels = runner.dataset_labels(ds_dir)
-        test_images = Path(self.test_images or ds_dir / "imagesTs")
-        test_labels = Path(self.test_labels or ds_dir / "labelsTs")
-        for p, what in ((test_images, "images"), (test_labels, "labels")):
-            if not p.is_dir() or not any(p.iterdir()):
-                raise LesionDiffusionError(
-                    f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
-                    "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels."
-                )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        logs = self.out_dir / "logs"
-        pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
-        if not (pre / f"{self.plans}.json").exists():
-            if not self.plan:
-                raise LesionDiffusionError(
-                    f"No plans {pre / (self.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
-                )
-            runner.plan_and_preprocess(ds_id, [self.configuration], env, logs / "plan_and_preprocess.log",
-                                       plans=self.plans, progress=self.progress, echo=self.echo)
+        ds_dir, ds_id, labels, test_images, test_labels, logs = _prepare(self, env)
         base = self.base_config(labels) if any(s != "real" for s in self.settings) else {}
         runs = self.runs()
         self.echo(f"segmentation study: {len(runs)} nnU-Net runs ({len(self.seeds)} seed(s)) on {ds_dir.name}, "
@@ -384,27 +391,7 @@ class SegmentationStudy:
 
     def run(self) -> dict[str, Any]:
         env = self.environment()
-        ds_dir = runner.dataset_folder(env["nnUNet_raw"], self.dataset)
-        ds_id = runner.dataset_id(ds_dir)
-        labels = runner.dataset_labels(ds_dir)
-        test_images = Path(self.test_images or ds_dir / "imagesTs")
-        test_labels = Path(self.test_labels or ds_dir / "labelsTs")
-        for p, what in ((test_images, "images"), (test_labels, "labels")):
-            if not p.is_dir() or not any(p.iterdir()):
-                raise LesionDiffusionError(
-                    f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
-                    "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels."
-                )
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        logs = self.out_dir / "logs"
-        pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
-        if not (pre / f"{self.plans}.json").exists():
-            if not self.plan:
-                raise LesionDiffusionError(
-                    f"No plans {pre / (self.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
-                )
-            runner.plan_and_preprocess(ds_id, [self.configuration], env, logs / "plan_and_preprocess.log",
-                                       plans=self.plans, progress=self.progress, echo=self.echo)
+        ds_dir, ds_id, labels, test_images, test_labels, logs = _prepare(self, env)
         rows: dict[str, dict[str, Any]] = {}
         for setting in self.settings:
             rows[setting] = self._one(setting, env, ds_id, test_images, test_labels, labels, logs)
