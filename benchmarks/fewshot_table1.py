@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="offline cache size per generator (0: on-the-fly producer)")
     p.add_argument("--bundle", type=Path, default=None, help="generator bundle (default: the shipped demo bundle)")
     p.add_argument("--ddim-steps", type=int, default=10)
+    p.add_argument("--pretrain-fraction", type=float, default=0.5, help="share of iterations pretrained on synthetic")
+    p.add_argument("--synthetic-probability", type=float, default=0.5, help="synthetic share during pretraining")
+    p.add_argument("--finetune-synthetic-probability", type=float, default=0.0,
+                   help="synthetic share during real fine-tuning")
     p.add_argument("--hu-correction", default=None, help="generator HU correction (off|shift|clip), if supported")
     p.add_argument("--configuration", default="2d")
     p.add_argument("--trainer-suffix", default="_fewshotcpu")
@@ -56,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
         settings=tuple(a.settings.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
         configuration=a.configuration, trainer_suffix=a.trainer_suffix,
         synthetic_cases=a.synthetic_cases or None, ddim_steps=a.ddim_steps, hu_correction=a.hu_correction,
+        pretrain_fraction=a.pretrain_fraction, synthetic_probability=a.synthetic_probability,
+        finetune_synthetic_probability=a.finetune_synthetic_probability,
         parallel=a.parallel, echo=lambda m: print(m, flush=True))
     out = study.run()
     minutes = (time.time() - t0) / 60

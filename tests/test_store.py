@@ -266,13 +266,14 @@ def test_throttle_controller_fits_plain_time_and_sets_duty_to_the_budget():
         ctl = ThrottleController(throttle, 0.05, probe_every=50, probe_len=3, first_probe=50)
         duties = []
         for i in range(120):
-            f = float(rng.uniform())
+            # a paused producer finishes the synthesis under way first: the probe waits for idle iterations
+            f = 0.0 if throttle.duty == 0.0 and i not in (50, 100) else float(rng.uniform(0.1, 1.0))
             ctl.observe(0.1 * (1 + slowdown * f) + rng.normal(0, 0.002), f)
             duties.append(throttle.duty)
         assert ctl.plain == pytest.approx(0.1, rel=0.05) and ctl.slowdown == pytest.approx(slowdown, rel=0.2, abs=0.02)
         assert ctl.duty == pytest.approx(want, rel=0.2)
-        assert [i for i, d in enumerate(duties) if d == 0.0] == [49, 50, 51, 99, 100, 101]  # probes
-        assert duties[102] == pytest.approx(want, rel=0.2)
+        assert [i for i, d in enumerate(duties) if d == 0.0] == [49, 50, 51, 52, 99, 100, 101, 102]  # probes
+        assert duties[103] == pytest.approx(want, rel=0.2)
         assert "budget 5%" in ctl.summary()
 
 
@@ -313,3 +314,40 @@ def test_producer_batches_seeds_per_generator_call():
         store.close()
     assert factory.groups[:2] == [[10, 13, 16], [19, 22, 25]]  # the rank stride holds inside a batch
     assert store.stats().failed >= 2  # NaN seeds 13 and 25 are dropped one by one, their batch-mates kept
+
+
+def test_pause_takes_effect_between_denoising_steps():
+    """A synthesis far longer than a training iteration must not run through a pause: the producer hooks
+    the throttle into the generator's step callback, so busy time stops growing within one step."""
+    import threading
+
+    from lesiondiffusion.store import Throttle
+
+    throttle, stop = Throttle(), threading.Event()
+    steps_done: list[int] = []
+
+    def long_synthesis() -> None:  # 200 steps of 10 ms: one "synthesis" of ~2 s
+        throttle.start(stop)
+        for i in range(200):
+            time.sleep(0.01)
+            steps_done.append(i)
+            throttle.checkpoint(stop)
+        throttle.end(stop)
+
+    t = threading.Thread(target=long_synthesis)
+    t.start()
+    try:
+        time.sleep(0.2)
+        throttle.set_duty(0.0)
+        time.sleep(0.1)
+        b0, n0 = throttle.busy_seconds(), len(steps_done)
+        time.sleep(0.4)
+        assert throttle.busy_seconds() - b0 < 0.02 and len(steps_done) - n0 == 0  # paused mid-synthesis
+        throttle.set_duty(1.0)
+        time.sleep(0.2)
+        assert len(steps_done) > n0 and throttle.busy_seconds() > b0  # and resumes where it stopped
+    finally:
+        throttle.set_duty(1.0)
+        stop.set()
+        t.join()
+    assert len(steps_done) == 200

@@ -118,7 +118,8 @@ class FewShotStudy:
     synthetic_cases: int | None = 200
     ddim_steps: int = 10
     pretrain_fraction: float = 0.5
-    synthetic_probability: float = 0.5
+    synthetic_probability: float = 0.5      # during pretraining
+    finetune_synthetic_probability: float = 0.0
     hu_correction: str | None = None        # passed to the generator options when set
     parallel: int = 2
     device: str = "cpu"
@@ -171,7 +172,8 @@ class FewShotStudy:
             "mode": "offline" if self.synthetic_cases else "online",
             "seed": int(seed),
             "synthetic_probability": self.synthetic_probability,
-            "schedule": {"pretrain_fraction": self.pretrain_fraction},
+            "schedule": {"pretrain_fraction": self.pretrain_fraction,
+                         "finetune_synthetic_probability": self.finetune_synthetic_probability},
         }
         if self.synthetic_cases:
             cfg["offline"] = {"cache_dir": str(self.cache_dir(generator))}
@@ -236,10 +238,13 @@ class FewShotStudy:
         self.echo(f"  preprocessing {self.dataset_dir.name} ({self.configuration})")
         self.preprocess(env)
         synth_gens = [g for g in self.generators if any(s != "real" for s in self.settings)]
-        if self.synthetic_cases:
-            for g in synth_gens:
-                self.echo(f"  offline cache: {self.synthetic_cases} synthetic cases from {g}")
-                self.build_cache(g, env)
+        if self.synthetic_cases and synth_gens:
+            # one cache build per generator, side by side (each is one single-threaded process)
+            with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as pool:
+                for g in synth_gens:
+                    self.echo(f"  offline cache: {self.synthetic_cases} synthetic cases from {g}")
+                for fut in [pool.submit(self.build_cache, g, env) for g in synth_gens]:
+                    fut.result()
         jobs = self.jobs()
         rows: list[dict[str, Any]] = []
         from tqdm.auto import tqdm

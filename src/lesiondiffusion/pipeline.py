@@ -20,7 +20,7 @@ import math
 import time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -190,6 +190,9 @@ class LesionSynthesizer:
         self.bundle = bundle
         self.device = _check_device(device)
         self.config = config or SynthesisConfig()
+        # called with the step index after every denoising step of either network; the sample store's
+        # producer uses it so that a pause asked for by the training loop takes effect within one step
+        self.step_callback: Callable[[int], None] | None = None
         self.bundle.to(self.device).eval()
         bcfg = bundle.config
         self.lm_div = lmnet_mod.size_divisor(bcfg.lmnet)
@@ -393,7 +396,8 @@ class LesionSynthesizer:
                 shape = (1, 1) + tuple(batch[0].geometry.mask_size)  # type: ignore[union-attr]
                 noise = torch.cat([self._noise(shape, it.seed + 1000003 * it.attempts) for it in batch]).to(self.device)
                 with self._autocast():
-                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_ddim(self.bundle.config.schedule, "lmnet", steps), noise, scale)
+                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_ddim(self.bundle.config.schedule, "lmnet", steps), noise, scale,
+                                    progress=self.step_callback)
                 x0 = x0.float().cpu().numpy()[:, 0]
                 dt = (time.perf_counter() - t) / len(batch)
                 for it, sample in zip(batch, x0):
@@ -476,7 +480,8 @@ class LesionSynthesizer:
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(
-                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, "linet", steps, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale
+                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, "linet", steps, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale,
+                    progress=self.step_callback,
                 )
             recon = self.bundle.vqgan.decode_stage_2_outputs(norm.denormalize(z.float()))
             finite = torch.isfinite(recon.float()).flatten(1).all(dim=1).cpu().tolist()

@@ -172,6 +172,21 @@ class Throttle:
             self._busy[1] = time.monotonic()
         return True
 
+    def checkpoint(self, stop: Any) -> None:
+        """Producer side, between denoising steps: a pause (duty 0) takes effect here instead of after
+        the whole synthesis, which on a CPU can span dozens of training iterations. The paused time is
+        not counted as busy."""
+        if self.duty > 0.0:
+            return
+        with self._busy.get_lock():
+            if self._busy[1] > 0:
+                self._busy[0] += time.monotonic() - self._busy[1]
+                self._busy[1] = 0.0
+        while self.duty <= 0.0 and not stop.wait(0.02):
+            pass
+        with self._busy.get_lock():
+            self._busy[1] = time.monotonic()
+
     def end(self, stop: Any) -> None:
         """Producer side: close the busy span and rest as long as the duty cycle asks."""
         now = time.monotonic()
@@ -193,8 +208,8 @@ class ThrottleController:
     ``extra / plain`` the slowdown while it works. Training then costs ``duty * extra / plain`` on
     average, so the duty becomes ``budget * plain / extra`` (at most 1). The fit needs iterations with
     and without synthesis: a full store idles the producer, and from iteration ``first_probe`` on, every
-    ``probe_every`` iterations the producer is paused for ``probe_len`` iterations in case it never
-    idles. Until the first fit the producer runs unthrottled.
+    ``probe_every`` iterations the producer is paused until ``probe_len`` iterations have run without it,
+    in case it never idles. Until the first fit the producer runs unthrottled.
     """
 
     def __init__(self, throttle: Throttle, budget: float, *, window: int = 200, probe_every: int = 100,
@@ -210,6 +225,7 @@ class ThrottleController:
         self.slowdown: float | None = None
         self._i = 0
         self._last: tuple[float, float] | None = None
+        self._probe_idle: int | None = None   # idle iterations seen in the probe under way
 
     def reset_clock(self) -> None:
         """Forget the last tick (call when iterations pause, e.g. for validation between epochs)."""
@@ -230,9 +246,17 @@ class ThrottleController:
         self._fit()
         # the first probe after first_probe iterations, not at the start: pausing then would cost the
         # warm-up's fresh cases, and a store that fills up idles the producer anyway
-        k = self._i - self.first_probe
-        probing = k >= 0 and k % self.probe_every < self.probe_len
-        self.throttle.set_duty(0.0 if probing else self.duty)
+        if self._probe_idle is not None:
+            # a pause cannot interrupt a synthesis in progress (one can span dozens of iterations on a
+            # CPU), so the probe lasts until probe_len iterations have actually run without the producer
+            self._probe_idle += busy_share < 0.05
+            if self._probe_idle >= self.probe_len:
+                self._probe_idle = None
+        else:
+            k = self._i - self.first_probe
+            if k >= 0 and k % self.probe_every == 0:
+                self._probe_idle = 0
+        self.throttle.set_duty(0.0 if self._probe_idle is not None else self.duty)
 
     def _fit(self) -> None:
         if len(self.samples) < 8:
@@ -273,6 +297,9 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
         if nice and mp.current_process().name == "lesion-producer":
             os.nice(nice)  # on a shared CPU the training loop keeps priority; the producer uses idle time
         factory = factory_builder()
+        generator = getattr(factory, "generator", None)
+        if throttle is not None and hasattr(generator, "step_callback"):
+            generator.step_callback = lambda _step: throttle.checkpoint(stop)
         made, consecutive, i = 0, 0, 0
         reasons: dict[str, int] = {}
         while not stop.is_set() and (limit is None or made < limit):
