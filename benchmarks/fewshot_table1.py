@@ -6,7 +6,9 @@ Writes a few-shot phantom dataset (K real lesion cases per type, H healthy templ
 cases per type), then trains nnU-Net with the CPU recipe (``*_fewshotcpu``: 2d, small network, AdamW,
 500 iterations) in every setting -- real only; synthetic only; synthetic then real -- for each generator
 (LesionDiffusion with the shipped demo bundle, the rule-based baseline, LesionDiffusion with null prompts)
-and seed, and prints mean +- sd over seeds of the test Dice. Finished runs are reused: re-run to resume.
+and seed, and prints mean +- sd over seeds of the test Dice (``lesiondiffusion.fewshot.FewShotStudy``, the
+few-shot preset of ``lesiondiffusion evaluate segmentation``; tables in WORKDIR/segmentation_dice.{csv,md,png}).
+Finished runs are reused: re-run to resume.
 Budget: about 45-60 minutes on an idle 2-core CPU with the defaults (3 seeds, 21 trainings, 2 at once).
 """
 
@@ -55,8 +57,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"dataset {ds}: K={a.k} lesion cases per type, {a.healthy} healthy, {a.test} test cases per type "
           f"({time.time() - t0:.0f} s)", flush=True)
     study = FewShotStudy(
-        workdir=a.workdir, dataset_dir=ds, lesion_types=data.lesion_types,
-        bundle=a.bundle or packaged_bundle_dir(), generators=tuple(a.generators.split(",")),
+        workdir=a.workdir, dataset_dir=ds, bundle=a.bundle or packaged_bundle_dir(),
+        generators=tuple(a.generators.split(",")),
         settings=tuple(a.settings.split(",")), seeds=tuple(int(s) for s in a.seeds.split(",")),
         configuration=a.configuration, trainer_suffix=a.trainer_suffix,
         synthetic_cases=a.synthetic_cases or None, ddim_steps=a.ddim_steps, hu_correction=a.hu_correction,
@@ -66,11 +68,11 @@ def main(argv: list[str] | None = None) -> int:
     out = study.run()
     minutes = (time.time() - t0) / 60
     print()
-    print(out["markdown"].read_text())
+    print(out.paths["markdown"].read_text())
     print(f"K={a.k}, {len(study.seeds)} seeds, recipe {a.configuration}{a.trainer_suffix}, "
           f"{a.synthetic_cases or 'on-the-fly'} synthetic cases per generator")
     print(f"total {minutes:.1f} min on {os.cpu_count()}-core CPU (load avg {os.getloadavg()[0]:.1f}); "
-          f"table {out['markdown']}, chart {out['png']}")
+          f"table {out.paths['markdown']}, chart {out.paths['png']}")
     return 0
 
 

@@ -92,7 +92,10 @@ def test_demo_fast_outputs_are_valid(demo_run):
     assert summary["trainers"] == {"real_only": "nnUNetTrainer_fewshotcpu_smoke",
                                    "lesiondiffusion": "nnUNetTrainerLesionDiffusion_fewshotcpu_smoke"}
     assert "real only" in r.stdout and "LesionDiffusion" in r.stdout  # the printed comparison
-    assert (workdir / "segmentation" / "fewshot_dice.md").exists()
+    for name in ("segmentation_dice.md", "segmentation_dice.csv", "segmentation_runs.csv"):
+        assert (workdir / "segmentation" / name).exists(), name
+    table = (workdir / "segmentation" / "segmentation_dice.md").read_text()
+    assert "| Real only |" in table and "| Synthetic then real | lesiondiffusion | offline cache |" in table
     # the LesionDiffusion run trained on synthetic cases from the offline cache
     log = next(Path(summary["nnunet_models"]["lesiondiffusion"]).glob("training_log_*.txt")).read_text()
     assert "offline cache" in log
@@ -136,11 +139,11 @@ def test_demo_trainer_variants_are_found_by_nnunet(monkeypatch):
 
     from lesiondiffusion.demo import PRESETS
     from lesiondiffusion.nnunet_integration.discovery import ext_trainer_dir
-    from lesiondiffusion.fewshot import SETTING_TRAINERS
+    from lesiondiffusion.evaluation.segmentation import SETTINGS
 
     monkeypatch.setenv("nnUNet_extTrainer", str(ext_trainer_dir()))
     for settings in PRESETS.values():
-        for base in SETTING_TRAINERS.values():
+        for _, base in SETTINGS.values():
             name = base + settings.trainer_suffix
             cls = recursive_find_trainer_class_by_name(name)
             assert issubclass(cls, nnUNetTrainer) and cls.__name__ == name

@@ -201,6 +201,8 @@ def test_seeds_and_bad_study_options_are_clear(tmp_path):
     assert [r.key for r in study.runs()] == [
         "real__seed0", "real__seed1", "synthetic__rule_based__offline__seed0", "synthetic__rule_based__offline__seed1",
         "synthetic__rule_based__online__seed0", "synthetic__rule_based__online__seed1"]
+    with pytest.raises(LesionDiffusionError, match="--parallel"):
+        SegmentationProtocol("1", tmp_path, parallel=0)
     with pytest.raises(LesionDiffusionError, match="--bundle"):  # lesiondiffusion generators need a bundle
         SegmentationProtocol("1", tmp_path).generator_config({"generator": {}}, "lesiondiffusion", 0)
 
@@ -219,12 +221,161 @@ def test_summary_mean_sd_over_seeds_and_markdown():
     assert "| Real only | – | – | 40.0 ± 20.0 | n/a | 40.0 ± 20.0 |" in md
 
 
+class _FakeNNUNet:
+    """nnU-Net's commands replaced by stand-ins that record what each run got: the protocol's scheduling,
+    reuse, tables and failures without training anything."""
+
+    def __init__(self, fail: str | None = None):
+        import threading
+
+        self.lock = threading.Lock()
+        self.events: list[tuple[str, str]] = []   # ("cache" | "train", what), in start order
+        self.envs: dict[str, dict[str, str]] = {}
+        self.busy = self.most_busy = 0
+        self.fail = fail
+
+    def run_logged(self, cmd, log_path, env=None, **kw):
+        with self.lock:
+            self.events.append(("cache", cmd[cmd.index("--config") + 1]))
+
+    def train(self, ds_id, configuration, fold, trainer, env, log_path, *, fold_dir, **kw):
+        import time
+
+        key = Path(env["nnUNet_results"]).parent.name
+        with self.lock:
+            self.events.append(("train", key))
+            self.envs[key] = dict(env)
+            self.busy += 1
+            self.most_busy = max(self.most_busy, self.busy)
+        time.sleep(0.2)
+        with self.lock:
+            self.busy -= 1
+        if key == self.fail:
+            from lesiondiffusion.errors import LesionDiffusionError
+
+            raise LesionDiffusionError(f"`nnUNetv2_train` failed with exit code 1. Last lines of {log_path}:\n    boom")
+        fold_dir.mkdir(parents=True, exist_ok=True)
+
+    def predict(self, ds_id, configuration, fold, trainer, images, out, env, log_path, **kw):
+        out.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def dice(ref, pred, labels):
+        key = Path(pred).parent.name  # a fixed Dice per run: parallel and sequential tables must agree
+        v = (sum(map(ord, key)) % 97) / 100
+        return {"mean": {1: v}, "per_case": [{"case": "c0", "dice": {1: v}, "n_ref": {1: 5}}]}
+
+    def install(self, monkeypatch):
+        from lesiondiffusion.evaluation import segmentation as seg
+
+        for name in ("run_logged", "train", "predict"):
+            monkeypatch.setattr(seg.runner, name, getattr(self, name))
+        monkeypatch.setattr(seg, "dice_on_folders", self.dice)
+        return self
+
+
+@pytest.fixture
+def fake_dataset(tmp_path):
+    """A raw dataset with a test set and preprocessed 2d data (files only; the fake commands read nothing)."""
+    ds = tmp_path / "raw" / "Dataset933_Fake"
+    for sub in ("imagesTs", "labelsTs"):
+        (ds / sub).mkdir(parents=True)
+        (ds / sub / "t0.nii.gz").write_bytes(b"")
+    (ds / "dataset.json").write_text(json.dumps({"labels": {"background": 0, "liver_tumor": 1}}))
+    pre = tmp_path / "pre" / ds.name
+    (pre / "nnUNetPlans_2d").mkdir(parents=True)
+    (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
+    return dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+                nnUNet_results=str(tmp_path / "res"))
+
+
+def test_parallel_runs_give_the_sequential_results_and_tables(tmp_path, fake_dataset, monkeypatch):
+    """parallel=2: runs overlap, each in its own results folder with its seed; the offline caches are built
+    first, once per generator; results, tables and reuse are those of parallel=1."""
+    from lesiondiffusion.evaluation.segmentation import SegmentationProtocol
+
+    said: list[str] = []
+    common = dict(settings=("real", "synthetic_real"), generators=("rule_based", "lesiondiffusion_notext"),
+                  sources=("offline", "online"), synthetic_cases=3, seeds=(0, 1), configuration="2d",
+                  bundle=tmp_path / "bundle", config={"schedule": {"pretrain_fraction": 0.25}}, env=fake_dataset,
+                  progress=False, echo=said.append)
+    outs = {}
+    for parallel in (1, 2):
+        fake = _FakeNNUNet().install(monkeypatch)
+        out = tmp_path / f"p{parallel}"
+        res = SegmentationProtocol("933", out, parallel=parallel, **common).run()
+        outs[parallel] = (out, res, fake)
+        kinds = [k for k, _ in fake.events]
+        assert kinds == ["cache"] * 2 + ["train"] * 10  # caches first: every offline run reads one
+        assert fake.most_busy == parallel
+        assert {Path(f).stem.split("__")[0] for k, f in fake.events if k == "cache"} == {"rule_based",
+                                                                                         "lesiondiffusion_notext"}
+        for key, env in fake.envs.items():
+            assert env["LESIONDIFFUSION_TRAIN_SEED"] == key[-1] and Path(env["nnUNet_results"]).parent.name == key
+        assert len({env["nnUNet_results"] for env in fake.envs.values()}) == 10
+        cfg = yaml.safe_load(Path(fake.envs["synthetic_real__rule_based__offline__seed1"]["LESIONDIFFUSION_CONFIG"])
+                             .read_text())
+        assert cfg["seed"] == 1 and cfg["schedule"] == {"pretrain_fraction": 0.25} and cfg["mode"] == "offline"
+        assert cfg["catalogs"] == [{"name": "liver_tumor", "label": "liver_tumor"}]
+    (o1, r1, _), (o2, r2, _) = outs[1], outs[2]
+    assert [r["key"] for r in r2.runs] == [r["key"] for r in r1.runs]  # the protocol's order, not finishing order
+    for name in ("segmentation_dice.csv", "segmentation_dice.md", "segmentation_runs.csv", "segmentation_per_case.csv"):
+        assert (o2 / name).read_text() == (o1 / name).read_text(), name
+    assert (o2 / "segmentation_dice.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    # the same study again is reused; another schedule retrains the synthetic runs only
+    fake = _FakeNNUNet().install(monkeypatch)
+    SegmentationProtocol("933", o2, parallel=2, **common).run()
+    assert fake.events == []
+    other = dict(common, config={"schedule": {"pretrain_fraction": 0.5}})
+    SegmentationProtocol("933", o2, parallel=2, **other).run()
+    trained = [w for k, w in fake.events if k == "train"]
+    assert len(trained) == 8 and not any(w.startswith("real") for w in trained)
+
+
+def test_a_failed_parallel_run_is_reported_with_its_log_and_the_others_are_kept(tmp_path, fake_dataset, monkeypatch):
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.evaluation.segmentation import SegmentationProtocol
+
+    common = dict(settings=("real", "synthetic"), generators=("rule_based",), sources=("online",), seeds=(0, 1, 2),
+                  configuration="2d", env=fake_dataset, parallel=2, progress=False, echo=lambda m: None)
+    fake = _FakeNNUNet(fail="real__seed1").install(monkeypatch)
+    with pytest.raises(LesionDiffusionError) as err:
+        SegmentationProtocol("933", tmp_path / "s", **common).run()
+    msg = str(err.value)
+    assert "1 of 6 nnU-Net runs failed" in msg and "Real only, seed 1" in msg
+    assert str(tmp_path / "s" / "logs" / "train_real__seed1.log") in msg and "boom" in msg
+    kept = {p.parent.name for p in (tmp_path / "s" / "runs").glob("*/result.json")}
+    assert "real__seed0" in kept and "real__seed1" not in kept
+    assert len(fake.events) < 6  # nothing new started after the failure
+    fake = _FakeNNUNet().install(monkeypatch)
+    res = SegmentationProtocol("933", tmp_path / "s", **common).run()
+    assert len(res.runs) == 6 and {w for _, w in fake.events}.isdisjoint(kept)
+
+
+def test_cache_folders_differ_by_what_makes_their_cases():
+    from lesiondiffusion.evaluation.segmentation import SegmentationProtocol
+
+    p = SegmentationProtocol("1", Path("/tmp/x"), synthetic_cases=8)
+    base = {"catalogs": [{"name": "liver_tumor"}], "generator": {"bundle": "/b", "options": {"ddim_steps": 10}}}
+    names = {}
+    for what, gen in (("plain", {}), ("hu", {"hu_correction": "off"}), ("ddim", {"options": {"ddim_steps": 4}}),
+                      ("device", {"device": "cuda"})):
+        b = json.loads(json.dumps(base))
+        b["generator"].update(gen)
+        names[what] = {g: p.cache_dir(b, g).name for g in ("lesiondiffusion", "rule_based")}
+    assert names["plain"]["lesiondiffusion"].startswith("lesiondiffusion__n8__")
+    assert len({n["lesiondiffusion"] for n in names.values()}) == 3  # hu and ddim change it, the device does not
+    assert names["device"] == names["plain"]
+    assert len({n["rule_based"] for n in names.values()}) == 1  # diffusion options do not apply to rule_based
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1800)  # eight tiny nnU-Net trainings + predictions
 def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
     """The protocol at smoke scale with nnU-Net's own commands: real only, then synthetic only and
-    synthetic-then-real for each generator (on-the-fly), one offline-cache run, one seed; a repeat
-    reuses every finished run."""
+    synthetic-then-real for each generator (on-the-fly, two runs at once), one offline-cache run, one
+    seed; a repeat (one run at a time) reuses every finished run."""
     from lesiondiffusion.evaluation.segmentation import run_segmentation_study
     from lesiondiffusion.io import save_nifti
     from lesiondiffusion.phantoms import make_phantom, write_phantom_dataset
@@ -252,7 +403,7 @@ def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
     common = dict(seeds=1, fold="all", trainer_suffix="_tinynet_2epochs_3iters", config=base, bundle=bundle,
                   env=env, progress=False, echo=said.append)
     out = tmp_path / "study"
-    res = run_segmentation_study(931, out, sources=("online",), **common)
+    res = run_segmentation_study(931, out, sources=("online",), parallel=2, **common)
     groups = [r["group"] for r in res.rows]
     assert groups == ["real"] + [f"{s}__{g}__online" for s in ("synthetic", "synthetic_real")
                                  for g in ("lesiondiffusion", "rule_based", "lesiondiffusion_notext")]
@@ -280,7 +431,8 @@ def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
                                  sources=("offline",), synthetic_cases=2, **common)
     run = off.runs[0]
     assert run["group"] == "synthetic_real__rule_based__offline"
-    manifest = json.loads((out / "caches" / "rule_based__n2" / "manifest.json").read_text())
+    (cache,) = (out / "caches").glob("rule_based__n2__*/")
+    manifest = json.loads((cache / "manifest.json").read_text())
     assert manifest["n_cases"] == 2
     log = next(Path(run["fold_dir"]).glob("training_log_*.txt")).read_text()
     assert "(no generator loaded)" in log

@@ -1,18 +1,15 @@
-"""The few-shot protocol's data layout and its aggregation over seeds (the nnU-Net runs themselves are
-exercised end to end by tests/test_demo.py)."""
+"""The few-shot dataset layout and the few-shot preset of the segmentation protocol (the protocol's runs,
+tables and parallel scheduling are tested in tests/test_evaluate.py; the preset end to end by tests/test_demo.py)."""
 
 from __future__ import annotations
-
-import math
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.fewshot import FewShotData, FewShotStudy, format_fewshot_markdown, write_fewshot_dataset
-
-PNG = b"\x89PNG\r\n\x1a\n"
+from lesiondiffusion.evaluation.segmentation import Run, SegmentationProtocol
+from lesiondiffusion.fewshot import FewShotData, FewShotStudy, write_fewshot_dataset
 
 
 def test_fewshot_dataset_has_k_lesion_cases_healthy_templates_and_a_separate_test_set(tmp_path):
@@ -31,32 +28,47 @@ def test_fewshot_dataset_has_k_lesion_cases_healthy_templates_and_a_separate_tes
         write_fewshot_dataset(tmp_path, FewShotData(n_test_per_type=0), progress=False)
 
 
-def test_summary_is_mean_and_sd_over_seeds_per_setting_and_generator(tmp_path):
-    study = FewShotStudy(workdir=tmp_path, dataset_dir=tmp_path / "Dataset977_FS", lesion_types=("liver_tumor",),
-                         generators=("rule_based",), settings=("real", "synthetic_real"), seeds=(0, 1, 2))
-    assert study.jobs() == [(s, g, seed) for seed in (0, 1, 2) for s, g in (("real", None), ("synthetic_real", "rule_based"))]
-    rows = []
-    for seed, (real, synth) in enumerate(((0.1, 0.2), (0.2, 0.3), (0.3, 0.7))):
-        for setting, gen, d in (("real", "-", real), ("synthetic_real", "rule_based", synth)):
-            rows.append({"setting": setting, "generator": gen, "seed": seed, "dice": {"liver_tumor": d},
-                         "per_case": [{"case": "c0", "dice": {1: d}}]})
-    out = study.write_results(rows)
-    by = {(e["setting"], e["generator"]): e for e in out["summary"]}
-    real, synth = by[("Real only", "-")], by[("Synthetic then real", "rule_based")]
-    assert real["seeds"] == 3 and math.isclose(real["liver_tumor_mean"], 0.2)
-    assert math.isclose(real["liver_tumor_sd"], 0.1)  # sample sd over seeds
-    assert math.isclose(synth["liver_tumor_mean"], 0.4) and math.isclose(synth["liver_tumor_sd"], float(np.std([0.2, 0.3, 0.7], ddof=1)))
-    md = out["markdown"].read_text()
-    assert "| Real only | - | 3 | 20.0 ± 10.0 |" in md and "| Synthetic then real | rule_based | 3 | 40.0 ± 26.5 |" in md
-    assert out["png"].read_bytes()[:8] == PNG
-    assert (tmp_path / "fewshot_per_case.csv").read_text().count("\n") == 7  # header + 6 runs x 1 case
-    one = format_fewshot_markdown([{"setting": "Real only", "generator": "-", "seeds": 1, "liver_tumor_mean": 0.5,
-                                    "liver_tumor_sd": math.nan}], ["liver_tumor"])
-    assert "| 50.0 |" in one  # one seed: no sd shown
+def test_study_is_the_protocol_with_the_cpu_recipe_and_the_schedule_knobs(tmp_path):
+    """FewShotStudy only presets SegmentationProtocol: recipe, seeds, parallel runs, and the knobs in
+    every synthetic run's lesiondiffusion.yaml (and in its reuse identity)."""
+    ds = tmp_path / "raw" / "Dataset977_FS"
+    study = FewShotStudy(workdir=tmp_path / "w", dataset_dir=ds, bundle=tmp_path / "bundle",
+                         generators=("rule_based", "lesiondiffusion"), settings=("real", "synthetic_real"),
+                         seeds=(0, 1, 2), synthetic_cases=8, ddim_steps=4, hu_correction="off", pretrain_fraction=0.3,
+                         synthetic_probability=1.0, finetune_synthetic_probability=0.1, parallel=3,
+                         env={"PATH": "/usr/bin"})
+    p = study.protocol()
+    assert isinstance(p, SegmentationProtocol)
+    assert (p.dataset, p.out_dir, p.configuration, p.fold, p.parallel, p.sources, p.seeds) == (
+        ds.name, tmp_path / "w", "2d", "all", 3, ("offline",), (0, 1, 2))
+    assert [p.trainer(s) for s in ("real", "synthetic", "synthetic_real")] == [
+        "nnUNetTrainer_fewshotcpu", "nnUNetTrainerLesionDiffusionSynthOnly_fewshotcpu",
+        "nnUNetTrainerLesionDiffusion_fewshotcpu"]
+    assert len(p.runs()) == 3 + 2 * 3
+    env = p.env
+    assert env["nnUNet_raw"] == str(ds.parent) and env["OMP_NUM_THREADS"] == "1"
+    base = p.base_config({1: "liver_tumor"})
+    ld = p.run_config(base, Run("synthetic_real", "lesiondiffusion", "offline", 2))
+    assert ld["seed"] == 2 and ld["mode"] == "offline" and ld["synthetic_probability"] == 1.0
+    assert ld["schedule"] == {"pretrain_fraction": 0.3, "finetune_synthetic_probability": 0.1}
+    assert ld["generator"]["hu_correction"] == "off" and ld["generator"]["options"] == {"ddim_steps": 4}
+    assert ld["generator"]["bundle"] == str((tmp_path / "bundle").resolve())
+    assert ld["catalogs"] == [{"name": "liver_tumor", "label": "liver_tumor"}]
+    assert "/caches/lesiondiffusion__n8__" in ld["offline"]["cache_dir"]
+    rb = p.run_config(base, Run("synthetic_real", "rule_based", "offline", 2))
+    assert rb["generator"] == {"device": "cpu", "backend": "rule_based"}
+    # a changed knob or seed is another run: nothing finished with other settings is reused
+    run = Run("synthetic_real", "lesiondiffusion", "offline", 2)
+    other = FewShotStudy(workdir=tmp_path / "w", dataset_dir=ds, bundle=tmp_path / "bundle", pretrain_fraction=0.6)
+    po = other.protocol()
+    assert po.identity(run, po.run_config(po.base_config({1: "liver_tumor"}), run)) != p.identity(run, ld)
+    assert p.identity(Run("real", None, None, 0), None) != p.identity(Run("real", None, None, 1), None)
+    online = FewShotStudy(workdir=tmp_path, dataset_dir=ds, generators=("rule_based",), synthetic_cases=None)
+    assert online.protocol().sources == ("online",)
 
 
 def test_lesiondiffusion_generators_need_a_bundle(tmp_path):
     with pytest.raises(LesionDiffusionError, match="bundle"):
-        FewShotStudy(workdir=tmp_path, dataset_dir=tmp_path, lesion_types=("liver_tumor",))
-    with pytest.raises(LesionDiffusionError, match="Unknown generator"):
-        FewShotStudy(workdir=tmp_path, dataset_dir=tmp_path, lesion_types=("liver_tumor",), generators=("gan",))
+        FewShotStudy(workdir=tmp_path, dataset_dir=tmp_path)
+    with pytest.raises(LesionDiffusionError, match="Unknown or no generator"):
+        FewShotStudy(workdir=tmp_path, dataset_dir=tmp_path, generators=("gan",))

@@ -360,15 +360,15 @@ class Demo:
 
         s = self.settings
         return FewShotStudy(
-            workdir=self.paths.segmentation, dataset_dir=self.dataset_dir, lesion_types=tuple(s.lesion_types),
-            bundle=self.paths.bundle, generators=("lesiondiffusion",), settings=("real", "synthetic_real"),
-            seeds=(s.seed,), configuration=s.configuration, trainer_suffix=s.trainer_suffix,
-            synthetic_cases=s.synthetic_cases, ddim_steps=s.ddim_steps, parallel=2, device=self.device,
-            progress=self.progress, env=self.nnunet_env(), echo=self.echo, extra_config=dict(s.trainer_config))
+            workdir=self.paths.segmentation, dataset_dir=self.dataset_dir, bundle=self.paths.bundle,
+            generators=("lesiondiffusion",), settings=("real", "synthetic_real"), seeds=(s.seed,),
+            configuration=s.configuration, trainer_suffix=s.trainer_suffix, synthetic_cases=s.synthetic_cases,
+            ddim_steps=s.ddim_steps, parallel=2, device=self.device, progress=self.progress, env=self.nnunet_env(),
+            echo=self.echo, extra_config=dict(s.trainer_config))
 
     def step_nnunet(self, results: dict[str, Any]) -> dict[str, Any]:
         out = self.study().run()
-        by = {r["setting"]: r for r in out["rows"]}
+        by = {r["setting"]: r for r in out.runs}
         real, ld = by["real"], by["synthetic_real"]
         return {
             "dice": {"real_only": real["dice"], "lesiondiffusion": ld["dice"]},
@@ -377,7 +377,7 @@ class Demo:
             "curves": {"real_only": training_curve(real["fold_dir"]),
                        "lesiondiffusion": training_curve(ld["fold_dir"])},
             "trainers": {"real_only": real["trainer"], "lesiondiffusion": ld["trainer"]},
-            "table": str(out["markdown"]), "chart": str(out["png"]),
+            "table": str(out.paths["markdown"]), "chart": str(out.paths["png"]),
         }
 
     # ---- step 5: summary -------------------------------------------------------------------

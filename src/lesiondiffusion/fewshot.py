@@ -1,20 +1,15 @@
 """The few-shot protocol of the method's Table 1 / Table 2, on phantoms or on a user's dataset.
 
 ``FewShotData`` writes the phantom dataset (K real lesion cases per type, H healthy templates, a held-out
-test set with other seeds; lesions follow their sampled reports). ``FewShotStudy`` trains nnU-Net in
-every setting (real only; synthetic only; synthetic then real) for every generator (LesionDiffusion,
-the rule-based baseline, LesionDiffusion with null prompts) and seed, each run through the real nnU-Net
-commands (``evaluation.SegmentationStudy``), and writes mean +- sd over seeds as CSV, Markdown and a bar
-chart. ``lesiondiffusion demo`` and ``benchmarks/fewshot_table1.py`` both run it.
+test set with other seeds; lesions follow their sampled reports). ``FewShotStudy`` is the segmentation
+protocol (``evaluation.segmentation.SegmentationProtocol``) preset for it: the CPU recipe, the schedule
+knobs and runs side by side. ``lesiondiffusion demo`` and ``benchmarks/fewshot_table1.py`` both run it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -22,7 +17,8 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import LesionDiffusionError
-from .io import atomic_path, atomic_write_text, save_nifti, write_csv, write_json, write_yaml
+from .evaluation.segmentation import GENERATORS, SETTINGS, SegmentationProtocol, StudyResult
+from .io import save_nifti
 from .phantoms import make_phantom, write_phantom_dataset
 
 log = logging.getLogger(__name__)
@@ -83,35 +79,22 @@ def write_fewshot_dataset(raw_root: str | Path, data: FewShotData, *, progress: 
 
 
 
-# generator name -> the ``generator:`` section of lesiondiffusion.yaml (bundle and ddim steps filled in)
-GENERATORS: dict[str, dict[str, Any]] = {
-    "lesiondiffusion": {"backend": "lesiondiffusion"},
-    "rule_based": {"backend": "rule_based"},
-    "lesiondiffusion_notext": {"backend": "lesiondiffusion", "text_conditioning": False},
-}
-# setting -> base trainer class (the recipe suffix is appended)
-SETTING_TRAINERS = {
-    "real": "nnUNetTrainer",
-    "synthetic": "nnUNetTrainerLesionDiffusionSynthOnly",
-    "synthetic_real": "nnUNetTrainerLesionDiffusion",
-}
-SETTING_NAMES = {"real": "Real only", "synthetic": "Synthetic only", "synthetic_real": "Synthetic then real"}
-
-
 @dataclass
 class FewShotStudy:
-    """Settings x generators x seeds on one nnU-Net dataset; every finished run is reused.
+    """The few-shot preset of ``SegmentationProtocol``: settings x generators x seeds on one dataset
+    folder with the CPU recipe (2d, ``*_fewshotcpu``), LesionDiffusion trainers configured from the
+    schedule knobs below, every nnU-Net folder under ``workdir`` unless ``env`` names one.
 
-    ``synthetic_cases``: size of an offline cache built once per generator (``None``: on-the-fly
-    producer). ``parallel``: trainings at once (each uses one torch thread with the CPU recipe).
+    ``synthetic_cases``: size of an offline cache built once per generator (``None`` or 0: on-the-fly
+    producer). ``parallel``: trainings at once (the CPU recipe uses one torch thread each).
+    ``extra_config``: further lesiondiffusion.yaml keys (e.g. ``catalogs``; default: the dataset's labels).
     """
 
     workdir: Path
     dataset_dir: Path                       # $nnUNet_raw/Dataset<ID>_<Name> with imagesTs/labelsTs
-    lesion_types: tuple[str, ...]
     bundle: Path | None = None
-    generators: tuple[str, ...] = ("lesiondiffusion", "rule_based", "lesiondiffusion_notext")
-    settings: tuple[str, ...] = ("real", "synthetic", "synthetic_real")
+    generators: tuple[str, ...] = tuple(GENERATORS)
+    settings: tuple[str, ...] = tuple(SETTINGS)
     seeds: tuple[int, ...] = (0, 1, 2)
     configuration: str = "2d"
     trainer_suffix: str = "_fewshotcpu"
@@ -120,7 +103,7 @@ class FewShotStudy:
     pretrain_fraction: float = 0.5
     synthetic_probability: float = 0.5      # during pretraining
     finetune_synthetic_probability: float = 0.0
-    hu_correction: str | None = None        # passed to the generator options when set
+    hu_correction: str | None = None        # generator.hu_correction when set (else the config's default)
     parallel: int = 2
     device: str = "cpu"
     progress: bool = True
@@ -131,209 +114,48 @@ class FewShotStudy:
     def __post_init__(self) -> None:
         self.workdir = Path(self.workdir)
         self.dataset_dir = Path(self.dataset_dir)
-        for g in self.generators:
-            if g not in GENERATORS:
-                raise LesionDiffusionError(f"Unknown generator {g!r}; choose from {', '.join(GENERATORS)}.")
-        for s in self.settings:
-            if s not in SETTING_TRAINERS:
-                raise LesionDiffusionError(f"Unknown setting {s!r}; choose from {', '.join(SETTING_TRAINERS)}.")
-        if any(GENERATORS[g]["backend"] == "lesiondiffusion" for g in self.generators) and self.bundle is None:
+        # the protocol would only notice a missing bundle when its first synthetic run starts
+        if self.bundle is None and any(GENERATORS.get(g, {}).get("backend") == "lesiondiffusion"
+                                       for g in self.generators):
             raise LesionDiffusionError("FewShotStudy: the lesiondiffusion generators need a bundle (bundle=...).")
+        self.protocol()  # names of settings and generators, seeds, parallel: checked now, not after preprocessing
 
-    # -- environment and configuration -------------------------------------------------------
     def base_env(self) -> dict[str, str]:
         env = dict(self.env if self.env is not None else os.environ)
-        env.setdefault("nnUNet_raw", str(self.dataset_dir.parent))
+        env["nnUNet_raw"] = str(self.dataset_dir.parent)
         env.setdefault("nnUNet_preprocessed", str(self.workdir / "nnUNet_preprocessed"))
+        env.setdefault("nnUNet_results", str(self.workdir / "nnUNet_results"))  # each run gets its own below it
         env["nnUNet_compile"] = "false"
-        env.setdefault("nnUNet_n_proc_DA", "1")
-        env.setdefault("nnUNet_def_n_proc", "1")
-        env.setdefault("OMP_NUM_THREADS", "1")
+        # one process per job: parallel trainings already fill the cores
+        for key in ("nnUNet_n_proc_DA", "nnUNet_def_n_proc", "OMP_NUM_THREADS"):
+            env.setdefault(key, "1")
         return env
 
-    def results_root(self, generator: str | None, seed: int) -> Path:
-        return self.workdir / "nnUNet_results" / (generator or "real") / f"seed{seed}"
-
-    def cache_dir(self, generator: str) -> Path:
-        return self.workdir / "caches" / generator
-
-    def write_config(self, generator: str, seed: int) -> Path:
-        gen = json.loads(json.dumps(GENERATORS[generator]))
-        if gen["backend"] == "lesiondiffusion":
-            gen["bundle"] = str(Path(self.bundle).resolve())
-            gen["device"] = self.device
-            gen.setdefault("options", {})["ddim_steps"] = self.ddim_steps
-        if self.hu_correction is not None and gen["backend"] == "lesiondiffusion":
-            gen["hu_correction"] = self.hu_correction
+    def base_config(self) -> dict[str, Any]:
+        generator: dict[str, Any] = {"options": {"ddim_steps": self.ddim_steps}}
+        if self.hu_correction is not None:
+            generator["hu_correction"] = self.hu_correction
         cfg: dict[str, Any] = {
-            "generator": gen,
-            "catalogs": [{"name": t, "weight": 1.0, "label": t} for t in self.lesion_types],
+            "generator": generator,
             "templates": {"dataset_healthy": True},
-            "mode": "offline" if self.synthetic_cases else "online",
-            "seed": int(seed),
             "synthetic_probability": self.synthetic_probability,
             "schedule": {"pretrain_fraction": self.pretrain_fraction,
                          "finetune_synthetic_probability": self.finetune_synthetic_probability},
         }
-        if self.synthetic_cases:
-            cfg["offline"] = {"cache_dir": str(self.cache_dir(generator))}
         cfg.update(self.extra_config)
-        path = self.workdir / "configs" / f"{generator}_seed{seed}.yaml"
-        write_yaml(path, cfg)
-        return path
+        return cfg
 
-    # -- stages ------------------------------------------------------------------------------
-    def preprocess(self, env: dict[str, str]) -> None:
-        from .evaluation.nnunet_runner import nnunet_executable, run_logged
-
-        ds_id = str(int(self.dataset_dir.name[len("Dataset"):len("Dataset") + 3]))
-        pre = Path(env["nnUNet_preprocessed"]) / self.dataset_dir.name
-        if (pre / "nnUNetPlans.json").exists() and any(pre.glob(f"nnUNetPlans_{self.configuration}*")):
-            return
-        run_logged([nnunet_executable("nnUNetv2_plan_and_preprocess"), "-d", ds_id, "-c", self.configuration,
-                    "-np", "1", "-npfp", "1", "--verify_dataset_integrity"],
-                   self.workdir / "logs" / "plan_and_preprocess.log", env, progress=False, echo=self.echo)
-
-    def build_cache(self, generator: str, env: dict[str, str]) -> None:
-        import shutil
-
-        from .evaluation.nnunet_runner import run_logged
-
+    def protocol(self) -> SegmentationProtocol:
         n = int(self.synthetic_cases or 0)
-        if n <= 0:
-            return
-        # always called: the build is resumable (a complete cache returns at once) and refuses a cache made
-        # with another generator or bundle, naming what changed
-        exe = shutil.which("lesiondiffusion") or "lesiondiffusion"
-        ds_id = str(int(self.dataset_dir.name[len("Dataset"):len("Dataset") + 3]))
-        run_logged([exe, "cache", "build", "--config", str(self.write_config(generator, 0)), "--dataset", ds_id,
-                    "--configuration", self.configuration, "-n", str(n), "--quiet"],
-                   self.workdir / "logs" / f"cache_{generator}.log", env, progress=False, echo=self.echo)
+        return SegmentationProtocol(
+            dataset=self.dataset_dir.name, out_dir=self.workdir, settings=self.settings, generators=self.generators,
+            sources=("offline",) if n else ("online",), synthetic_cases=n, seeds=tuple(self.seeds),
+            configuration=self.configuration, fold="all", trainer_suffix=self.trainer_suffix,
+            config=self.base_config(), bundle=self.bundle, device=self.device, parallel=self.parallel,
+            progress=self.progress, env=self.base_env(), echo=self.echo)
 
-    def jobs(self) -> list[tuple[str, str | None, int]]:
-        out: list[tuple[str, str | None, int]] = []
-        for seed in self.seeds:
-            for setting in self.settings:
-                for g in ([None] if setting == "real" else list(self.generators)):
-                    out.append((setting, g, seed))
-        return out
-
-    def run_one(self, setting: str, generator: str | None, seed: int, env: dict[str, str]) -> dict[str, Any]:
-        from .evaluation import SegmentationStudy
-
-        env = dict(env, nnUNet_results=str(self.results_root(generator, seed)),
-                   LESIONDIFFUSION_TRAIN_SEED=str(seed))
-        config = self.write_config(generator, seed) if generator else None
-        study = SegmentationStudy(
-            dataset=self.dataset_dir.name, out_dir=self.workdir / "runs" / (generator or "real") / f"seed{seed}",
-            settings=(setting,), configuration=self.configuration, fold="all",
-            trainers={setting: SETTING_TRAINERS[setting] + self.trainer_suffix}, device=self.device,
-            config=config, plan=False, progress=False, env=env, echo=lambda m: None)
-        row = study.run()["rows"][setting]
-        return {"setting": setting, "generator": generator or "-", "seed": seed, **row}
-
-    def run(self) -> dict[str, Any]:
-        env = self.base_env()
-        (self.workdir / "logs").mkdir(parents=True, exist_ok=True)
-        self.echo(f"  preprocessing {self.dataset_dir.name} ({self.configuration})")
-        self.preprocess(env)
-        synth_gens = [g for g in self.generators if any(s != "real" for s in self.settings)]
-        if self.synthetic_cases and synth_gens:
-            # one cache build per generator, side by side (each is one single-threaded process)
-            with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as pool:
-                for g in synth_gens:
-                    self.echo(f"  offline cache: {self.synthetic_cases} synthetic cases from {g}")
-                for fut in [pool.submit(self.build_cache, g, env) for g in synth_gens]:
-                    fut.result()
-        jobs = self.jobs()
-        rows: list[dict[str, Any]] = []
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=len(jobs), desc="nnU-Net runs", unit="run", disable=not self.progress)
-        with ThreadPoolExecutor(max_workers=max(1, self.parallel)) as pool:
-            futures = {pool.submit(self.run_one, s, g, seed, env): (s, g, seed) for s, g, seed in jobs}
-            for fut in futures:
-                s, g, seed = futures[fut]
-                row = fut.result()
-                rows.append(row)
-                bar.update(1)
-                self.echo(f"  {SETTING_NAMES[s]:<20} {g or '-':<24} seed {seed}: "
-                          + ", ".join(f"{t} {v:.3f}" for t, v in row["dice"].items()))
-        bar.close()
-        return self.write_results(rows)
-
-    # -- results -----------------------------------------------------------------------------
-    def summarise(self, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """Mean +- sd over seeds of each run's mean test Dice, per setting, generator and lesion type."""
-        out = []
-        keys = list(dict.fromkeys((r["setting"], r["generator"]) for r in rows))
-        for setting, gen in keys:
-            runs = [r for r in rows if r["setting"] == setting and r["generator"] == gen]
-            entry: dict[str, Any] = {"setting": SETTING_NAMES[setting], "generator": gen, "seeds": len(runs)}
-            for t in self.lesion_types:
-                vals = np.asarray([r["dice"].get(t, math.nan) for r in runs], float)
-                entry[f"{t}_mean"] = float(np.nanmean(vals)) if np.isfinite(vals).any() else math.nan
-                entry[f"{t}_sd"] = float(np.nanstd(vals, ddof=1)) if np.isfinite(vals).sum() > 1 else math.nan
-                entry[f"{t}_runs"] = [round(float(v), 4) for v in vals]
-            out.append(entry)
-        return out
-
-    def write_results(self, rows: list[dict[str, Any]]) -> dict[str, Any]:
-        summary = self.summarise(rows)
-        per_case = []
-        for r in rows:
-            for c in r["per_case"]:
-                for lab, d in c["dice"].items():
-                    per_case.append({"setting": r["setting"], "generator": r["generator"], "seed": r["seed"],
-                                     "case": c["case"], "label": lab, "dice": d})
-        csv_path, md_path, png_path = (self.workdir / "fewshot_dice.csv", self.workdir / "fewshot_dice.md",
-                                       self.workdir / "fewshot_dice.png")
-        write_csv(csv_path, [{k: v for k, v in e.items() if not k.endswith("_runs")} for e in summary])
-        write_csv(self.workdir / "fewshot_per_case.csv", per_case)
-        atomic_write_text(md_path, format_fewshot_markdown(summary, self.lesion_types))
-        plot_fewshot(summary, self.lesion_types, png_path)
-        write_json(self.workdir / "fewshot_runs.json", rows)
-        return {"rows": rows, "summary": summary, "csv": csv_path, "markdown": md_path, "png": png_path}
+    def run(self) -> StudyResult:
+        return self.protocol().run()
 
 
-def format_fewshot_markdown(summary: list[dict[str, Any]], types: tuple[str, ...] | list[str]) -> str:
-    head = "| Training data | Generator | seeds | " + " | ".join(t.replace("_", " ") for t in types) + " |"
-    lines = [head, "|---|---|---:|" + "---:|" * len(types)]
-    for e in summary:
-        cells = []
-        for t in types:
-            m, sd = e[f"{t}_mean"], e[f"{t}_sd"]
-            cells.append("n/a" if math.isnan(m) else f"{100 * m:.1f}" + ("" if math.isnan(sd) else f" ± {100 * sd:.1f}"))
-        lines.append(f"| {e['setting']} | {e['generator']} | {e['seeds']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (
-        "\n\nDice in %: mean ± sd over seeds of each run's mean test Dice (nnU-Net's metric code; a case "
-        "without the lesion type in reference and prediction is skipped).\n")
-
-
-def plot_fewshot(summary: list[dict[str, Any]], types: tuple[str, ...] | list[str], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    labels = [f"{e['setting']}\n{e['generator']}" if e["generator"] != "-" else e["setting"] for e in summary]
-    x = np.arange(len(summary))
-    width = 0.8 / max(1, len(types))
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.3 * len(summary)), 4.0))
-    for i, t in enumerate(types):
-        means = [100 * e[f"{t}_mean"] for e in summary]
-        sds = [0.0 if math.isnan(e[f"{t}_sd"]) else 100 * e[f"{t}_sd"] for e in summary]
-        ax.bar(x + (i - (len(types) - 1) / 2) * width, means, width, yerr=sds, capsize=3, label=t.replace("_", " "))
-    ax.set_xticks(x)
-    ax.set_xticklabels(labels, fontsize=7)
-    ax.set_ylabel("test Dice (%)")
-    ax.set_title("nnU-Net test Dice, mean ± sd over seeds")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-
-
-__all__ = ["FewShotData", "FewShotStudy", "GENERATORS", "write_fewshot_dataset", "format_fewshot_markdown",
-           "plot_fewshot"]
+__all__ = ["FewShotData", "FewShotStudy", "GENERATORS", "SETTINGS", "write_fewshot_dataset"]

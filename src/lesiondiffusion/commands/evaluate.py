@@ -79,6 +79,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--test-images", type=Path, help="held-out images (default: the raw dataset's imagesTs)")
     s.add_argument("--test-labels", type=Path, help="their labels (default: the raw dataset's labelsTs)")
     s.add_argument("--device", default="cpu", help="cpu | cuda | mps (nnU-Net and the generator)")
+    s.add_argument("--parallel", type=int, default=1, help="nnU-Net runs at once, each in its own results folder; "
+                   "offline caches are built first, side by side (default 1; mind GPU memory and CPU cores)")
     s.add_argument("--no-plan", action="store_true", help="fail instead of running plan_and_preprocess")
     s.add_argument("-o", "--out", type=Path, default=Path("segmentation_eval"))
     s.add_argument("--no-progress", action="store_true")
@@ -137,8 +139,8 @@ def run_segmentation(args: argparse.Namespace) -> int:
         sources=items(args.synthetic_source), synthetic_cases=args.synthetic_cases, seeds=args.seeds,
         configuration=args.configuration, fold=args.fold, plans=args.plans, trainer_suffix=args.trainer_suffix,
         trainers=trainers, config=args.config, bundle=args.bundle, test_images=args.test_images,
-        test_labels=args.test_labels, device=args.device, plan=not args.no_plan, progress=not args.no_progress,
-        echo=print,
+        test_labels=args.test_labels, device=args.device, parallel=args.parallel, plan=not args.no_plan,
+        progress=not args.no_progress, echo=print,
     )
     print()
     print(result.paths["markdown"].read_text())

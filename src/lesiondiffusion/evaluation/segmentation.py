@@ -4,21 +4,26 @@ Settings: real only, synthetic only, synthetic pretraining then real fine-tuning
 setting runs per generator (``lesiondiffusion``, ``rule_based``, ``lesiondiffusion_notext`` = null
 prompts for both networks) and per source (an offline cache of N synthetic cases, or on-the-fly),
 and every run per seed. A run is nnU-Net's own train and predict commands in its own results folder
-(so runs sharing a trainer class stay independent), scored per case with nnU-Net's Dice; the table
-gives mean ± sd over seeds per lesion type. Finished runs are reused; an interrupted training resumes.
+(so runs sharing a trainer class stay independent, also when ``parallel`` of them run at once), scored
+per case with nnU-Net's Dice; the table gives mean ± sd over seeds per lesion type. Finished runs are
+reused; an interrupted training resumes. ``fewshot.FewShotStudy`` is a preset of this protocol.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
+import sys
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
 import yaml
+from tqdm.auto import tqdm
 
 from ..errors import LesionDiffusionError
 from ..io import atomic_path, atomic_write_text, write_csv, write_json, write_yaml
@@ -26,6 +31,7 @@ from . import nnunet_runner as runner
 from .metrics import dice_on_folders
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # setting -> (table name, base trainer class); a suffix such as "_5epochs" selects a variant of all three
 SETTINGS: dict[str, tuple[str, str]] = {
@@ -43,32 +49,35 @@ GENERATORS: dict[str, dict[str, Any]] = {
 SOURCES = ("offline", "online")   # offline: a cache of ``synthetic_cases`` built once per generator
 
 
+def _preprocessed(pre: Path, plans: str, configuration: str) -> bool:
+    """Whether ``pre`` holds the plans and the preprocessed data of ``configuration``."""
+    path = pre / f"{plans}.json"
+    if not path.is_file():
+        return False
+    configs = json.loads(path.read_text()).get("configurations", {})
+    name, seen = configuration, set()
+    while name in configs and name not in seen:  # a configuration may use the data of the one it inherits from
+        seen.add(name)
+        ident = configs[name].get("data_identifier")
+        if ident:
+            return (pre / ident).is_dir()
+        name = configs[name].get("inherits_from")
+    return False
 
-def _prepare(study: Any, env: dict[str, str]) -> tuple[Path, str, dict[int, str], Path, Path, Path]:
-    """Shared start of both studies: resolve the dataset and its test set, plan and preprocess if needed.
-    Returns (dataset folder, id, labels, test images, test labels, log folder)."""
-    ds_dir = runner.dataset_folder(env["nnUNet_raw"], study.dataset)
-    ds_id = runner.dataset_id(ds_dir)
-    labels = runner.dataset_labels(ds_dir)
-    test_images = Path(study.test_images or ds_dir / "imagesTs")
-    test_labels = Path(study.test_labels or ds_dir / "labelsTs")
-    for p, what in ((test_images, "images"), (test_labels, "labels")):
-        if not p.is_dir() or not any(p.iterdir()):
-            raise LesionDiffusionError(
-                f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
-                "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels."
-            )
-    study.out_dir.mkdir(parents=True, exist_ok=True)
-    logs = study.out_dir / "logs"
-    pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
-    if not (pre / f"{study.plans}.json").exists():
-        if not study.plan:
-            raise LesionDiffusionError(
-                f"No plans {pre / (study.plans + '.json')}; run nnUNetv2_plan_and_preprocess -d {ds_id} first."
-            )
-        runner.plan_and_preprocess(ds_id, [study.configuration], env, logs / "plan_and_preprocess.log",
-                                   plans=study.plans, progress=study.progress, echo=study.echo)
-    return ds_dir, ds_id, labels, test_images, test_labels, logs
+
+@dataclass
+class _Study:
+    """What every run of one ``SegmentationProtocol.run`` call shares."""
+
+    env: dict[str, str]
+    ds_id: str
+    ds_name: str
+    labels: dict[int, str]
+    test_images: Path
+    test_labels: Path
+    logs: Path
+    base: dict[str, Any]
+
 
 @dataclass(frozen=True)
 class Run:
@@ -141,6 +150,7 @@ class SegmentationProtocol:
     test_images: Path | None = None
     test_labels: Path | None = None
     device: str = "cpu"
+    parallel: int = 1                # nnU-Net runs (and cache builds) at once
     plan: bool = True                # run nnUNetv2_plan_and_preprocess when the plans are missing
     progress: bool = True
     env: Mapping[str, str] | None = None
@@ -160,6 +170,8 @@ class SegmentationProtocol:
             raise LesionDiffusionError("No seeds: give at least one (e.g. --seeds 3).")
         if "offline" in self.sources and self.synthetic_cases < 1:
             raise LesionDiffusionError(f"--synthetic-cases {self.synthetic_cases}: the offline cache needs >= 1 case.")
+        if self.parallel < 1:
+            raise LesionDiffusionError(f"--parallel {self.parallel}: give the number of runs at once (>= 1).")
         unknown = sorted(set(self.trainers) - set(SETTINGS))
         if unknown:
             raise LesionDiffusionError(f"trainers: unknown setting(s) {unknown}; keys are {', '.join(SETTINGS)}.")
@@ -186,6 +198,10 @@ class SegmentationProtocol:
         src = f"offline {self.synthetic_cases}" if run.source == "offline" else "on-the-fly"
         return f"{name} · {run.generator} · {src}"
 
+    def head(self, run: Run) -> str:
+        runs = self.runs()
+        return f"[{runs.index(run) + 1}/{len(runs)}] {self.label(run)}, seed {run.seed}"
+
     def run_dir(self, run: Run) -> Path:
         return self.out_dir / "runs" / run.key
 
@@ -196,9 +212,7 @@ class SegmentationProtocol:
     # -- configuration of the LesionDiffusion trainers ------------------------------------------
     def base_config(self, labels: dict[int, str]) -> dict[str, Any]:
         if self.config is None:
-            # the dataset's label names as lesion types (catalog names); healthy training cases as templates
-            raw: dict[str, Any] = {"catalogs": [{"name": n, "label": n} for _, n in sorted(labels.items())],
-                                   "templates": {"dataset_healthy": True}}
+            raw: dict[str, Any] = {}
         elif isinstance(self.config, Mapping):
             raw = json.loads(json.dumps(dict(self.config)))
         else:
@@ -208,6 +222,9 @@ class SegmentationProtocol:
             raw = yaml.safe_load(path.read_text()) or {}
             if not isinstance(raw, dict):
                 raise LesionDiffusionError(f"{path}: expected a YAML mapping (a lesiondiffusion.yaml).")
+        # the dataset's label names as lesion types (catalog names); healthy training cases as templates
+        raw.setdefault("catalogs", [{"name": n, "label": n} for _, n in sorted(labels.items())])
+        raw.setdefault("templates", {"dataset_healthy": True})
         raw.setdefault("generator", {})
         if self.bundle is not None:
             raw["generator"]["bundle"] = str(Path(self.bundle).resolve())
@@ -227,90 +244,176 @@ class SegmentationProtocol:
         cfg["seed"] = int(seed)
         return cfg
 
-    def cache_dir(self, generator: str) -> Path:
-        return self.out_dir / "caches" / f"{generator}__n{self.synthetic_cases}"
+    def cache_dir(self, base: dict[str, Any], generator: str) -> Path:
+        """One cache per generator, size and everything that decides its cases, so a changed option (HU
+        correction, DDIM steps, catalogs ...) builds a new cache instead of training on a stale one.
+        ``cache build`` itself refuses a folder whose bundle content changed."""
+        cfg = self.generator_config(base, generator, int(base.get("seed", 0)))
+        what = {"generator": {k: v for k, v in cfg["generator"].items() if k != "device"},
+                "catalogs": cfg.get("catalogs"), "templates": cfg.get("templates"), "seed": cfg["seed"],
+                "context_margin": (cfg.get("store") or {}).get("context_margin", 0),
+                "configuration": self.configuration, "plans": self.plans}
+        digest = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:8]
+        return self.out_dir / "caches" / f"{generator}__n{self.synthetic_cases}__{digest}"
+
+    def run_config(self, base: dict[str, Any], run: Run) -> dict[str, Any] | None:
+        """The lesiondiffusion.yaml of a synthetic run; None for real only."""
+        if run.generator is None:
+            return None
+        cfg = self.generator_config(base, run.generator, run.seed)
+        if run.source == "offline":
+            cfg.update({"mode": "offline", "offline": {"cache_dir": str(self.cache_dir(base, run.generator))}})
+        else:
+            cfg["mode"] = "online"
+        return cfg
+
+    def identity(self, run: Run, cfg: dict[str, Any] | None) -> dict[str, Any]:
+        """Everything that makes a run's result; a finished run is reused only if it matches."""
+        return json.loads(json.dumps({
+            "trainer": self.trainer(run.setting), "fold": self.fold, "configuration": self.configuration,
+            "plans": self.plans, "synthetic_cases": self.synthetic_cases if run.source == "offline" else None,
+            "train_seed": run.seed, "config": cfg}))
 
     # -- the study ------------------------------------------------------------------------------
     def run(self) -> StudyResult:
-        env = runner.nnunet_environment(self.env)
-        ds_dir, ds_id, labels, test_images, test_labels, logs = _prepare(self, env)
-        base = self.base_config(labels) if any(s != "real" for s in self.settings) else {}
+        study = self.prepare(runner.nnunet_environment(self.env))
         runs = self.runs()
-        self.echo(f"segmentation study: {len(runs)} nnU-Net runs ({len(self.seeds)} seed(s)) on {ds_dir.name}, "
-                  f"configuration {self.configuration}, fold {self.fold}; outputs in {self.out_dir}")
-        results = []
-        for i, run in enumerate(runs, start=1):
-            results.append(self._one(i, len(runs), run, env, base, ds_id, ds_dir.name, test_images, test_labels,
-                                     labels, logs))
-        return self.write_tables(results, labels)
+        self.echo(f"segmentation study: {len(runs)} nnU-Net runs ({len(self.seeds)} seed(s), {self.parallel} at a "
+                  f"time) on {study.ds_name}, configuration {self.configuration}, fold {self.fold}; "
+                  f"outputs in {self.out_dir}")
+        done = {r: self.finished(study, r) for r in runs}
+        todo = [r for r in runs if done[r] is None]
+        caches = list(dict.fromkeys(r.generator for r in todo if r.source == "offline"))
+        self.each(caches, lambda g: self._build_cache(study, g), what="offline cache builds",
+                  name=lambda g: f"offline cache for {g}", log_of=lambda g: self._cache_log(study, g))
+        bar = tqdm(total=len(todo), desc="nnU-Net runs", unit="run", disable=not self.progress or self.parallel == 1)
+        fresh = self.each(todo, lambda r: self._train_and_score(study, r, bar), what="nnU-Net runs",
+                          name=self.head, log_of=lambda r: study.logs / f"train_{r.key}.log")
+        bar.close()
+        done.update(zip(todo, fresh))
+        return self.write_tables([done[r] for r in runs], study.labels)
 
-    def _build_cache(self, generator: str, env: dict[str, str], base: dict[str, Any], ds_id: str,
-                     logs: Path) -> Path:
-        import sys
+    def prepare(self, env: dict[str, str]) -> _Study:
+        """Resolve the dataset and its test set; plan and preprocess if needed."""
+        ds_dir = runner.dataset_folder(env["nnUNet_raw"], self.dataset)
+        ds_id = runner.dataset_id(ds_dir)
+        labels = runner.dataset_labels(ds_dir)
+        test_images = Path(self.test_images or ds_dir / "imagesTs")
+        test_labels = Path(self.test_labels or ds_dir / "labelsTs")
+        for p, what in ((test_images, "images"), (test_labels, "labels")):
+            if not p.is_dir() or not any(p.iterdir()):
+                raise LesionDiffusionError(
+                    f"Test {what} folder {p} is missing or empty. Put held-out cases in the dataset's "
+                    "imagesTs/labelsTs (nnU-Net layout) or pass --test-images/--test-labels.")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        logs = self.out_dir / "logs"
+        pre = Path(env["nnUNet_preprocessed"]) / ds_dir.name
+        if not _preprocessed(pre, self.plans, self.configuration):
+            if not self.plan:
+                raise LesionDiffusionError(
+                    f"No {self.configuration} data for plans {pre / (self.plans + '.json')}; run "
+                    f"nnUNetv2_plan_and_preprocess -d {ds_id} -c {self.configuration} first.")
+            runner.plan_and_preprocess(ds_id, [self.configuration], env, logs / "plan_and_preprocess.log",
+                                       plans=self.plans, progress=self.progress, echo=self.echo)
+        base = self.base_config(labels) if any(s != "real" for s in self.settings) else {}
+        return _Study(env, ds_id, ds_dir.name, labels, test_images, test_labels, logs, base)
 
-        cache = self.cache_dir(generator)
-        manifest = cache / "manifest.json"
-        if manifest.exists() and json.loads(manifest.read_text()).get("n_cases", 0) >= self.synthetic_cases:
-            return cache
-        cfg = self.generator_config(base, generator, int(base.get("seed", 0)))
+    def each(self, items: list[Any], work: Callable[[Any], T], *, what: str, name: Callable[[Any], str],
+             log_of: Callable[[Any], Path]) -> list[T]:
+        """``work`` on every item, ``parallel`` at a time; results in the items' order. After a failure
+        nothing new starts, what runs finishes (and is kept for reuse), and every failure is raised
+        together with its log."""
+        results: dict[int, T] = {}
+        failed: list[tuple[int, BaseException]] = []
+        with ThreadPoolExecutor(max_workers=max(1, min(self.parallel, len(items)))) as pool:
+            futures = {pool.submit(work, item): i for i, item in enumerate(items)}
+            try:
+                for fut in as_completed(futures):
+                    if fut.cancelled():
+                        continue
+                    if fut.exception() is None:
+                        results[futures[fut]] = fut.result()
+                        continue
+                    failed.append((futures[fut], fut.exception()))
+                    for f in futures:
+                        f.cancel()
+            except BaseException:  # Ctrl-C: start nothing new (the running commands get the signal too)
+                for f in futures:
+                    f.cancel()
+                raise
+        if failed:
+            failed.sort(key=lambda x: x[0])
+            lines = []
+            for i, exc in failed:
+                log_path = str(log_of(items[i]))
+                lines.append(f"{name(items[i])}: {exc}" + ("" if log_path in str(exc) else f" (log: {log_path})"))
+            skipped = len(items) - len(results) - len(failed)
+            raise LesionDiffusionError(
+                f"{len(failed)} of {len(items)} {what} failed" + (f" ({skipped} not started)" if skipped else "")
+                + "; finished ones are kept and reused when the study is run again:\n- " + "\n- ".join(lines)
+            ) from failed[0][1]
+        return [results[i] for i in range(len(items))]
+
+    def finished(self, study: _Study, run: Run) -> dict[str, Any] | None:
+        marker = self.run_dir(run) / "result.json"
+        if marker.exists():
+            prev = json.loads(marker.read_text())
+            if prev.get("identity") == self.identity(run, self.run_config(study.base, run)):
+                self.echo(f"{self.head(run)}: reusing {marker}")
+                return prev
+        return None
+
+    def _cache_log(self, study: _Study, generator: str) -> Path:
+        return study.logs / f"cache_{self.cache_dir(study.base, generator).name}.log"
+
+    def _build_cache(self, study: _Study, generator: str) -> Path:
+        cache = self.cache_dir(study.base, generator)
+        cfg = self.generator_config(study.base, generator, int(study.base.get("seed", 0)))
         cfg.update({"mode": "offline", "offline": {"cache_dir": str(cache)}})
-        cfg_path = cache.parent / f"{generator}.yaml"
+        cfg_path = cache.parent / f"{cache.name}.yaml"
         write_yaml(cfg_path, cfg)
         self.echo(f"  offline cache for {generator}: {self.synthetic_cases} synthetic cases -> {cache}")
         # `lesiondiffusion cache build` in its own process, like the nnU-Net commands: it reads the plans
-        # through nnU-Net's environment variables and resumes an interrupted build. Templates come from
-        # every training case (--fold all): they are healthy cases, and the study scores on a separate test set.
+        # through nnU-Net's environment variables, returns at once for a finished cache, resumes an
+        # interrupted one and refuses one made by another bundle. Templates come from every training case
+        # (--fold all): they are healthy cases, and the study scores on a separate test set.
         runner.run_logged([sys.executable, "-m", "lesiondiffusion", "cache", "build", "--config", str(cfg_path),
-                           "--dataset", ds_id, "-n", str(self.synthetic_cases), "-c", self.configuration,
+                           "--dataset", study.ds_id, "-n", str(self.synthetic_cases), "-c", self.configuration,
                            "--plans", self.plans, "--fold", "all", "-q"],
-                          logs / f"cache_{generator}.log", env, progress=False, echo=self.echo)
+                          self._cache_log(study, generator), study.env, progress=False, echo=self.echo)
         return cache
 
-    def _one(self, i: int, n: int, run: Run, env: dict[str, str], base: dict[str, Any], ds_id: str,
-             ds_name: str, test_images: Path, test_labels: Path, labels: dict[int, str], logs: Path) -> dict[str, Any]:
+    def _train_and_score(self, study: _Study, run: Run, bar: Any) -> dict[str, Any]:
         trainer = self.trainer(run.setting)
         rdir = self.run_dir(run)
-        marker = rdir / "result.json"
-        head = f"[{i}/{n}] {self.label(run)}, seed {run.seed}"
-        cfg: dict[str, Any] | None = None
-        if run.generator is not None:
-            cfg = self.generator_config(base, run.generator, run.seed)
-            if run.source == "offline":
-                cfg.update({"mode": "offline", "offline": {"cache_dir": str(self.cache_dir(run.generator))}})
-            else:
-                cfg["mode"] = "online"
-        # a finished run is reused only if it was made exactly this way
-        ident = {"trainer": trainer, "fold": self.fold, "configuration": self.configuration, "plans": self.plans,
-                 "synthetic_cases": self.synthetic_cases if run.source == "offline" else None, "config": cfg}
-        if marker.exists():
-            prev = json.loads(marker.read_text())
-            if prev.get("identity") == json.loads(json.dumps(ident)):
-                self.echo(f"{head}: reusing {marker}")
-                return prev
-        self.echo(f"{head}: {trainer}")
-        run_env = dict(env, nnUNet_results=str(rdir / "nnUNet_results"))
+        cfg = self.run_config(study.base, run)
+        self.echo(f"{self.head(run)}: {trainer}")
+        # the CPU recipes seed network init and sampling from LESIONDIFFUSION_TRAIN_SEED
+        run_env = dict(study.env, nnUNet_results=str(rdir / "nnUNet_results"), LESIONDIFFUSION_TRAIN_SEED=str(run.seed))
         if cfg is not None:
-            if run.source == "offline":
-                self._build_cache(run.generator, env, base, ds_id, logs)
             cfg_path = rdir / "lesiondiffusion.yaml"
             write_yaml(cfg_path, cfg)
             run_env["LESIONDIFFUSION_CONFIG"] = str(cfg_path)
-        fold_dir = self.fold_dir(run, ds_name)
-        runner.train(ds_id, self.configuration, self.fold, trainer, run_env, logs / f"train_{run.key}.log",
-                     fold_dir=fold_dir, plans=self.plans, device=self.device, progress=self.progress, echo=self.echo)
+        fold_dir = self.fold_dir(run, study.ds_name)
+        # epoch bars only for one run at a time: bars of parallel runs would overwrite each other
+        bars = self.progress and self.parallel == 1
+        runner.train(study.ds_id, self.configuration, self.fold, trainer, run_env, study.logs / f"train_{run.key}.log",
+                     fold_dir=fold_dir, plans=self.plans, device=self.device, progress=bars, echo=self.echo)
         pred = rdir / "predictions"
-        runner.predict(ds_id, self.configuration, self.fold, trainer, test_images, pred, run_env,
-                       logs / f"predict_{run.key}.log", plans=self.plans, device=self.device,
-                       progress=self.progress, echo=self.echo)
-        scores = dice_on_folders(test_labels, pred, sorted(labels))
+        runner.predict(study.ds_id, self.configuration, self.fold, trainer, study.test_images, pred, run_env,
+                       study.logs / f"predict_{run.key}.log", plans=self.plans, device=self.device,
+                       progress=bars, echo=self.echo)
+        labels = study.labels
+        scores = dice_on_folders(study.test_labels, pred, sorted(labels))
         result = {"key": run.key, "group": run.group, "setting": run.setting, "generator": run.generator,
-                  "source": run.source, "seed": run.seed, "label": self.label(run), "identity": ident,
-                  "fold_dir": str(fold_dir), "predictions": str(pred),
+                  "source": run.source, "seed": run.seed, "label": self.label(run), "trainer": trainer,
+                  "identity": self.identity(run, cfg), "fold_dir": str(fold_dir), "predictions": str(pred),
                   "dice": {labels[k]: v for k, v in scores["mean"].items()},
                   "per_case": [{"case": c["case"], "dice": {labels[k]: v for k, v in c["dice"].items()},
                                 "n_ref": {labels[k]: v for k, v in c["n_ref"].items()}} for c in scores["per_case"]]}
-        write_json(marker, result)
-        self.echo(f"{head}: Dice " + ", ".join(f"{t} {v:.3f}" for t, v in result["dice"].items()))
+        write_json(rdir / "result.json", result)
+        self.echo(f"{self.head(run)}: Dice " + ", ".join(f"{t} {v:.3f}" for t, v in result["dice"].items()))
+        bar.update(1)
         return result
 
     # -- tables -----------------------------------------------------------------------------------
@@ -343,99 +446,6 @@ class SegmentationProtocol:
                    if "offline" in self.sources and set(self.settings) - {"real"} else ""))
 
 
-@dataclass
-class SegmentationStudy:
-    """One configuration, settings only: train, predict and score nnU-Net for each setting with the given
-    trainers and one lesiondiffusion.yaml; every finished stage is reused. The building block of
-    ``fewshot.FewShotStudy``; the whole protocol (generators, sources, seeds) is ``SegmentationProtocol``.
-
-    ``dataset`` is an nnU-Net dataset id or folder name under ``$nnUNet_raw``; the test set is the
-    raw dataset's ``imagesTs``/``labelsTs`` unless ``test_images``/``test_labels`` are given.
-    """
-
-    dataset: str
-    out_dir: Path
-    settings: tuple[str, ...] = ("real", "synthetic", "synthetic_real")
-    configuration: str = "3d_fullres"
-    fold: str = "0"
-    plans: str = "nnUNetPlans"
-    trainer_suffix: str = ""
-    trainers: dict[str, str] = field(default_factory=dict)   # explicit per-setting trainer names
-    test_images: Path | None = None
-    test_labels: Path | None = None
-    device: str = "cpu"
-    config: Path | None = None       # lesiondiffusion.yaml for the LesionDiffusion trainers
-    plan: bool = True                # run nnUNetv2_plan_and_preprocess when the plans are missing
-    progress: bool = True
-    env: dict[str, str] | None = None
-    echo: Callable[[str], Any] = log.info   # the CLI passes print
-
-    def __post_init__(self) -> None:
-        self.out_dir = Path(self.out_dir)
-        for s in self.settings:
-            if s not in SETTINGS:
-                raise LesionDiffusionError(
-                    f"Unknown setting {s!r}; choose from {', '.join(SETTINGS)} (comma-separated)."
-                )
-
-    def environment(self) -> dict[str, str]:
-        return runner.nnunet_environment(self.env, self.config)
-
-    def trainer(self, setting: str) -> str:
-        return self.trainers.get(setting) or SETTINGS[setting][1] + self.trainer_suffix
-
-    def fold_dir(self, env: dict[str, str], setting: str) -> Path:
-        ds = runner.dataset_folder(env["nnUNet_raw"], self.dataset).name
-        return (Path(env["nnUNet_results"]) / ds / f"{self.trainer(setting)}__{self.plans}__{self.configuration}"
-                / f"fold_{self.fold}")
-
-    def run(self) -> dict[str, Any]:
-        env = self.environment()
-        ds_dir, ds_id, labels, test_images, test_labels, logs = _prepare(self, env)
-        rows: dict[str, dict[str, Any]] = {}
-        for setting in self.settings:
-            rows[setting] = self._one(setting, env, ds_id, test_images, test_labels, labels, logs)
-        table = self.write_table(rows, labels)
-        return {"rows": rows, **table}
-
-    def _one(self, setting: str, env, ds_id, test_images, test_labels, labels, logs) -> dict[str, Any]:
-        trainer = self.trainer(setting)
-        fold_dir = self.fold_dir(env, setting)
-        marker = self.out_dir / "done" / f"{setting}.json"
-        if marker.exists():
-            prev = json.loads(marker.read_text())
-            if prev.get("trainer") == trainer and prev.get("fold") == self.fold:
-                self.echo(f"  {SETTINGS[setting][0]}: reusing {marker}")
-                return prev
-        runner.train(ds_id, self.configuration, self.fold, trainer, env, logs / f"train_{setting}.log",
-                     fold_dir=fold_dir, plans=self.plans, device=self.device, progress=self.progress, echo=self.echo)
-        pred = self.out_dir / "predictions" / setting
-        runner.predict(ds_id, self.configuration, self.fold, trainer, test_images, pred, env,
-                       logs / f"predict_{setting}.log", plans=self.plans, device=self.device,
-                       progress=self.progress, echo=self.echo)
-        scores = dice_on_folders(test_labels, pred, sorted(labels))
-        row = {"setting": setting, "trainer": trainer, "fold": self.fold, "fold_dir": str(fold_dir),
-               "predictions": str(pred),
-               "dice": {labels[k]: v for k, v in scores["mean"].items()}, "per_case": scores["per_case"]}
-        write_json(marker, row)
-        return row
-
-    def write_table(self, rows: dict[str, dict[str, Any]], labels: dict[int, str]) -> dict[str, Any]:
-        types = [labels[k] for k in sorted(labels)]
-        table_rows = []
-        for setting, row in rows.items():
-            vals = [row["dice"].get(t, float("nan")) for t in types]
-            finite = [v for v in vals if not math.isnan(v)]
-            table_rows.append({"setting": SETTINGS[setting][0], "trainer": row["trainer"],
-                               **{t: v for t, v in zip(types, vals)},
-                               "mean": float(np.mean(finite)) if finite else float("nan")})
-        csv_path = self.out_dir / "segmentation_dice.csv"
-        md_path = self.out_dir / "segmentation_dice.md"
-        write_csv(csv_path, table_rows)
-        atomic_write_text(md_path, _format_setting_markdown(table_rows, types))
-        return {"csv": csv_path, "markdown": md_path, "table": table_rows}
-
-
 def run_segmentation_study(dataset: str | int, out_dir: str | Path, **options: Any) -> StudyResult:
     """Run the segmentation study and return its rows (see ``StudyResult``).
 
@@ -445,8 +455,8 @@ def run_segmentation_study(dataset: str | int, out_dir: str | Path, **options: A
     ``all``), ``plans``, ``trainer_suffix`` or ``trainers`` ({setting: class name}), ``config`` (a base
     lesiondiffusion.yaml path or dict: catalogs, templates, store, schedule; default: the dataset's
     label names as catalogs), ``bundle``, ``test_images``/``test_labels`` (default the raw dataset's
-    imagesTs/labelsTs), ``device``, ``env`` (nnU-Net's three folders; default this process's),
-    ``progress``, ``echo``.
+    imagesTs/labelsTs), ``device``, ``parallel`` (runs at once; offline caches are built first, side by
+    side), ``env`` (nnU-Net's three folders; default this process's), ``progress``, ``echo``.
     """
     return SegmentationProtocol(dataset=str(dataset), out_dir=Path(out_dir), **options).run()
 
@@ -520,17 +530,3 @@ def plot_dice(rows: list[dict[str, Any]], types: list[str], path: str | Path, ti
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110)
     plt.close(fig)
-
-
-def _format_setting_markdown(rows: list[dict[str, Any]], types: list[str]) -> str:
-    """Dice (%) per lesion type, one row per training setting (the layout of the method's Table 1)."""
-    head = "| Training data | " + " | ".join(t.replace("_", " ") for t in types) + " | Mean |"
-    sep = "|---|" + "---:|" * (len(types) + 1)
-    lines = [head, sep]
-    for r in rows:
-        cells = ["n/a" if math.isnan(r[t]) else f"{100 * r[t]:.1f}" for t in types + ["mean"]]
-        lines.append(f"| {r['setting']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + (
-        "\n\nDice in %, mean over test cases; as in nnU-Net's evaluation, a case where the lesion type is "
-        "absent from both reference and prediction is skipped (a false positive counts as 0).\n"
-    )
