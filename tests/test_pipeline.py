@@ -235,6 +235,28 @@ def test_a_box_larger_than_the_trained_crop_is_synthesised_coarser(scene, synth)
     assert np.all(mask_mm >= np.array([80, 72, 48]) + 2 * crop.mask_margin_mm - 1e-6)  # the box fits whole
 
 
+def test_a_coarse_mask_comes_back_smooth_not_as_a_staircase(synth):
+    """A ball that LMNet draws at 3x the CT spacing (a large lesion) comes back to the CT grid as a
+    ball: the continuous sample is resampled and thresholded there (binarising first gives coarse steps)."""
+    from types import SimpleNamespace
+
+    from lesiondiffusion.evaluation import sphericity
+    from lesiondiffusion.pipeline import sample_to_grid
+
+    spacing = (1.0, 1.0, 1.0)
+    geo = synth.geometry(SimpleNamespace(lo=(10, 10, 10), hi=(50, 50, 50)), (60, 60, 60), spacing)
+    assert geo.scale.min() > 3  # the crop is over 3x coarser than the 1 mm CT
+    n = np.asarray(geo.mask_size)
+    r = np.sqrt(sum(((g - (k - 1) / 2) ** 2) for g, k in zip(np.indices(geo.mask_size), n)))
+    sample = np.tanh((min(n) * 0.3 - r)).astype(np.float32)  # LMNet-like field in [-1, 1]
+    region = (slice(0, 60),) * 3
+    mask = sample_to_grid(geo, region, sample)
+    staircase = geo.back(np.pad((sample > 0).astype(np.float32), [((i - m) // 2, (i - m) - (i - m) // 2)
+                                for i, m in zip(geo.image_size, geo.mask_size)]), region, order=1) >= 0.5
+    assert sphericity(mask, spacing) > 0.97 and sphericity(mask, spacing) > sphericity(staircase, spacing) + 0.02
+    assert abs(int(mask.sum()) - int(staircase.sum())) < 0.1 * mask.sum()  # same lesion, smoother surface
+
+
 def test_text_ablation_gives_both_networks_null_prompts(scene):
     """``text_conditioning=False`` (the Table 2 ablation): LMNet and LINet see the all-zero null context
     for every lesion; with text on, the same reports reach them as non-zero embeddings."""
