@@ -55,6 +55,9 @@ class DemoSettings:
     configuration: str = "2d"
     trainer_suffix: str = "_fewshotcpu"
     synthetic_cases: int = 48        # offline cache of synthetic cases for the LesionDiffusion trainer
+    # synthetic share while pretraining: 1.0 as the method, the schedule that beat real only in
+    # benchmarks/fewshot_table1.py (0.5 with few cases did not; docs/fewshot.md section 4)
+    synthetic_probability: float = 1.0
     trainer_config: dict[str, Any] = field(default_factory=dict)   # extra lesiondiffusion.yaml keys
     dataset_id: int = 900
     dataset_name: str = "LDPhantom"
@@ -363,7 +366,8 @@ class Demo:
             workdir=self.paths.segmentation, dataset_dir=self.dataset_dir, bundle=self.paths.bundle,
             generators=("lesiondiffusion",), settings=("real", "synthetic_real"), seeds=(s.seed,),
             configuration=s.configuration, trainer_suffix=s.trainer_suffix, synthetic_cases=s.synthetic_cases,
-            ddim_steps=s.ddim_steps, parallel=2, device=self.device, progress=self.progress, env=self.nnunet_env(),
+            ddim_steps=s.ddim_steps, synthetic_probability=s.synthetic_probability, parallel=2, device=self.device,
+            progress=self.progress, env=self.nnunet_env(),
             echo=self.echo, extra_config=dict(s.trainer_config))
 
     def step_nnunet(self, results: dict[str, Any]) -> dict[str, Any]:
