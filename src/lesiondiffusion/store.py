@@ -247,8 +247,9 @@ class ThrottleController:
         # the first probe after first_probe iterations, not at the start: pausing then would cost the
         # warm-up's fresh cases, and a store that fills up idles the producer anyway
         if self._probe_idle is not None:
-            # a pause cannot interrupt a synthesis in progress (one can span dozens of iterations on a
-            # CPU), so the probe lasts until probe_len iterations have actually run without the producer
+            # a pause reaches the producer only at its next denoising step (Throttle.checkpoint) or after
+            # the synthesis under way (placement, encoding, start-up have no steps), so the probe lasts
+            # until probe_len iterations have actually run without the producer
             self._probe_idle += busy_share < 0.05
             if self._probe_idle >= self.probe_len:
                 self._probe_idle = None
