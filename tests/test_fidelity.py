@@ -96,6 +96,89 @@ def test_every_table_row_names_existing_code():
                 assert symbol in source, f"{symbol} not found in {file} (docs/fidelity.md row {row[:40]})"
 
 
+def _rows() -> dict[str, list[str]]:
+    """Design point -> the table's cells (#, design point, paper says, this project does, source, why, where)."""
+    out = {}
+    for line in DOC.read_text(encoding="utf-8").splitlines():
+        if re.match(r"\| \d+ \|", line):
+            # a cell separator has a space on both sides (|B'| inside a formula has not)
+            cells = [c.strip() for c in re.split(r"(?<= )\|(?= )", line.strip()[1:-1])]
+            assert len(cells) == 7, f"docs/fidelity.md row has {len(cells)} cells, not 7: {line[:60]}"
+            out[cells[1]] = cells
+    return out
+
+
+# a place in the paper: a section, an equation, a figure or a table
+PLACE = re.compile(r"§\s?(\d(\.\d)?)|Eq\. (\d)|Fig\. (\d)|Tab\. (\d)")
+PAPER = Path(__file__).resolve().parents[2] / "shared" / "paper" / "LesionDiffusion_MICCAI2025.txt"
+
+
+def test_every_paper_cell_names_its_place_or_says_not_stated():
+    for point, cells in _rows().items():
+        said = cells[2]
+        assert PLACE.search(said) or said == "not stated", (
+            f"docs/fidelity.md row {point!r}: 'paper says' must name the place (§2.1, Eq. 2, Fig. 1, Tab. 1) or be "
+            f"exactly 'not stated'; got {said!r}")
+
+
+# values the paper's text states: its words, and what the row must say (never "not stated" on its own)
+STATED = {
+    "diffusion steps, schedule": ("cosine noise schedule with 1000 timesteps", ("cosine", "1000", "§3 Impl.")),
+    "learning-rate schedule": ("static learning rate", ("static", "§3 Impl.")),
+    "latent space": ("codebook of 2048 entries", ("2048", "2×", "§3 Impl.")),
+    "learning rate, weight decay": ("weight decay of 1", ("1×10⁻⁴", "1×10⁻⁵")),
+    "sampler": ("DDIM denoising [17] of 200 timesteps", ("200",)),
+    "guidance": ("guidance scale of 2.5", ("2.5",)),
+    "LMNet loss": ("γ is set to 0.001", ("γ = 0.001", "Eq. 2")),
+    "where reports come from": ("queries a large language model (LLM) to generate the report", ("generate", "§2.3")),
+    "VQ-GAN loss": ("codebook loss [3]", ("Eq. 3",)),
+    "adversarial weight, warm-up": ("log(1 - \\mathcal{D}_{disc}", ("Eq. 3",)),
+}
+
+
+def test_values_the_paper_states_are_given_with_their_place():
+    rows = _rows()
+    for point, (_, must) in STATED.items():
+        said = rows[point][2]
+        missing = [m for m in must if m not in said]
+        assert not missing and "not stated" != said, f"docs/fidelity.md row {point!r} lacks {missing}: {said!r}"
+    # what the paper's text does not say is not put in its mouth
+    assert "channels not stated" in rows["latent space"][2]
+    assert "formula not stated" in rows["sphericity"][2]
+    for point, cells in rows.items():
+        if cells[4].startswith("paper") and "not stated" in cells[2] and "+" not in cells[4]:
+            raise AssertionError(f"row {point!r}: source 'paper' for a value the paper does not state")
+
+
+@pytest.mark.skipif(not PAPER.is_file(), reason="the paper's text is not beside the checkout (../shared/paper/)")
+def test_the_places_and_quotes_exist_in_the_paper():
+    paper = PAPER.read_text(encoding="utf-8")
+    flat = " ".join(paper.split())
+    for point, (quote, _) in STATED.items():
+        assert " ".join(quote.split()) in flat, f"row {point!r}: the paper's text does not contain {quote!r}"
+    for point, cells in _rows().items():
+        for m in PLACE.finditer(cells[2]):
+            sec, _, eq, fig, tab = m.groups()
+            if sec:
+                assert re.search(rf"^{re.escape(sec)}\s", paper, re.M) or sec == "1" and "1 Introduction" in paper \
+                    or sec == "3" and "3 Experiment" in paper, f"row {point!r}: no section {sec} in the paper"
+            if eq:
+                assert f"\\tag{{{eq}}}" in paper or f"({eq})" in paper, f"row {point!r}: no equation {eq} in the paper"
+            if fig:
+                assert f"Fig. {fig}." in paper, f"row {point!r}: no figure {fig} in the paper"
+            if tab:
+                assert f"Table {tab}." in paper, f"row {point!r}: no table {tab} in the paper"
+
+
+def test_every_deviation_the_code_has_is_listed():
+    """The deviations the project knows of each have a row marked deviation."""
+    rows = _rows()
+    for point in ("VQ-GAN loss", "adversarial weight, warm-up", "LINet's latent space at sampling", "LMNet output to a mask",
+                  "placement", "lesions larger than the crop", "setting (2): synthetic, then real", "gradient clipping",
+                  "orientation", "attribute split of the shipped demo bundle", "convexity"):
+        assert "deviation" in rows[point][4], f"docs/fidelity.md row {point!r} is not marked as a deviation"
+
+
 def test_attribute_split_is_the_methods_and_old_bundles_keep_theirs(tmp_path):
     assert set(MASK_ATTRIBUTES) | set(IMAGE_ATTRIBUTES) == set(ATTRIBUTES)
     assert not set(MASK_ATTRIBUTES) & set(IMAGE_ATTRIBUTES)
