@@ -277,10 +277,14 @@ def load_config(path: str | os.PathLike) -> LesionDiffusionConfig:
     if not path.is_file():
         raise ConfigError(f"Configuration file not found: {path}. Create it (example below) or set "
                           f"{CONFIG_ENV}.\n{EXAMPLE}")
+    from lesiondiffusion.io import read_text_input
+    from lesiondiffusion.safeyaml import load_yaml
+
+    text = read_text_input(path, "configuration", ConfigError)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = load_yaml(text, path, ConfigError)
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from exc
+        raise ConfigError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from None
     return config_from_dict(raw, source=str(path))
 
 

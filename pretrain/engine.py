@@ -120,15 +120,25 @@ class ResumableSampler(DistributedSampler):
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    # Plain data only (ints, lists, tensors): checkpoints are read with torch.load(weights_only=True), which
+    # refuses numpy arrays and any other pickled object, so a shared checkpoint can never run code.
+    version, mt, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": [int(version), list(mt), gauss],
+             "numpy": {"kind": str(kind), "keys": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+                       "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((int(version), tuple(int(x) for x in mt), gauss))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), int(n["pos"]), int(n["has_gauss"]),
+                         float(n["cached_gaussian"])))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -174,6 +184,30 @@ class Task(abc.ABC):
 # --------------------------------------------------------------------------------------------------
 # engine
 # --------------------------------------------------------------------------------------------------
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
+    """A run's checkpoint as plain data. ``weights_only=True``: tensors, numbers, strings, lists and dicts
+    only, so a checkpoint someone else wrote (or replaced) can never run code when it is loaded."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise LesionDiffusionError(
+            f"{path} is not a plain-data checkpoint: it holds pickled Python objects that could run code when "
+            f"loaded ({first[:200]}), so it was not loaded. Only resume from checkpoints written by this version "
+            "of `lesiondiffusion pretrain` that you trust, or start a new run with another -o folder.") from None
+    except (RuntimeError, OSError, EOFError, ValueError) as exc:
+        raise LesionDiffusionError(
+            f"{path} cannot be read as a checkpoint ({type(exc).__name__}: {str(exc)[:200]}); it is damaged or not "
+            "a checkpoint. Delete it to restart the run from step 0, or start a new run with another -o "
+            "folder.") from None
+    if not isinstance(state, dict) or not {"task", "step", "world", "models", "rng"} <= set(state):
+        raise LesionDiffusionError(f"{path} is not a lesiondiffusion pretraining checkpoint (missing keys); "
+                                   "start a new run with another -o folder.")
+    return state
 
 
 class Engine:
@@ -281,7 +315,7 @@ class Engine:
 
     def load_checkpoint(self) -> None:
         path = self.checkpoint_path
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        state = read_checkpoint(path)
         if state.get("task") != self.task.name:
             raise LesionDiffusionError(f"{path} is a {state.get('task')!r} checkpoint, not {self.task.name!r}; "
                                        "use the run folder of the same network.")

@@ -33,7 +33,7 @@ def test_torchrun_two_gloo_processes(tmp_path):
     # the engine all-gathers parameter checksums at the end and fails the run if ranks diverged
     assert "vqgan: weights identical on all 2 ranks" in log
     assert proc.stdout.count("vqgan: 2 steps done") == 1  # only rank 0 reports
-    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert ckpt["world"] == 2 and ckpt["step"] == 2 and len(ckpt["rng"]) == 2
     assert not torch.equal(ckpt["rng"][0]["torch"], ckpt["rng"][1]["torch"])  # ranks draw different noise
     rows = list(csv.DictReader((run / "metrics.csv").open()))

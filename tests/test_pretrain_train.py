@@ -79,7 +79,7 @@ def test_one_step_finite_and_exported(toy, tmp_path, net):
 
 
 def _final_state(run: Path) -> dict:
-    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=False)
+    return torch.load(run / "checkpoint.pt", map_location="cpu", weights_only=True)
 
 
 def _assert_same(a: dict, b: dict) -> None:

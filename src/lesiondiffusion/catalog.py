@@ -427,7 +427,11 @@ _DECLARING = False
 def load_catalog(name_or_path: str | Path) -> Catalog:
     """Load a catalog by name (``kidney_tumor``) or by path to a YAML file; validated, cached per file."""
     p = Path(name_or_path)
-    if p.suffix in (".yaml", ".yml") or p.exists() or os.sep in str(name_or_path):
+    # a bare name is always looked up on the catalog path (a file of that name in the working folder
+    # never takes its place); only something spelled as a path is opened as one
+    text = str(name_or_path)
+    if isinstance(name_or_path, Path) or p.suffix in (".yaml", ".yml") or os.sep in text or "/" in text \
+            or (os.altsep and os.altsep in text):
         if not p.exists():
             raise CatalogError(f"Catalog file not found: {p}. Check the path, or run `lesiondiffusion catalogs list`.")
         path = p.resolve()
@@ -458,37 +462,47 @@ def validate_catalog_file(path: str | Path) -> None:
 
 # ---------------------------------------------------------------------------------------------
 # parsing + validation
-def _line_index(node: yaml.Node | None, prefix: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """Map each key path of a composed YAML document to its 1-based line."""
+def _line_index(node: yaml.Node | None, prefix: tuple = (), out: dict | None = None,
+                seen: set | None = None) -> dict[tuple, int]:
+    """Map each key path of a composed YAML document to its 1-based line. An aliased node is entered once
+    (where it is defined): walking every alias would expand a 'billion laughs' file."""
     out = {} if out is None else out
+    seen = set() if seen is None else seen
     if node is None:
         return out
     out.setdefault(prefix, node.start_mark.line + 1)
+    if id(node) in seen:
+        return out
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
         for k, v in node.value:
             key = k.value
             out[prefix + (key,)] = k.start_mark.line + 1
-            _line_index(v, prefix + (key,), out)
+            _line_index(v, prefix + (key,), out, seen)
             out[prefix + (key,)] = k.start_mark.line + 1
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
             out[prefix + (i,)] = v.start_mark.line + 1
-            _line_index(v, prefix + (i,), out)
+            _line_index(v, prefix + (i,), out, seen)
     return out
 
 
-def _duplicate_keys(node: yaml.Node | None, prefix: tuple = ()) -> list[tuple[tuple, int]]:
+def _duplicate_keys(node: yaml.Node | None, prefix: tuple = (), seen: set | None = None) -> list[tuple[tuple, int]]:
     dups: list[tuple[tuple, int]] = []
+    seen = set() if seen is None else seen
+    if node is None or id(node) in seen:  # aliases: each node checked once, where it is defined
+        return dups
+    seen.add(id(node))
     if isinstance(node, yaml.MappingNode):
-        seen: set = set()
+        keys: set = set()
         for k, v in node.value:
-            if k.value in seen:
+            if k.value in keys:
                 dups.append((prefix + (k.value,), k.start_mark.line + 1))
-            seen.add(k.value)
-            dups.extend(_duplicate_keys(v, prefix + (k.value,)))
+            keys.add(k.value)
+            dups.extend(_duplicate_keys(v, prefix + (k.value,), seen))
     elif isinstance(node, yaml.SequenceNode):
         for i, v in enumerate(node.value):
-            dups.extend(_duplicate_keys(v, prefix + (i,)))
+            dups.extend(_duplicate_keys(v, prefix + (i,), seen))
     return dups
 
 
@@ -523,10 +537,11 @@ def _number(x: Any) -> float | None:
 def _parse_catalog(path: Path) -> Catalog:
     from .io import read_text_input
 
+    from .safeyaml import compose_yaml
+
     text = read_text_input(path, "catalog", CatalogError)
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        node, data = compose_yaml(text, path, CatalogError)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

@@ -423,7 +423,19 @@ def training_curve(fold_dir: str | Path) -> dict[str, list[float]]:
     ck = Path(fold_dir) / "checkpoint_final.pth"
     if not ck.exists():
         return {}
-    state = torch.load(ck, map_location="cpu", weights_only=False)
+    # nnU-Net logs numpy scalars; allowing exactly those keeps the load data-only (weights_only=True never
+    # runs code from the file, unlike nnU-Net's own loader)
+    try:
+        from numpy._core.multiarray import scalar
+    except ImportError:  # numpy < 2
+        from numpy.core.multiarray import scalar
+    scalar_types = [np.dtype, scalar, *{type(np.dtype(t)) for t in ("float64", "float32", "int64", "int32", "bool")}]
+    try:
+        with torch.serialization.safe_globals(scalar_types):
+            state = torch.load(ck, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a figure only: an unreadable checkpoint gives no curve, never a crash
+        log.warning("%s: training curve not read (%s)", ck, str(exc).splitlines()[0][:200] if str(exc) else exc)
+        return {}
     logd = state.get("logging", {}) or {}
     out = {}
     for k in ("train_losses", "val_losses", "mean_fg_dice", "ema_fg_dice"):

@@ -339,6 +339,19 @@ def _parse_size_mm(value: Any, source: str) -> tuple[float, float, float]:
     return numbers  # type: ignore[return-value]
 
 
+def _check_type_name(name: str) -> None:
+    """A report's lesion type is resolved by name on the catalog path, never opened as a file: a report from
+    elsewhere must not make the tool read ``../../etc/passwd`` or any other file it names."""
+    import os
+
+    if ("/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name)
+            or name.lower().endswith((".yaml", ".yml")) or any(ord(c) < 32 for c in name)):
+        raise ReportError(
+            f"lesion_type {name!r} is a path; a lesion type is a catalog name (e.g. 'kidney_tumor', see "
+            "`lesiondiffusion catalogs list`). For your own catalog, put its YAML file in a folder listed in "
+            "$LESIONDIFFUSION_CATALOG_PATH and use the file's name without .yaml.")
+
+
 @dataclass
 class LesionReport:
     """One lesion described by the 11 attributes plus its extent in mm.
@@ -368,6 +381,7 @@ class LesionReport:
             raise ReportError(
                 f"lesion_type must be a non-empty catalog name (e.g. 'kidney_tumor'), got {self.lesion_type!r}."
             )
+        _check_type_name(self.lesion_type)
         self.free_text = tuple(self.free_text)
         for name in self.free_text:
             _check_attribute(name)
@@ -519,10 +533,11 @@ class LesionReport:
         if not path.exists():
             raise ReportError(f"Report file not found: {path}. Create one with `lesiondiffusion report sample TYPE -o {path}`.")
         from .io import read_text_input
+        from .safeyaml import load_yaml
 
         text = read_text_input(path, "report", ReportError)
         try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
+            data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text, path, ReportError)
         except (yaml.YAMLError, json.JSONDecodeError) as exc:
             raise ReportError(f"{path}: not valid YAML/JSON ({exc}). Fix the syntax at the position shown.") from None
         if isinstance(data, Mapping) and "report" in data and isinstance(data["report"], Mapping):

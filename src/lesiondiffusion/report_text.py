@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import re
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -335,26 +337,78 @@ def _chat_url(url: str) -> str:
     return url if url.endswith("/chat/completions") else url + "/chat/completions"
 
 
+# An answer is a few KB of JSON; anything far larger is a wrong or hostile server, not a report.
+MAX_LLM_RESPONSE_BYTES = 4 * 2**20
+
+
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: urllib would resend the request, Authorization header included, to whatever host
+    the Location names, handing the API key to a server the user never chose."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: D102 - urllib hook
+        raise urllib.error.HTTPError(req.full_url, code, f"redirect to {_redact(newurl)} not followed", headers, fp)
+
+
+def _redact(url: str) -> str:
+    """The URL without user:password@ (never echoed into messages or logs)."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return url
+    host = parts.hostname or ""
+    netloc = host + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def _read_bounded(response: Any, endpoint: str, deadline: float, limit: int) -> bytes:
+    chunks, total = [], 0
+    while True:
+        if time.monotonic() > deadline:
+            raise ReportError(f"--llm {endpoint} was still sending after the time limit; stopped reading. Check "
+                              "the URL, or drop --llm to use the offline parser.")
+        # read1: what has arrived, so a server trickling bytes cannot hold a read past the deadline
+        chunk = response.read1(min(65536, limit + 1 - total))
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            raise ReportError(f"--llm {endpoint} sent more than {limit // 2**20} MiB (a chat answer is a few KB); "
+                              "stopped reading. Check that the URL is an OpenAI-compatible chat endpoint.")
+
+
 def parse_with_llm(text: str, url: str, model: str = "gpt-4o-mini", api_key: str | None = None,
-                   lesion_type: str | None = None, timeout: float = 60.0) -> ParsedReport:
+                   lesion_type: str | None = None, timeout: float = 60.0,
+                   max_bytes: int = MAX_LLM_RESPONSE_BYTES) -> ParsedReport:
     """Ask an OpenAI-compatible chat endpoint (``URL/chat/completions``) and validate the answer.
 
-    Written on urllib (standard library) so the optional path adds no dependency. Every value must be in
-    the report vocabulary (synonyms accepted) or "unspecified"; anything else is a ``ReportError`` that
-    names the endpoint, the attribute and the value.
+    Written on urllib (standard library) so the optional path adds no dependency. Only http(s) URLs; no
+    redirect is followed (the API key goes to the host the user named and nowhere else); the answer is
+    read up to ``max_bytes`` within ``timeout`` seconds in all. Every value must be in the report
+    vocabulary (synonyms accepted) or "unspecified"; anything else is a ``ReportError`` that names the
+    endpoint, the attribute and the value.
     """
     if not isinstance(text, str) or not text.strip():
         raise ReportError("report text is empty; pass the radiology wording to parse.")
-    endpoint = _chat_url(url)
+    endpoint = _redact(_chat_url(url))
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https") or not urllib.parse.urlsplit(url).hostname:
+        raise ReportError(f"--llm {_redact(url)}: only http:// or https:// endpoint URLs are used, e.g. "
+                          "http://127.0.0.1:8000/v1 or https://api.openai.com/v1.")
     body = json.dumps({"model": model, "messages": llm_prompt(text), "temperature": 0}).encode()
     headers = {"Content-Type": "application/json"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    request = urllib.request.Request(endpoint, data=body, headers=headers, method="POST")
+    request = urllib.request.Request(_chat_url(url), data=body, headers=headers, method="POST")
+    opener = urllib.request.build_opener(_NoRedirect)
+    deadline = time.monotonic() + timeout
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            payload = json.loads(response.read().decode("utf-8"))
+        with opener.open(request, timeout=timeout) as response:
+            payload = json.loads(_read_bounded(response, endpoint, deadline, max_bytes).decode("utf-8"))
     except urllib.error.HTTPError as exc:
+        if 300 <= exc.code < 400:
+            raise ReportError(f"--llm {endpoint} answered HTTP {exc.code} ({exc.reason}). Redirects are never "
+                              "followed, so the API key only goes to the host you named; pass the final "
+                              "endpoint URL to --llm.") from None
         raise ReportError(f"--llm {endpoint} answered HTTP {exc.code} ({exc.reason}); check the URL, the model "
                           f"name {model!r} and the API key ($OPENAI_API_KEY), or drop --llm to use the offline "
                           "parser.") from None

@@ -94,7 +94,8 @@ def _register_parse(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--file", type=Path, help="read the wording from this text file instead")
     p.add_argument("--type", dest="lesion_type", help="lesion type (catalog name); default: guessed from the text")
     p.add_argument("--llm", metavar="URL", help="OpenAI-compatible endpoint (e.g. http://127.0.0.1:8000/v1); "
-                                                "the API key is read from $OPENAI_API_KEY. Never required.")
+                                                "the API key is read from $OPENAI_API_KEY and sent only to this host "
+                                                "(redirects are not followed). Never required.")
     p.add_argument("--llm-model", default="gpt-4o-mini", help="model name sent to --llm (default gpt-4o-mini)")
     p.add_argument("--seed", type=int, default=0, help="seed for the attributes drawn from the catalog with -o")
     p.add_argument("-o", "--output", type=Path, help="write the complete report here (.yaml or .json)")

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence, TypeVar
 
 import numpy as np
-import yaml
 from tqdm.auto import tqdm
 
 from ..errors import LesionDiffusionError
@@ -219,7 +218,9 @@ class SegmentationProtocol:
             path = Path(self.config)
             if not path.is_file():
                 raise LesionDiffusionError(f"Config file {path} does not exist; pass the lesiondiffusion.yaml path.")
-            raw = yaml.safe_load(path.read_text()) or {}
+            from ..safeyaml import read_yaml
+
+            raw = read_yaml(path, "configuration", LesionDiffusionError) or {}
             if not isinstance(raw, dict):
                 raise LesionDiffusionError(f"{path}: expected a YAML mapping (a lesiondiffusion.yaml).")
         # the dataset's label names as lesion types (catalog names); healthy training cases as templates

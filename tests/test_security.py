@@ -1,0 +1,332 @@
+"""Security and fault probes of issue 21: nothing loaded runs code, the --llm key stays with its host,
+YAML bombs are refused in milliseconds, a report cannot name a file, concurrent runs cannot mix their
+outputs, and a folder that is not a cache is never touched. Each probe asserts how the tool ends now."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lesiondiffusion.cli import main
+from lesiondiffusion.errors import CatalogError, ConfigError, LesionDiffusionError, ReportError
+
+
+class _Marker:
+    """Unpickling this runs os.mkdir(path): the stand-in for any code a hostile checkpoint would run."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (os.mkdir, (self.path,))
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. checkpoints: plain data, weights_only=True, a hostile pickle never runs
+
+
+def test_malicious_checkpoint_does_not_run_on_resume(tmp_path, capsys):
+    from lesiondiffusion.pretrain.toydata import write_toy_dataset
+
+    data = write_toy_dataset(tmp_path / "data", n_lesion=2, n_healthy=1, shape=(20, 20, 12), seed=2)
+    run = tmp_path / "run"
+    run.mkdir()
+    marker = tmp_path / "PWNED"
+    torch.save({"task": "vqgan", "step": 0, "world": 1, "models": {}, "rng": [], "x": _Marker(marker)},
+               run / "checkpoint.pt")
+    before = (run / "checkpoint.pt").read_bytes()
+    rc = main(["pretrain", "vqgan", "--data", str(data), "--bundle", str(tmp_path / "b"), "-o", str(run), "--resume",
+               "--steps", "1", "--no-progress", "--device", "cpu", "--workers", "0", "--patch", "16", "16", "16",
+               "--cache", str(tmp_path / "cache")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert not marker.exists()  # the pickled call never ran
+    assert "not a plain-data checkpoint" in err and "could run code" in err and str(run / "checkpoint.pt") in err
+    assert "Traceback" not in err
+    assert (run / "checkpoint.pt").read_bytes() == before
+
+
+def test_plain_pickle_file_and_garbage_checkpoint_are_refused(tmp_path):
+    import pickle
+
+    from lesiondiffusion.pretrain.engine import read_checkpoint
+
+    marker = tmp_path / "PWNED"
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"x": _Marker(marker)}))  # a legacy (non-zip) pickle, no torch.save
+    with pytest.raises(LesionDiffusionError, match="not a plain-data checkpoint"):
+        read_checkpoint(raw)
+    assert not marker.exists()
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"PK\x03\x04 definitely not a checkpoint")
+    with pytest.raises(LesionDiffusionError, match="cannot be read as a checkpoint|not a plain-data"):
+        read_checkpoint(junk)
+
+
+def test_rng_state_round_trips_through_a_weights_only_checkpoint(tmp_path):
+    import random
+
+    from lesiondiffusion.pretrain.engine import _rng_state, _set_rng_state
+
+    random.seed(5)
+    np.random.seed(7)
+    np.random.standard_normal()  # leaves a cached gaussian in the legacy state
+    torch.manual_seed(9)
+    torch.save({"rng": _rng_state()}, tmp_path / "c.pt")
+    expect = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
+    _set_rng_state(torch.load(tmp_path / "c.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.standard_normal(), np.random.rand(), torch.rand(3))
+    assert got[:3] == expect[:3] and torch.equal(got[3], expect[3])
+
+
+def test_demo_training_curve_reads_numpy_scalars_without_pickle_code(tmp_path):
+    from lesiondiffusion.demo import training_curve
+
+    torch.save({"logging": {"train_losses": [np.float64(0.5), np.float32(0.25)], "mean_fg_dice": [np.float64(0.1)]},
+                "current_epoch": 2}, tmp_path / "checkpoint_final.pth")
+    curve = training_curve(tmp_path)
+    assert curve["train_losses"] == [0.5, 0.25] and curve["mean_fg_dice"] == [0.1]
+    marker = tmp_path / "PWNED"
+    hostile = tmp_path / "hostile"
+    hostile.mkdir()
+    torch.save({"logging": {"train_losses": [1.0]}, "x": _Marker(marker)}, hostile / "checkpoint_final.pth")
+    assert training_curve(hostile) == {}
+    assert not marker.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. --llm: no redirect followed, bounded size and time, the key never printed
+
+KEY = "sk-test-SECRET-0123456789"
+
+
+class _Server:
+    """A local HTTP server on 127.0.0.1 (any free port) that records the headers it receives."""
+
+    def __init__(self, handler_body) -> None:
+        seen: list[dict[str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):  # noqa: N802 - http.server API
+                seen.append(dict(self.headers))
+                length = int(self.headers.get("Content-Length") or 0)
+                self.rfile.read(length)
+                handler_body(self)
+
+            do_GET = do_POST  # noqa: N815
+
+            def log_message(self, *args):  # quiet
+                pass
+
+        self.seen = seen
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self) -> "_Server":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _answer(handler) -> None:
+    body = json.dumps({"choices": [{"message": {"content": json.dumps({"organ": "liver"})}}]}).encode()
+    handler.send_response(200)
+    handler.send_header("Content-Type", "application/json")
+    handler.send_header("Content-Length", str(len(body)))
+    handler.end_headers()
+    handler.wfile.write(body)
+
+
+@pytest.mark.timeout(60)
+def test_llm_redirect_to_another_host_is_not_followed(monkeypatch, capsys):
+    with _Server(_answer) as other:
+        def redirect(handler):
+            handler.send_response(302)
+            handler.send_header("Location", other.url + "/v1/chat/completions")
+            handler.send_header("Content-Length", "0")
+            handler.end_headers()
+
+        with _Server(redirect) as first:
+            monkeypatch.setenv("OPENAI_API_KEY", KEY)
+            rc = main(["report", "parse", "2 cm hypodense lesion in the liver", "--llm", first.url + "/v1"])
+            out, err = capsys.readouterr()
+            assert rc == 2
+            assert "302" in err and "Redirects are never followed" in err and "final endpoint URL" in err
+            assert first.seen and first.seen[0].get("Authorization") == f"Bearer {KEY}"  # the host named got it
+            assert other.seen == []  # ... and no other host did
+            assert KEY not in out + err
+
+
+@pytest.mark.timeout(60)
+def test_llm_endless_stream_is_cut_at_the_size_limit(monkeypatch):
+    from lesiondiffusion import report_text
+
+    def endless(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.end_headers()
+        chunk = b"[" * 65536
+        try:
+            while True:
+                handler.wfile.write(chunk)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+    with _Server(endless) as srv:
+        with pytest.raises(ReportError, match="more than 1 MiB") as info:
+            report_text.parse_with_llm("lesion in the liver", srv.url, api_key=KEY, max_bytes=2**20, timeout=30)
+        assert KEY not in str(info.value)
+
+
+@pytest.mark.timeout(60)
+def test_llm_slow_trickle_is_cut_at_the_time_limit():
+    import time
+
+    from lesiondiffusion import report_text
+
+    def trickle(handler):
+        handler.send_response(200)
+        handler.end_headers()
+        try:
+            for _ in range(200):
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(0.05)
+        except (BrokenPipeError, ConnectionResetError):
+            return
+
+    t0 = time.monotonic()
+    with _Server(trickle) as srv:
+        with pytest.raises(ReportError, match="time limit|cannot be reached"):
+            report_text.parse_with_llm("lesion in the liver", srv.url, timeout=1.0)
+    assert time.monotonic() - t0 < 8
+
+
+def test_llm_refuses_non_http_urls_and_hides_credentials_in_urls(tmp_path):
+    from lesiondiffusion import report_text
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("{}")
+    with pytest.raises(ReportError, match="only http:// or https://"):
+        report_text.parse_with_llm("lesion in the liver", f"file://{secret}")
+    with pytest.raises(ReportError) as info:  # nothing listens on port 9 of 127.0.0.1
+        report_text.parse_with_llm("lesion in the liver", "http://user:hunter2@127.0.0.1:9/v1", timeout=5)
+    assert "hunter2" not in str(info.value) and "127.0.0.1:9" in str(info.value)
+
+
+def test_llm_answer_from_the_named_host_still_works(monkeypatch):
+    from lesiondiffusion import report_text
+
+    with _Server(_answer) as srv:
+        parsed = report_text.parse_with_llm("lesion in the liver", srv.url + "/v1", api_key=KEY, timeout=30)
+    assert parsed.values["organ"] == "liver"
+    assert srv.seen[0]["Authorization"] == f"Bearer {KEY}"
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. YAML bounded: billion laughs and recursive aliases refused before any walk; types by name only
+
+
+def _billion_laughs() -> str:
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    for i in range(1, 11):
+        lines.append(f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]")
+    return "\n".join(lines) + "\n"
+
+
+BOMBS = {"billion_laughs": (_billion_laughs(), "expands to more than"),
+         "recursive": ("name: x\norgans: &a [1, *a]\n", "refers to the value that contains it"),
+         "recursive_map": ("&a {name: x, organs: *a}\n", "refers to the value that contains it"),
+         "merge_bomb": ("a: &a {k1: 1, k2: 2, k3: 3, k4: 4, k5: 5, k6: 6, k7: 7, k8: 8, k9: 9}\n" + "".join(
+             f"l{i}: &l{i} [" + ", ".join(["*" + ("a" if i == 0 else f"l{i - 1}")] * 10) + "]\n"
+             for i in range(8)), "expands to more than")}
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", list(BOMBS))
+def test_yaml_bombs_in_a_catalog_are_refused_quickly(name, tmp_path, capsys, monkeypatch):
+    import time
+
+    text, words = BOMBS[name]
+    assert len(text.encode()) < 2048
+    path = tmp_path / "cats" / "bomb.yaml"
+    path.parent.mkdir()
+    path.write_text(text)
+    t0 = time.monotonic()
+    assert main(["catalogs", "validate", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(path) in err and "Traceback" not in err
+    # the bomb anywhere on the catalog path: `catalogs list` still answers (the bomb listed as broken)
+    monkeypatch.setenv("LESIONDIFFUSION_CATALOG_PATH", str(path.parent))
+    main(["catalogs", "list"])
+    out, err = capsys.readouterr()
+    assert "kidney_tumor" in out
+    assert time.monotonic() - t0 < 10
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("name", ["billion_laughs", "recursive"])
+def test_yaml_bombs_in_reports_and_configs_are_refused(name, tmp_path):
+    from lesiondiffusion.nnunet_integration.config import load_config
+    from lesiondiffusion.report import LesionReport
+
+    text, words = BOMBS[name]
+    rep = tmp_path / "r.yaml"
+    rep.write_text(text)
+    with pytest.raises(ReportError, match=words):
+        LesionReport.from_yaml(rep)
+    cfg = tmp_path / "lesiondiffusion.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError, match=words):
+        load_config(cfg)
+
+
+def test_aliases_within_limits_still_load(tmp_path):
+    from lesiondiffusion.safeyaml import load_yaml
+
+    data = load_yaml("base: &b {weight: 1.0}\nkidney: {<<: *b, v2: [kidney_left]}\nalso: [*b, *b]\n", "x.yaml",
+                     CatalogError)
+    assert data["kidney"] == {"weight": 1.0, "v2": ["kidney_left"]} and data["also"] == [{"weight": 1.0}] * 2
+
+
+@pytest.mark.parametrize("lesion_type", ["../../../../etc/passwd", "/etc/passwd", "kidney_tumor.yaml",
+                                         "sub/kidney_tumor", "..", ".hidden"])
+def test_report_lesion_type_is_a_name_never_a_path(lesion_type, tmp_path, capsys):
+    import yaml
+
+    ok = tmp_path / "ok.yaml"
+    assert main(["report", "sample", "kidney_tumor", "--seed", "0", "-o", str(ok)]) == 0
+    doc = yaml.safe_load(ok.read_text())
+    doc["lesion_type"] = lesion_type
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(doc))
+    with pytest.raises(ReportError, match="is a path; a lesion type is a catalog name"):
+        from lesiondiffusion.report import LesionReport
+
+        LesionReport.from_yaml(bad)
+    capsys.readouterr()
+    assert main(["report", "check", str(bad)]) == 2
+    assert "is a path" in capsys.readouterr().err
+
+
+def test_a_file_in_the_working_folder_never_replaces_a_catalog_name(tmp_path, monkeypatch):
+    from lesiondiffusion.catalog import load_catalog
+
+    monkeypatch.chdir(tmp_path)
+    Path("kidney_tumor").write_text("name: not a catalog\n")
+    assert load_catalog("kidney_tumor").name == "kidney_tumor"
