@@ -33,7 +33,7 @@ class _Marker:
 
 
 def test_malicious_checkpoint_does_not_run_on_resume(tmp_path, capsys):
-    from lesiondiffusion.pretrain.toydata import write_toy_dataset
+    from toydata import write_toy_dataset  # benchmarks/toydata.py (conftest puts benchmarks/ on the path)
 
     data = write_toy_dataset(tmp_path / "data", n_lesion=2, n_healthy=1, shape=(20, 20, 12), seed=2)
     run = tmp_path / "run"
@@ -330,3 +330,177 @@ def test_a_file_in_the_working_folder_never_replaces_a_catalog_name(tmp_path, mo
     monkeypatch.chdir(tmp_path)
     Path("kidney_tumor").write_text("name: not a catalog\n")
     assert load_catalog("kidney_tumor").name == "kidney_tumor"
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. no silent overwrite: synthesize claims its folder; cache verify touches only a cache
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, Path]:
+    import nibabel as nib
+
+    from lesiondiffusion.phantoms import make_phantom
+
+    root = tmp_path_factory.mktemp("sec_world")
+    p = make_phantom((32, 32, 24), (3.0, 3.0, 4.0), seed=1)
+    ct, seg = root / "ct.nii.gz", root / "seg.nii.gz"
+    nib.save(nib.Nifti1Image(p.ct.astype(np.int16), p.affine), str(ct))
+    nib.save(nib.Nifti1Image(p.organs.astype(np.uint8), p.affine), str(seg))
+    bundle = root / "bundle"
+    assert main(["bundle", "init", "--preset", "tiny", "-o", str(bundle), "--encoder", "hashing:64"]) == 0
+    return {"root": root, "ct": ct, "seg": seg, "bundle": bundle, "affine": p.affine, "ct_array": p.ct}
+
+
+def _synth(w, out: Path, *extra: str, ct: Path | None = None) -> list[str]:
+    return ["synthesize", "--bundle", str(w["bundle"]), "--ct", str(ct or w["ct"]), "--organs", str(w["seg"]),
+            "--catalog", "kidney_tumor", "--ddim-steps", "1", "--no-preview", "--set", "size_mm=15,12,14",
+            "--set", "lesion_location=within the parenchymal organ", "-o", str(out), *extra]
+
+
+@pytest.fixture
+def rule_based(monkeypatch):
+    """synthesize with the weight-free rule-based generator in place of the random tiny networks, so every
+    sample succeeds: these tests are about who may write the folder, not about the networks."""
+    from lesiondiffusion import pipeline
+    from lesiondiffusion.rule_based import RuleBasedGenerator
+
+    monkeypatch.setattr(pipeline.LesionSynthesizer, "from_bundle", classmethod(lambda cls, *a, **k: RuleBasedGenerator()))
+
+
+# the same swap for a synthesize run in its own process
+_RULE_BASED_MAIN = ("import sys; from lesiondiffusion import pipeline; from lesiondiffusion.rule_based import "
+                    "RuleBasedGenerator; pipeline.LesionSynthesizer.from_bundle = classmethod(lambda cls, *a, **k: "
+                    "RuleBasedGenerator()); from lesiondiffusion.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def _tree(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_second_synthesize_into_a_claimed_folder_refuses(world, tmp_path, capsys, rule_based):
+    from lesiondiffusion.io import claim_folder
+
+    out = tmp_path / "out"
+    out.mkdir()
+    with claim_folder(out, "synthesize") as lock:  # a live run (this process) holds the folder
+        rc = main(_synth(world, out, "-n", "1"))
+        err = capsys.readouterr().err
+        assert rc == 2 and "in use by another synthesize run" in err and str(lock) in err
+        assert sorted(p.name for p in out.iterdir()) == [lock.name]  # nothing of the second run was written
+    assert not lock.exists()
+    # once the first run is over, the folder can be used; the lock is gone again afterwards
+    assert main(_synth(world, out, "-n", "1")) == 0
+    assert (out / "sample_000" / "image.nii.gz").is_file() and not (out / lock.name).exists()
+    first = _tree(out)
+    # a run that finds the samples there (the other run finished between its check and its claim) refuses
+    assert main(_synth(world, out, "-n", "1")) == 2
+    assert "already exists" in capsys.readouterr().err and _tree(out) == first
+
+
+def test_a_crashed_runs_lock_is_taken_over_and_a_live_process_lock_is_kept(tmp_path):
+    import subprocess
+    import sys
+
+    from lesiondiffusion.io import _host, claim_folder
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    lock = tmp_path / ".lesiondiffusion.lock"
+    lock.write_text(f"pid{int(dead.stdout)}@{_host()}.")
+    with claim_folder(tmp_path, "synthesize"):
+        assert lock.read_text() == f"pid{os.getpid()}@{_host()}."
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        lock.write_text(f"pid{live.pid}@{_host()}.")
+        with pytest.raises(LesionDiffusionError, match=f"process {live.pid}"):
+            with claim_folder(tmp_path, "synthesize"):
+                pass
+        assert lock.exists()  # never removed from under a live run
+    finally:
+        live.kill()
+        live.wait()
+
+
+def test_two_concurrent_synthesize_processes_never_mix_outputs(world, tmp_path):
+    """The probe itself: two real runs started together into one folder; one writes, the other refuses."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-c", _RULE_BASED_MAIN, *_synth(world, out, "-n", "2", "--seed", "0")]
+    cmd2 = [sys.executable, "-c", _RULE_BASED_MAIN, *_synth(world, out, "-n", "2", "--seed", "7")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    a = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    b = subprocess.Popen(cmd2, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    ra, rb = a.communicate(timeout=600), b.communicate(timeout=600)
+    codes = sorted([a.returncode, b.returncode])
+    assert codes == [0, 2], (ra, rb)
+    loser = ra if a.returncode == 2 else rb
+    assert "in use by another synthesize run" in loser[1] or "already exists" in loser[1]
+    seeds = {yaml_seed(out / f"sample_{i:03d}" / "report.yaml") for i in range(2)}
+    assert len(seeds) == 1  # both samples come from the same run
+
+
+def yaml_seed(path: Path) -> int:
+    import yaml
+
+    return yaml.safe_load(path.read_text())["synthesis"]["seed"]
+
+
+def test_cache_verify_refuses_a_folder_that_is_not_a_cache(tmp_path, capsys):
+    folder = tmp_path / "notacache"
+    (folder / "cases").mkdir(parents=True)
+    (folder / "cases" / "synth_000000.json").write_text('{"mine": true}')
+    (folder / "notes.txt").write_text("keep me")
+    before = _tree(folder)
+    assert main(["cache", "verify", str(folder)]) == 2
+    err = capsys.readouterr().err
+    assert "not an offline cache" in err and "nothing was changed" in err
+    assert _tree(folder) == before
+
+
+def test_cache_verify_sets_aside_never_deletes_and_never_follows_a_sidecar_elsewhere(tmp_path):
+    from lesiondiffusion.store import OfflineCache
+
+    root = tmp_path / "cache"
+    (root / "cases").mkdir(parents=True)
+    (root / "failed").mkdir()
+    (root / "identity.json").write_text("{}")
+    victim = tmp_path / "victim.txt"
+    victim.write_text("outside the cache")
+    (root / "cases" / "synth_000000.json").write_text("{not json")
+    (root / "cases" / "synth_000001.json").write_text(json.dumps({"index": 1, "file": "../../victim.txt"}))
+    manifest, _ = OfflineCache(root).verify()
+    assert manifest["n_cases"] == 0
+    assert victim.read_text() == "outside the cache"
+    assert sorted(p.name for p in (root / "rejected").iterdir()) == ["synth_000000.json", "synth_000001.json"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. advice that works: a CT with NaN
+
+
+def test_nan_ct_error_says_nan_and_its_fix_works(world, tmp_path, capsys, rule_based):
+    import shlex
+    import subprocess
+    import sys
+
+    import nibabel as nib
+
+    arr = world["ct_array"].astype(np.float32)
+    arr[:3] = np.nan
+    arr[-1, 0, 0] = np.inf
+    ct = tmp_path / "ct nan.nii.gz"  # a space in the name: the printed command must quote it
+    nib.save(nib.Nifti1Image(arr, world["affine"]), str(ct))
+    for extra in ((), ("--allow-non-hu",)):  # the same clear answer with or without --allow-non-hu
+        assert main(_synth(world, tmp_path / "out", *extra, ct=ct)) == 2
+        err = capsys.readouterr().err
+        assert "NaN" in err and "python -c" in err and "--allow-non-hu does not apply" in err
+        assert "pass --allow-non-hu if" not in err
+    command = next(line.strip() for line in err.splitlines() if line.strip().startswith("python -c"))
+    argv = shlex.split(command)
+    assert argv[0] == "python"
+    subprocess.run([sys.executable, *argv[1:]], check=True)  # the advice, as printed
+    fixed = tmp_path / "ct nan_finite.nii.gz"
+    assert f"--ct {fixed}" in err and fixed.is_file()
+    assert main(_synth(world, tmp_path / "out", ct=fixed)) == 0

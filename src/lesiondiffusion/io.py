@@ -125,6 +125,39 @@ def remove_stale_temporaries(folder: str | os.PathLike, pattern: str) -> list[Pa
 
 
 @contextlib.contextmanager
+def claim_folder(folder: str | os.PathLike, command: str, lock_name: str = ".lesiondiffusion.lock") -> Iterator[Path]:
+    """Hold ``folder`` for one run: an exclusive create of a lock file (atomic on local disks and NFSv3+), so
+    a second run into the same folder refuses instead of mixing its files with ours. A lock left by a run
+    that crashed on this machine is taken over; the lock is removed when the block ends."""
+    lock = Path(folder) / lock_name
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            break
+        except FileExistsError:
+            try:
+                owner = lock.read_text(encoding="utf-8").strip()
+            except OSError:
+                owner = ""
+            if owner and not _owner_alive(owner):  # a crashed run's lock on this machine
+                lock.unlink(missing_ok=True)
+                continue
+            m = _TAG.search(owner)
+            who = f"process {m.group(1)} on {m.group(2)}" if m else "another process"
+            raise LesionDiffusionError(
+                f"{folder} is in use by another {command} run ({who} holds {lock}); wait for it to finish or choose "
+                f"another output folder. If no such run is alive, delete {lock}.")
+    else:
+        raise LesionDiffusionError(f"Cannot claim {folder}: {lock} keeps reappearing; another run is starting there.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(temp_tag())
+        yield lock
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str | None = None) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds.
 
@@ -286,11 +319,27 @@ def hu_problem(ct: np.ndarray) -> str | None:
     """
     lo, hi = float(np.min(ct)), float(np.max(ct))
     if not (np.isfinite(lo) and np.isfinite(hi)):
-        return "holds NaN or infinite values"
+        arr = np.asarray(ct)
+        n_nan, n_inf = int(np.isnan(arr).sum()), int(np.isinf(arr).sum())
+        return f"holds {n_nan} NaN and {n_inf} infinite voxel(s)"
     if lo > -200.0:
         return (f"has values {lo:g} to {hi:g} ({np.asarray(ct).dtype}); a CT in Hounsfield units has air near "
                 "-1000 HU, so this looks like another scale (8-bit export, unrescaled storage or normalised)")
     return None
+
+
+def non_finite_fix(path: str | os.PathLike) -> tuple[str, Path]:
+    """A shell command that writes a copy of the CT at ``path`` with NaN/inf voxels set to air (-1024 HU)
+    and upper ones to 3071 HU, and the copy's path: the fix an error about a non-finite CT prints."""
+    import shlex
+
+    path = Path(path)
+    name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
+    out = path.with_name(f"{name}_finite.nii.gz")
+    code = ("import nibabel as nib, numpy as np; i = nib.load({src!r}); "
+            "d = np.nan_to_num(i.get_fdata(), nan=-1024.0, posinf=3071.0, neginf=-1024.0); "
+            "nib.save(nib.Nifti1Image(d.astype(np.float32), i.affine), {dst!r})").format(src=str(path), dst=str(out))
+    return f"python -c {shlex.quote(code)}", out
 
 
 def save_nifti(

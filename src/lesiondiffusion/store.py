@@ -792,6 +792,8 @@ class OfflineCache:
         for side in (self.root / "cases").glob("synth_*.json"):
             try:
                 info = json.loads(side.read_text())
+                if info.get("file") != side.with_suffix(".npz").name:  # never follow a sidecar elsewhere
+                    raise ValueError(f"file {info.get('file')!r}")
                 problem = case_is_intact(self.root, info)
                 if problem is None:
                     good.add(int(info["index"]))
@@ -800,27 +802,36 @@ class OfflineCache:
                 self.damaged.append(problem)
                 self._reject(side, self.root / "cases" / info["file"])
                 continue
-            except (ValueError, KeyError, OSError):
+            except (ValueError, KeyError, OSError, TypeError):
                 pass
-            side.unlink(missing_ok=True)  # a corrupt sidecar means the case is redone
+            # a corrupt sidecar means the case is redone; set aside, never deleted (it may not be ours)
+            log.warning("offline cache: %s is not a readable case record; set aside in rejected/", side)
+            self._reject(side)
         return good
 
-    def _reject(self, side: Path, npz: Path) -> None:
+    def _reject(self, side: Path, npz: Path | None = None) -> None:
         rejected = self.root / "rejected"
         rejected.mkdir(exist_ok=True)
         side.replace(rejected / side.name)  # sidecar first: the index is no longer 'finished'
-        if npz.exists():
+        if npz is not None and npz.exists():
             npz.replace(rejected / npz.name)
 
     def verify(self, n: int | None = None) -> tuple[dict[str, Any], list[str]]:
         """Load every finished case, move unreadable or invalid ones to ``rejected/`` (a re-run of the
         build redoes them) and write the manifest of the rest; returns (manifest, problems)."""
-        if not (self.root / "cases").is_dir():
-            raise LesionDiffusionError(f"{self.root}: no cases/ folder; this is not an offline cache. Build one with "
-                                       "'lesiondiffusion cache build'.")
         identity = self.root / "identity.json"
+        # identity.json is the first file `cache build` writes: without it (or a manifest) the folder is not
+        # a cache, and verify would move or rewrite files some other program owns
+        if not (self.root / "cases").is_dir() or not (identity.is_file() or (self.root / MANIFEST).is_file()):
+            raise LesionDiffusionError(f"{self.root}: not an offline cache (no cases/ folder with the identity.json "
+                                       "that 'lesiondiffusion cache build' writes); nothing was changed. Pass the "
+                                       "folder 'cache build' wrote, or build one with 'lesiondiffusion cache build'.")
         if not self.identity and identity.is_file():
-            self.identity = json.loads(identity.read_text())
+            try:
+                self.identity = json.loads(identity.read_text())
+            except (OSError, ValueError) as exc:
+                raise LesionDiffusionError(f"{identity} is unreadable ({exc}); nothing was changed. Rebuild the cache "
+                                           "with 'lesiondiffusion cache build' into a new folder.") from None
         problems = []
         for idx in sorted(self._valid_indices()):  # damaged files are dropped here (self.damaged)
             npz, side = _case_paths(self.root, idx)

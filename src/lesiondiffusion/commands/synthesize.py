@@ -63,7 +63,8 @@ def _synthesize(args: argparse.Namespace) -> int:
 
     from ..catalog import load_catalog
     from ..errors import LesionDiffusionError, OrganMapError, ReportError
-    from ..io import ensure_output_dir, hu_problem, load_nifti, refuse_overwrite_input, remove_stale_temporaries
+    from ..io import (claim_folder, ensure_output_dir, hu_problem, load_nifti, non_finite_fix, refuse_overwrite_input,
+                      remove_stale_temporaries)
     from ..organs import load_organ_map, looks_like_label_map
     from ..pipeline import LesionSynthesizer
     from ..report import LesionReport
@@ -120,7 +121,14 @@ def _synthesize(args: argparse.Namespace) -> int:
             ) from None
         raise
     problem = hu_problem(ct)
-    if problem is not None and ("NaN" in problem or not args.allow_non_hu):
+    if problem is not None and "NaN" in problem:
+        # --allow-non-hu cannot help here: no scale makes NaN a CT value, so the advice is a working repair
+        command, fixed_ct = non_finite_fix(args.ct)
+        raise LesionDiffusionError(
+            f"--ct {args.ct} {problem}; a CT needs a finite value in every voxel (NaN often marks voxels outside "
+            f"the scanner's field of view). Write a copy with them set to air (-1024 HU):\n  {command}\nthen pass "
+            f"--ct {fixed_ct}. (--allow-non-hu does not apply: it accepts other intensity scales, not NaN.)")
+    if problem is not None and not args.allow_non_hu:
         label_like = " It looks like a label map: is it the organ map?" if looks_like_label_map(ct) else ""
         raise LesionDiffusionError(
             f"--ct {args.ct} {problem}.{label_like} Lesion intensities come from the catalog in HU, so a CT "
@@ -145,55 +153,62 @@ def _synthesize(args: argparse.Namespace) -> int:
     synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
 
     ensure_output_dir(out, "-o")
-    remove_stale_temporaries(out, _TMP_PATTERN)
-    sampled = args.report is None
+    # claimed before anything is written: the existence check above ran before the model loaded, and a
+    # second run into the same folder would otherwise interleave its samples with ours
+    with claim_folder(out, "synthesize"):
+        existing = [_sample_dir(out, i) for i in range(args.n) if _sample_dir(out, i).exists()]
+        if existing and not args.overwrite:
+            raise LesionDiffusionError(f"{existing[0]} already exists ({len(existing)} sample folder(s) in {out}); "
+                                       "choose another -o or pass --overwrite.")
+        remove_stale_temporaries(out, _TMP_PATTERN)
+        sampled = args.report is None
 
-    def redraw(i: int, attempt: int):  # noqa: ANN202 - the report of sample i at try `attempt` (0-based)
-        if not sampled or attempt == 0:
-            return reports[i]
-        # a sampled report that cannot be synthesised (e.g. too large for a thin organ) is replaced,
-        # seeded by (seed, sample, try) so reruns give the same samples
-        return catalog.sample(np.random.default_rng([args.seed, i, attempt]), fixed or None)
+        def redraw(i: int, attempt: int):  # noqa: ANN202 - the report of sample i at try `attempt` (0-based)
+            if not sampled or attempt == 0:
+                return reports[i]
+            # a sampled report that cannot be synthesised (e.g. too large for a thin organ) is replaced,
+            # seeded by (seed, sample, try) so reruns give the same samples
+            return catalog.sample(np.random.default_rng([args.seed, i, attempt]), fixed or None)
 
-    written, failed, tries = 0, [], {}
-    with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
-        for start in range(0, args.n, args.batch_size):
-            pending = list(range(start, min(start + args.batch_size, args.n)))
-            for attempt in range(args.max_tries):
-                chunk = [redraw(i, attempt) for i in pending]
-                # try 0 keeps the seed of a plain run; later tries get new placements and noise
-                seed = args.seed + start if attempt == 0 else int(
-                    np.random.SeedSequence([args.seed, start, attempt]).generate_state(1)[0])
-                results = synth(ct, organs, chunk, catalog, seed=seed)
-                retry = []
-                for i, result in zip(pending, results):
-                    tries[i] = attempt + 1
-                    if result.ok:
-                        result.info["tries"] = attempt + 1
-                        _say_hu_correction(i, result)
-                        _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
-                        written += 1
-                        bar.update(1)
-                    elif attempt + 1 < args.max_tries:
-                        log.info("sample %03d try %d failed (%s); drawing again", i, attempt + 1, result.failure)
-                        retry.append(i)
-                    else:
-                        failed.append((i, result.failure))
-                        log.warning("sample %03d failed after %d tries: %s", i, attempt + 1, result.failure)
-                        bar.update(1)
-                pending = retry
-                if not pending:
-                    break
-    if failed:
-        from ..io import write_yaml
+        written, failed, tries = 0, [], {}
+        with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
+            for start in range(0, args.n, args.batch_size):
+                pending = list(range(start, min(start + args.batch_size, args.n)))
+                for attempt in range(args.max_tries):
+                    chunk = [redraw(i, attempt) for i in pending]
+                    # try 0 keeps the seed of a plain run; later tries get new placements and noise
+                    seed = args.seed + start if attempt == 0 else int(
+                        np.random.SeedSequence([args.seed, start, attempt]).generate_state(1)[0])
+                    results = synth(ct, organs, chunk, catalog, seed=seed)
+                    retry = []
+                    for i, result in zip(pending, results):
+                        tries[i] = attempt + 1
+                        if result.ok:
+                            result.info["tries"] = attempt + 1
+                            _say_hu_correction(i, result)
+                            _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
+                            written += 1
+                            bar.update(1)
+                        elif attempt + 1 < args.max_tries:
+                            log.info("sample %03d try %d failed (%s); drawing again", i, attempt + 1, result.failure)
+                            retry.append(i)
+                        else:
+                            failed.append((i, result.failure))
+                            log.warning("sample %03d failed after %d tries: %s", i, attempt + 1, result.failure)
+                            bar.update(1)
+                    pending = retry
+                    if not pending:
+                        break
+        if failed:
+            from ..io import write_yaml
 
-        write_yaml(out / "failures.yaml", [{"sample": i, "tries": tries[i], "reason": r} for i, r in failed])
-    what = "report and placement" if sampled else "placement"
-    print("tries per sample (a try draws a new " + what + "): "
-          + ", ".join(f"{i:03d}: {tries[i]}" for i in sorted(tries)))
-    print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed after {args.max_tries} tries "
-                                                 f"(see {out / 'failures.yaml'})" if failed else ""))
-    return 0 if not failed else 1
+            write_yaml(out / "failures.yaml", [{"sample": i, "tries": tries[i], "reason": r} for i, r in failed])
+        what = "report and placement" if sampled else "placement"
+        print("tries per sample (a try draws a new " + what + "): "
+              + ", ".join(f"{i:03d}: {tries[i]}" for i in sorted(tries)))
+        print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed after {args.max_tries} tries "
+                                                     f"(see {out / 'failures.yaml'})" if failed else ""))
+        return 0 if not failed else 1
 
 
 def _say_hu_correction(i: int, result) -> None:  # noqa: ANN001
