@@ -10,11 +10,11 @@ The names below are re-exported so ``from lesiondiffusion.evaluation import dice
 
 from .alignment import (AlignmentResult, AlignmentSample, format_alignment_table, plot_alignment, prompt_values,
                         run_alignment, write_alignment)
-from .metrics import HUStats, convexity, dice, dice_on_folders, hu_stats, sphericity
+from .metrics import HUStats, convexity, dice, dice_on_folders, hu_stats, shape_metrics, sphericity
 from .segmentation import (GENERATORS, SETTINGS, SOURCES, SegmentationProtocol, StudyResult,
                            format_dice_markdown, run_segmentation_study)
 
 __all__ = ["AlignmentResult", "AlignmentSample", "format_alignment_table", "plot_alignment", "prompt_values",
            "run_alignment", "write_alignment", "HUStats", "convexity", "dice", "dice_on_folders", "hu_stats",
-           "sphericity", "GENERATORS", "SETTINGS", "SOURCES", "SegmentationProtocol", "StudyResult",
+           "shape_metrics", "sphericity", "GENERATORS", "SETTINGS", "SOURCES", "SegmentationProtocol", "StudyResult",
            "format_dice_markdown", "run_segmentation_study"]
