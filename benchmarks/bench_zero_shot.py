@@ -58,7 +58,7 @@ def measure(bundle: Path, n: int, densities: list[str], seed: int, ddim_steps: i
     brain = head.organs == HEAD_TS_V2_IDS["brain"]
     parenchyma = head.parenchyma
     # HU correction off, and keep every mask: the figures are the networks' own
-    config = dict(max_retries=0, min_volume_fraction=0.0, min_organ_fraction=0.0, hu_correction="off")
+    config = dict(max_retries=0, min_volume_fraction=0.0, min_organ_fraction=0.0, min_mask_in_organ=0.0, hu_correction="off")
     if ddim_steps:
         config["ddim_steps"] = ddim_steps
     synth = LesionSynthesizer.from_bundle(bundle, device="cpu", **config)

@@ -33,7 +33,7 @@ generator:
   backend: lesiondiffusion        # lesiondiffusion (default) | rule_based (baseline, no weights)
   bundle: /path/to/bundle         # model bundle folder (lesiondiffusion backend)
   device: cuda                    # where the generator runs: cpu | cuda | cuda:N
-  hu_correction: shift            # lesion mean outside the catalog's HU range: shift | clip | off
+  hu_correction: off              # off: the model's own intensities; shift | clip: move the lesion mean into the catalog's HU range
   text_conditioning: true         # false: null prompts for both networks (text ablation)
 catalogs:
   - name: kidney_tumor            # built-in catalog name or path to a catalog YAML
@@ -60,7 +60,7 @@ class GeneratorConfig:
     backend: str = "lesiondiffusion"
     bundle: str | None = None
     device: str = "cpu"
-    hu_correction: str = "shift"     # off | shift | clip (lesiondiffusion backend; see pipeline.correct_hu)
+    hu_correction: str = "off"       # off | shift | clip (lesiondiffusion backend; see pipeline.correct_hu)
     options: dict[str, Any] = field(default_factory=dict)   # extra kwargs for the backend
     text_conditioning: bool = True   # false: null prompts for LMNet and LINet (the method's text ablation)
 
@@ -312,3 +312,5 @@ def resolve_label(entry: CatalogEntry, catalog_label: str, dataset_json: dict, s
     choices = ", ".join(f"{k}={v}" for k, v in plain.items() if v != 0)
     raise _err(source, f"catalogs[{index}].label", wanted,
                f"It is not a foreground label of dataset.json (labels: {choices}). Set 'label:' to one of them.")
+    if g.hu_correction is False:  # YAML 1.1 reads a bare `off` (the default, as written in docs) as false
+        g.hu_correction = "off"

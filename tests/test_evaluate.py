@@ -169,6 +169,43 @@ def test_alignment_rule_based_separates_density_prompts(phantom_case):
 
 
 def test_alignment_bad_input_is_clear(tmp_path, phantom_case):
+def test_alignment_always_measures_uncorrected_output(phantom_case):
+    """A synthesizer set to shift runs with the correction off inside the study (its own config is left
+    as it was); a generator that corrects anyway is refused rather than measured."""
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.evaluation import run_alignment
+    from lesiondiffusion.io import load_nifti
+    from lesiondiffusion.organs import load_organ_map
+    from lesiondiffusion.pipeline import SynthesisConfig
+    from lesiondiffusion.rule_based import RuleBasedGenerator
+
+    class Stamped:  # rule-based lesions stamped with the correction mode the generator ran under
+        def __init__(self, config, corrects=False):
+            self.config, self.corrects, self.seen = config, corrects, []
+
+        def __call__(self, ct, organs, reports, catalogs, *, seed):
+            mode = self.config.hu_correction if self.config is not None else "shift"
+            self.seen.append(mode)
+            out = RuleBasedGenerator()(ct, organs, reports, catalogs, seed=seed)
+            for r in out:
+                r.info.update(hu_correction=mode, hu_corrected=mode != "off" or self.corrects)
+            return out
+
+    ct, _, _ = load_nifti(phantom_case / "ct.nii.gz", np.float32)
+    organs = load_organ_map(phantom_case / "organs.nii.gz")
+    cat = load_catalog("liver_cyst")
+    gen = Stamped(SynthesisConfig(hu_correction="shift"))
+    res = run_alignment(gen, ct, organs, cat, 1, groups=("density",), progress=False)
+    assert any(s.ok for s in res.samples)
+    # every call ran with the correction off (the study's shallow copy shares ``seen``), and the caller's
+    # generator keeps its own setting
+    assert len(gen.seen) == len(cat.domain("density")) and set(gen.seen) == {"off"}
+    assert gen.config.hu_correction == "shift"
+    with pytest.raises(LesionDiffusionError, match="HU-corrected the lesion"):
+        run_alignment(Stamped(None), ct, organs, cat, 1, groups=("density",), progress=False)
+
+
     r = _cli("evaluate", "alignment", "--ct", str(phantom_case / "ct.nii.gz"), "--organs",
              str(phantom_case / "organs.nii.gz"), "--catalog", "liver_tumor", "-n", "1")
     assert r.returncode == 2 and "--bundle" in r.stderr
@@ -359,8 +396,8 @@ def test_cache_folders_differ_by_what_makes_their_cases():
     p = SegmentationProtocol("1", Path("/tmp/x"), synthetic_cases=8)
     base = {"catalogs": [{"name": "liver_tumor"}], "generator": {"bundle": "/b", "options": {"ddim_steps": 10}}}
     names = {}
-    for what, gen in (("plain", {}), ("hu", {"hu_correction": "off"}), ("ddim", {"options": {"ddim_steps": 4}}),
-                      ("device", {"device": "cuda"})):
+    for what, gen in (("plain", {}), ("hu", {"hu_correction": "shift"}), ("ddim", {"options": {"ddim_steps": 4}}),
+                      ("device", {"device": "cuda"}), ("off", {"hu_correction": "off"})):
         b = json.loads(json.dumps(base))
         b["generator"].update(gen)
         names[what] = {g: p.cache_dir(b, g).name for g in ("lesiondiffusion", "rule_based")}
@@ -383,6 +420,7 @@ def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
     raw = tmp_path / "raw"
     ds = write_phantom_dataset(raw, n_healthy=2, lesion_types=["kidney_tumor"], shape=(32, 32, 24),
                                spacing=(5.0, 5.0, 6.0), seed=0, dataset_id=931, name="EvalSeg", cases_per_type=2)
+    assert names["off"] == names["plain"]  # the default (off) is written out: the same cases, the same cache
     for i in range(2):
         ph = make_phantom((32, 32, 24), (5.0, 5.0, 6.0), seed=100 + i, lesion_types=["kidney_tumor"])
         save_nifti(ds / "imagesTs" / f"t{i}_0000.nii.gz", ph.ct, ph.affine)
@@ -398,7 +436,8 @@ def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
     base = {"catalogs": [{"name": "kidney_tumor"}], "synthetic_probability": 1.0,
             "store": {"size": 4, "reuse": 4, "warmup": 1},
             "generator": {"options": {"ddim_steps": 2, "mask_threshold": -1.0, "max_retries": 0,
-                                      "min_volume_fraction": 0.0, "min_organ_fraction": 0.0}}}
+                                      "min_volume_fraction": 0.0, "min_organ_fraction": 0.0,
+                                      "min_mask_in_organ": 0.0}}}
     said: list[str] = []
     common = dict(seeds=1, fold="all", trainer_suffix="_tinynet_2epochs_3iters", config=base, bundle=bundle,
                   env=env, progress=False, echo=said.append)

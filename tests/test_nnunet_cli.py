@@ -95,7 +95,10 @@ def test_defaults_and_file_lookup(tmp_path, monkeypatch):
     cfg = config_from_dict(_cfg(), "x.yaml")
     assert cfg.store.reuse == 8 and cfg.store.size == 32 and cfg.mode == "online"
     assert cfg.schedule.pretrain_fraction == 0.5 and cfg.catalogs[0].weight == 1.0
-    assert cfg.generator.hu_correction == "shift"
+    assert cfg.generator.hu_correction == "off"  # the method's output by default
+    # YAML 1.1 reads a bare `off` as false; it means the string
+    assert config_from_dict(yaml.safe_load(
+        "generator: {backend: rule_based, hu_correction: off}\ncatalogs: [{name: kidney_tumor}]")).generator.hu_correction == "off"
     assert config_from_dict(_cfg(generator={"backend": "rule_based", "hu_correction": "off"})).generator.hu_correction == "off"
     assert yaml.safe_load(cfg.to_yaml())["generator"]["backend"] == "rule_based"
     monkeypatch.delenv("LESIONDIFFUSION_CONFIG", raising=False)

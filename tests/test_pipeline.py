@@ -56,7 +56,8 @@ def scene():
 
 @pytest.fixture(scope="module")
 def synth(scene):
-    return LesionSynthesizer(scene[2], "cpu", SynthesisConfig(ddim_steps=2))
+    # shift, not the default off: these tests check that the catalog's density range holds afterwards
+    return LesionSynthesizer(scene[2], "cpu", SynthesisConfig(ddim_steps=2, hu_correction="shift"))
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +178,7 @@ def test_hu_correction_off_shift_clip(scene, results):
         ct, organs, reports[:1], catalog, seed=0)[0] for mode in ("off", "clip")}
     assert all(r.ok for r in out.values())
     off, clip = out["off"], out["clip"]
-    shift = results[0]  # the default is shift; lesion 0 does not depend on the rest of its batch
+    shift = results[0]  # the fixture runs shift; lesion 0 does not depend on the rest of its batch
     mask = off.lesion_mask.astype(bool)
     assert np.array_equal(mask, shift.lesion_mask.astype(bool))  # same seed: same mask, only intensities differ
     # off: the model's own mean, nothing moved
@@ -194,6 +195,33 @@ def test_hu_correction_off_shift_clip(scene, results):
     assert clip.image[mask].min() >= lo - 0.5 and clip.image[mask].max() <= hi + 0.5
     with pytest.raises(Exception, match="hu_correction"):
         SynthesisConfig(hu_correction="yes")
+    _check_hu_bookkeeping(off, shift, clip)
+
+
+def _check_hu_bookkeeping(off, shift, clip):
+    """Every result says what the correction did, by how much, and the summary adds it up."""
+    from lesiondiffusion.pipeline import hu_correction_note, hu_correction_record, hu_correction_summary
+
+    assert SynthesisConfig().hu_correction == "off"  # the method's output by default
+    mask = off.lesion_mask.astype(bool)
+    lo, hi = off.info["hu_range"]  # recorded for reference even when nothing is corrected
+    assert off.info["hu_corrected"] is False and hu_correction_note(off.info) is None
+    assert hu_correction_record(off.info) == {"hu_correction": "off", "hu_corrected": False, "hu_range": [lo, hi],
+                                              "generated_mean_hu": off.info["generated_mean_hu"]}
+    note = hu_correction_note(shift.info)
+    assert note.startswith("HU correction shift:") and f"{shift.info['hu_shift']:+.1f} HU" in note
+    assert shift.info["corrected_mean_hu"] - shift.info["generated_mean_hu"] == pytest.approx(shift.info["hu_shift"], abs=1e-3)
+    # clip: the voxels it clipped are the model's lesion voxels outside the range (the off image, up to int16 rounding)
+    outside = int(((off.image[mask] < lo - 0.5) | (off.image[mask] > hi + 0.5)).sum())
+    near = int(((off.image[mask] < lo + 0.5) | (off.image[mask] > hi - 0.5)).sum())
+    assert clip.info["clipped_voxels"] > 0 and outside <= clip.info["clipped_voxels"] <= near
+    assert f"{clip.info['clipped_voxels']} lesion voxels clipped" in hu_correction_note(clip.info)
+    summary = hu_correction_summary([off.info, shift.info, clip.info])
+    assert summary["hu_correction"] == ["clip", "off", "shift"] and summary["lesions"] == 3
+    assert summary["lesions_moved"] == 2 and summary["voxels_clipped"] == clip.info["clipped_voxels"]
+    shifts = [abs(shift.info["hu_shift"]), abs(clip.info["hu_shift"])]
+    assert summary["mean_abs_hu_shift"] == pytest.approx(np.mean(shifts)) and summary["max_abs_hu_shift"] == max(shifts)
+    assert hu_correction_summary([off.info])["lesions_moved"] == 0
 
 
 def test_shifted_lesion_leaves_no_halo_in_the_blend_ring():
@@ -271,7 +299,7 @@ def test_text_ablation_gives_both_networks_null_prompts(scene):
                 v.clear()
             # any mask is accepted (threshold -1, no size checks): this test is about what the networks see
             cfg = SynthesisConfig(ddim_steps=1, text_conditioning=text, mask_threshold=-1.0, max_retries=0,
-                                  min_volume_fraction=0.0, min_organ_fraction=0.0)
+                                  min_volume_fraction=0.0, min_organ_fraction=0.0, min_mask_in_organ=0.0)
             out = LesionSynthesizer(bundle, "cpu", cfg)(ct, organs, reports[:1], catalog, seed=0)
             assert out[0].ok, out[0].failure
             for name, ctxs in seen.items():

@@ -114,8 +114,8 @@ def test_synthesize_redraws_and_prints_tries_on_a_thin_organ(shared_ct_dir, bund
             frac = doc["synthesis"]["organ_fraction"]
             assert 0.25 <= frac <= 0.9  # the same rule the box passed at placement
             syn = doc["synthesis"]
-            said = f"sample {i:03d}: HU correction shift: the generated lesion mean {syn['generated_mean_hu']:.1f} HU"
-            assert (said in text) == syn["hu_corrected"]
+            assert syn["hu_correction"] == "off" and syn["hu_corrected"] is False  # the default: the model's HU
+            assert f"sample {i:03d}: HU correction" not in text
         else:
             assert t == 4 and rc == 1
             fails = yaml.safe_load((out / "failures.yaml").read_text())

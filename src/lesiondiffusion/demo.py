@@ -299,7 +299,7 @@ class Demo:
 
         from .catalog import load_catalog
         from .organs import load_organ_map
-        from .pipeline import LesionSynthesizer
+        from .pipeline import LesionSynthesizer, hu_correction_note, hu_correction_record
         from .preview import save_preview
 
         s = self.settings
@@ -321,6 +321,11 @@ class Demo:
                 if res.ok:
                     break
                 failures.append({"type": t, "template": case, "seed": seed, "reason": str(res.failure)})
+            # the report is the prompt; what the pipeline did to the lesion (HU correction, mask tries)
+            # goes beside it, so a corrected density is never mistaken for the model's
+            hu = hu_correction_record(res.info)
+            write_json(out / "synthesis.json", {**hu, "mask_attempts": res.info.get("mask_attempts")})
+            note = hu_correction_note(res.info)
             if not res.ok:
                 continue
             save_nifti(out / "image.nii.gz", res.image.astype(np.float32), affine, header)
@@ -328,11 +333,12 @@ class Demo:
             res.report.to_yaml(out / "report.yaml")
             preview = out / "preview.png"
             save_preview(preview, ct, res.image, res.lesion_mask, organs.spacing,
-                         title=f"{t} ({res.report.shape}, {res.report.density}) on {case}")
+                         title=f"{t} ({res.report.shape}, {res.report.density}) on {case}"
+                         + (f"\n{note}" if note else ""))
             samples.append({"type": t, "template": case, "dir": str(out), "preview": str(preview),
                             "hollow": catalog.organ_type.startswith("hollow"),
                             "voxels": int(res.lesion_mask.sum()), "shape": res.report.shape,
-                            "density": res.report.density})
+                            "density": res.report.density, "hu": hu, "hu_note": note})
         if not samples:
             raise LesionDiffusionError(
                 "Every synthesis failed: " + "; ".join(f"{f['type']}: {f['reason']}" for f in failures)
@@ -381,6 +387,8 @@ class Demo:
             "curves": {"real_only": training_curve(real["fold_dir"]),
                        "lesiondiffusion": training_curve(ld["fold_dir"])},
             "trainers": {"real_only": real["trainer"], "lesiondiffusion": ld["trainer"]},
+        from .pipeline import hu_correction_summary
+
             "table": str(out.paths["markdown"]), "chart": str(out.paths["png"]),
         }
 
@@ -389,6 +397,8 @@ class Demo:
         write_summary_png(self, results, self.paths.summary_png)
         nn = results["nnunet"]
         summary = {
+            # how far a correction moved the shown lesions (off by default: all zeros, the model's own HU)
+            "hu_correction": hu_correction_summary([x.get("hu", {}) for x in results["synthesis"]["samples"]]),
             "workdir": str(self.paths.workdir),
             "dataset": results["data"]["dataset"],
             "bundle": results["bundle"]["bundle"],
@@ -540,6 +550,15 @@ def comparison_lines(dice: dict[str, dict[str, float]]) -> list[str]:
         if abs(diff) < 0.005:
             verdict = "no difference"
         else:
+def _hu_lines(hu: dict[str, Any] | None) -> list[str]:
+    """One line when an HU correction moved any shown lesion (nothing with the default, off)."""
+    if not hu or not hu.get("lesions_moved"):
+        return []
+    return [f"  HU correction        {hu['hu_correction']} moved {hu['lesions_moved']} of {hu['lesions']} lesions "
+            f"(mean |shift| {hu['mean_abs_hu_shift']:.1f} HU, max {hu['max_abs_hu_shift']:.1f} HU, "
+            f"{hu['voxels_clipped']} voxels clipped): their density is the catalog's, not the model's"]
+
+
             verdict = f"{'LesionDiffusion' if diff > 0 else 'real only'} better by {abs(diff):.3f}"
         out.append(f"Dice {t}: real only {real:.3f}, LesionDiffusion {ld:.3f} ({verdict})")
     return out
@@ -553,7 +572,8 @@ def format_final(results: dict[str, Any]) -> str:
         f"  phantom dataset      {s['dataset']}",
         f"  generator bundle     {s['bundle']}   <- {DEMO_NOTICE.split('.')[0]}",
         f"  synthetic lesions    {Path(s['synthesis'][0]).parent if s['synthesis'] else '-'} "
-        f"({len(s['synthesis'])} cases: image.nii.gz, lesion.nii.gz, report.yaml, preview.png)",
+        f"({len(s['synthesis'])} cases: image.nii.gz, lesion.nii.gz, report.yaml, synthesis.json, preview.png)",
+        *_hu_lines(s.get("hu_correction")),
         f"  nnU-Net models       real only: {s['nnunet_models']['real_only']}",
         f"                       LesionDiffusion: {s['nnunet_models']['lesiondiffusion']}",
         f"  predictions          {s['predictions']['lesiondiffusion']} (and .../real)",

@@ -34,10 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
     p.add_argument("--batch-size", type=int, default=4, help="lesions per network batch (default 4)")
     p.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
-    p.add_argument("--hu-correction", choices=("off", "shift", "clip"), default="shift",
-                   help="when the lesion's mean HU leaves the catalog's range for its density: shift the generated "
-                        "patch into it (default), clip lesion voxels into it, or off (keep the model's intensities); "
-                        "a correction that acts is printed with the pre-correction mean")
+    p.add_argument("--hu-correction", choices=("off", "shift", "clip"), default="off",
+                   help="off (default): keep the model's own intensities, as in the method; shift: move the generated "
+                        "patch so the lesion mean reaches the catalog's HU range for its density; clip: clip lesion "
+                        "voxels into it. A correction that acts is printed and kept in report.yaml and the preview "
+                        "title (mean before and after, shift, voxels clipped)")
     p.add_argument("--max-tries", type=int, default=5, metavar="N",
                    help="draws per sample before it counts as failed: a new report when reports are sampled, a "
                         "new placement and noise otherwise (default 5)")
@@ -213,15 +214,13 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 def _say_hu_correction(i: int, result) -> None:  # noqa: ANN001
     """One line when the HU correction changed what the model made (report.yaml keeps the figures)."""
-    info = result.info
-    if not info.get("hu_corrected"):
+    from ..pipeline import hu_correction_note
+
+    note = hu_correction_note(result.info)
+    if note is None:
         return
-    lo, hi = info["hu_range"]
     r = result.report
-    extra = f", {info['clipped_fraction']:.0%} of lesion voxels clipped" if "clipped_fraction" in info else ""
-    print(f"sample {i:03d}: HU correction {info['hu_correction']}: the generated lesion mean "
-          f"{info['generated_mean_hu']:.1f} HU lies outside the catalog's [{lo:g}, {hi:g}] HU for {r.density!r} "
-          f"under {r.enhancement!r}; now {info['corrected_mean_hu']:.1f} HU (shift {info['hu_shift']:+.1f} HU{extra}). "
+    print(f"sample {i:03d}: {note} for {r.density!r} under {r.enhancement!r}. "
           "Use --hu-correction off to keep the model's intensities.")
 
 
@@ -253,9 +252,13 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
         if not args.no_preview:
             r = result.report
             save_preview(tmp / "preview.png", ct, result.image, result.lesion_mask, spacing,
-                         title=f"sample {i:03d}: {r.lesion_type}, {r.density}, {r.shape}, {r.size}")
+                         title=f"sample {i:03d}: {r.lesion_type}, {r.density}, {r.shape}, {r.size}"
+                         + (f"\n{note}" if note else ""))
         # mkdtemp/mkstemp create owner-only files; give outputs the user's normal permissions
+            from ..pipeline import hu_correction_note
+
         umask = os.umask(0)
+            note = hu_correction_note(result.info)
         os.umask(umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)

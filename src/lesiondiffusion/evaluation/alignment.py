@@ -68,6 +68,20 @@ def prompt_values(catalog: "Catalog", attribute: str) -> list[str]:
     return list(catalog.domain(attribute))
 
 
+def uncorrected(generator: "LesionGenerator") -> "LesionGenerator":
+    """``generator`` with its HU correction off: a shallow copy (same networks) when its ``config`` has a
+    ``hu_correction`` other than ``off``, else ``generator`` itself."""
+    import copy
+    import dataclasses
+
+    cfg = getattr(generator, "config", None)
+    if cfg is None or getattr(cfg, "hu_correction", "off") == "off" or not dataclasses.is_dataclass(cfg):
+        return generator
+    out = copy.copy(generator)
+    out.config = dataclasses.replace(cfg, hu_correction="off")  # type: ignore[attr-defined]
+    return out
+
+
 def run_alignment(
     generator: "LesionGenerator",
     ct: np.ndarray,
@@ -80,10 +94,16 @@ def run_alignment(
     progress: bool = True,
 ) -> AlignmentResult:
     """Generate ``n`` lesions per value of each prompt group with every other attribute sampled,
-    and measure shape (masks) and HU (images) per sample."""
+    and measure shape (masks) and HU (images) per sample.
+
+    Always the model's own intensities: a synthesizer whose ``config.hu_correction`` is not ``off`` runs
+    here with it off (a correction moves every lesion into the prompt's HU range and would measure the
+    catalog), and a result that says it was HU-corrected anyway is an error, never a figure."""
     from tqdm.auto import tqdm
 
-    from ..errors import CatalogError
+    from ..errors import CatalogError, LesionDiffusionError
+
+    generator = uncorrected(generator)
 
     spacing = organs.spacing
     voxel_mm3 = float(np.prod(spacing))
@@ -105,6 +125,12 @@ def run_alignment(
             if not res.ok:
                 result.samples.append(AlignmentSample(g, v, s, False, str(res.failure)))
                 continue
+            if res.info.get("hu_corrected"):
+                raise LesionDiffusionError(
+                    f"alignment {catalog.name}, {g}={v!r}, seed {s}: the generator HU-corrected the lesion "
+                    f"({res.info.get('hu_correction')}); alignment measures the model's own intensities, so run "
+                    "the generator with hu_correction='off'."
+                )
             mask = res.lesion_mask.astype(bool)
             organ_names = res.box.organ_names if res.box is not None else catalog.organ_names(report.organ)
             st = hu_stats(res.image, mask, organs.mask(organ_names))

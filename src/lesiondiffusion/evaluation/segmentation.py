@@ -241,6 +241,11 @@ class SegmentationProtocol:
             raise LesionDiffusionError(
                 f"Generator {generator!r} needs a model bundle: pass --bundle DIR (or set generator.bundle in the "
                 "--config YAML), or leave it out with --generators rule_based.")
+        else:
+            from ..pipeline import SynthesisConfig
+
+            # written out, so a cache or run made under an earlier default (shift) never passes for today's
+            g.setdefault("hu_correction", SynthesisConfig.hu_correction)
         cfg["generator"] = {**g, **GENERATORS[generator]}
         cfg["seed"] = int(seed)
         return cfg
