@@ -1,11 +1,12 @@
 """Reproduce the demo generator bundle: the tiny preset trained on abdominal phantoms (CPU, minutes).
 
-    python -m lesiondiffusion.pretrain.demo_bundle --out /tmp/demo_bundle [--install]
+    python benchmarks/demo_bundle.py --out /tmp/demo_bundle [--install]
 
 The phantoms here use other seeds than the demo's and the benchmark's segmentation datasets, so the
 generator never sees a lesion it is later tested on. ``--install`` copies the trained bundle into the
 package (``lesiondiffusion/data/demo_bundle``) where ``lesiondiffusion demo`` and the few-shot
-benchmark find it; the weights are a few MB.
+benchmark find it; the weights are a few MB. Run from a source checkout: this recipe, ``learns.py`` and
+``toydata.py`` are benchmarks, not part of the installed package.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ import time
 from pathlib import Path
 
 import torch
+
+from lesiondiffusion.demo_assets import DEMO_NOTICE, packaged_bundle_dir
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +44,14 @@ RECIPE = {
 }
 
 
-def packaged_bundle_dir() -> Path:
-    """Where the shipped demo bundle lives inside the installed package (``lesiondiffusion/data``)."""
-    import lesiondiffusion
-
-    return Path(lesiondiffusion.__file__).resolve().parent / "data" / "demo_bundle"
-
-
 def train_demo_bundle(out: Path, recipe: dict = RECIPE, nets: tuple[str, ...] = ("vqgan", "lmnet", "linet"),
                       progress: bool = False) -> dict:
     from lesiondiffusion.bundle import Bundle
     from lesiondiffusion.phantoms import write_phantom_dataset
 
-    from .common import prep_config
-    from .data import prepare_dataset
-    from .learns import _train, make_bundle
+    from lesiondiffusion.pretrain.common import prep_config
+    from lesiondiffusion.pretrain.data import prepare_dataset
+    from learns import _train, make_bundle
 
     out.mkdir(parents=True, exist_ok=True)
     data = write_phantom_dataset(out / "data", n_healthy=recipe["n_healthy"], lesion_types=recipe["lesion_types"],
@@ -164,8 +160,6 @@ def install(bundle: Path, target: Path | None = None) -> Path:
     if tmp.exists():
         shutil.rmtree(tmp)
     shutil.copytree(bundle, tmp, ignore=shutil.ignore_patterns("*.tmp", "__pycache__"))
-    from lesiondiffusion.demo import DEMO_NOTICE
-
     (tmp / "DEMO_WEIGHTS_NOT_FOR_RESEARCH.txt").write_text(DEMO_NOTICE + "\n")
     if target.exists():
         shutil.rmtree(target)

@@ -24,7 +24,8 @@ from pathlib import Path
 
 def main(argv: list[str] | None = None) -> int:
     from lesiondiffusion.fewshot import GENERATORS, FewShotData, FewShotStudy, write_fewshot_dataset
-    from lesiondiffusion.pretrain.demo_bundle import packaged_bundle_dir
+    from lesiondiffusion.nnunet_integration.discovery import with_ext_trainer
+    from lesiondiffusion.demo_assets import packaged_bundle_dir
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--workdir", type=Path, default=Path("/tmp/lesiondiffusion_fewshot"))
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         synthetic_cases=a.synthetic_cases or None, ddim_steps=a.ddim_steps, hu_correction=a.hu_correction,
         pretrain_fraction=a.pretrain_fraction, synthetic_probability=a.synthetic_probability,
         finetune_synthetic_probability=a.finetune_synthetic_probability,
-        parallel=a.parallel, echo=lambda m: print(m, flush=True))
+        parallel=a.parallel, echo=lambda m: print(m, flush=True), env=with_ext_trainer(os.environ))
     out = study.run()
     minutes = (time.time() - t0) / 60
     print()

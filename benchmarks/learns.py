@@ -1,7 +1,7 @@
 """Benchmark (not CI): show that the three trainers learn, on a toy dataset whose lesions follow their
 reports, with the tiny preset on CPU in minutes.
 
-    python -m lesiondiffusion.pretrain.learns --out /tmp/learns [--vqgan-steps N --lmnet-steps N --linet-steps N]
+    python benchmarks/learns.py --out /tmp/learns [--vqgan-steps N --lmnet-steps N --linet-steps N]
 
 Prints: VQ-GAN reconstruction error at the start vs the end; sphericity and convexity of LMNet masks
 for "round-like" vs "irregular" prompts at the same locations; mean HU of LINet inpaintings for
@@ -73,9 +73,9 @@ def make_bundle(path: Path, spacing: float, lmnet_crop: int, linet_crop: int, se
 
 
 def _train(net: str, data: Path, out: Path, steps: int, batch: int, extra: dict[str, Any], lr: float) -> float:
-    from . import train_linet, train_lmnet, train_vqgan
-    from .common import PretrainOptions
-    from .engine import TrainConfig
+    from lesiondiffusion.pretrain import train_linet, train_lmnet, train_vqgan
+    from lesiondiffusion.pretrain.common import PretrainOptions
+    from lesiondiffusion.pretrain.engine import TrainConfig
 
     mod = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}[net]
     opts = PretrainOptions(data=data, run_dir=out / f"run_{net}", bundle=out / "bundle", cache=out / "cache",
@@ -92,7 +92,7 @@ def vqgan_error(bundle_path: Path, cache: Path, patch: int, n: int = 8) -> tuple
     """(MSE in windowed units, MAE in HU inside the body) on fixed patches, for the bundle's VQ-GAN."""
     from lesiondiffusion.bundle import Bundle
 
-    from .data import Manifest, VolumePatchDataset
+    from lesiondiffusion.pretrain.data import Manifest, VolumePatchDataset
 
     b = Bundle.load(bundle_path)
     man = Manifest.load(cache)
@@ -107,7 +107,7 @@ def vqgan_error(bundle_path: Path, cache: Path, patch: int, n: int = 8) -> tuple
 
 
 def _prompt(report: dict, **change: str) -> dict:
-    from .toydata import toy_report
+    from toydata import toy_report
 
     r = dict(report)
     r.update(change)
@@ -131,10 +131,10 @@ def evaluate(out: Path, n_locations: int, seeds: int, ddim_steps: int | None = N
     from lesiondiffusion.evaluation import convexity, sphericity
     from lesiondiffusion.report import LesionReport
 
-    from .common import PhraseTable
-    from .data import LesionCropDataset, Manifest
-    from .train_linet import LINetTask
-    from .train_lmnet import DiffusionTaskConfig, LMNetTask
+    from lesiondiffusion.pretrain.common import PhraseTable
+    from lesiondiffusion.pretrain.data import LesionCropDataset, Manifest
+    from lesiondiffusion.pretrain.train_linet import LINetTask
+    from lesiondiffusion.pretrain.train_lmnet import DiffusionTaskConfig, LMNetTask
 
     b = Bundle.load(out / "bundle")
     man = Manifest.load(out / "cache")
@@ -223,7 +223,7 @@ def evaluate(out: Path, n_locations: int, seeds: int, ddim_steps: int | None = N
     dh = np.asarray(per_lesion["hyperdense"]) - np.asarray(per_lesion["hypodense"])
     res["linet_paired"] = {"hu_diff": float(dh.mean()), "hu_diff_se": float(dh.std(ddof=1) / np.sqrt(len(dh))),
                            "hyper_higher": int((dh > 0).sum()), "pairs": len(dh)}
-    from .data import unwindow
+    from lesiondiffusion.pretrain.data import unwindow
 
     real_hu = unwindow(ib["image"][:, 0].numpy(), b.config.hu_window)
     res["real_lesion_hu"] = {d: float(np.mean([real_hu[j][les[j]].mean() for j, i in enumerate(idx)
@@ -264,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     torch.set_num_threads(a.threads)
-    from .toydata import write_toy_dataset
+    from toydata import write_toy_dataset
 
     out = a.out
     out.mkdir(parents=True, exist_ok=True)
@@ -279,8 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                         attention={n: k for n in ("lmnet", "linet") if (k := getattr(a, f"{n}_attention"))})
     from lesiondiffusion.bundle import Bundle
 
-    from .common import prep_config
-    from .data import prepare_dataset
+    from lesiondiffusion.pretrain.common import prep_config
+    from lesiondiffusion.pretrain.data import prepare_dataset
 
     prepare_dataset(data, out / "cache", prep_config(Bundle.load(out / "bundle")), progress=False)
     if a.eval_only:

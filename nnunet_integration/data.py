@@ -38,7 +38,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from lesiondiffusion.errors import ConfigError, LesionDiffusionError
-from lesiondiffusion.generator import build_generator as generator_from_name
+from lesiondiffusion.generators import build_generator as generator_from_name
 from lesiondiffusion.store import SyntheticCase
 
 from .config import LesionDiffusionConfig, resolve_label
@@ -270,7 +270,7 @@ def load_templates(spec: FactorySpec, catalogs: Sequence[Any], labels: Sequence[
 
 
 def build_generator(config: LesionDiffusionConfig, device: str | None = None) -> Any:
-    """The configured backend (``lesiondiffusion.generator.build_generator`` decides)."""
+    """The configured backend (``lesiondiffusion.generators.build_generator`` decides)."""
     g = config.generator
     return generator_from_name(g.backend, bundle=g.bundle, device=device or g.device, options=g.options,
                                text_conditioning=g.text_conditioning, hu_correction=g.hu_correction,

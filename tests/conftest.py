@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +11,8 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_CT = REPO_ROOT.parent / "shared" / "data" / "ct" / "totalsegmentator_example"
+# benchmarks/toydata.py (the toy pretraining dataset several tests build on) is not installed with the package
+sys.path.insert(0, str(REPO_ROOT / "benchmarks"))
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -335,7 +335,7 @@ def _truncated_organs_place(w: World, d: Path) -> list[str]:
 
 
 def _toy(d: Path) -> Path:
-    from lesiondiffusion.pretrain.toydata import write_toy_dataset
+    from toydata import write_toy_dataset  # benchmarks/toydata.py (conftest puts benchmarks/ on the path)
 
     return write_toy_dataset(d / "ds", n_lesion=1, n_healthy=0, shape=(16, 16, 12), seed=0)
 

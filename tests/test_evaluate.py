@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
+from lesiondiffusion.nnunet_integration.discovery import with_ext_trainer
 from lesiondiffusion.evaluation import (
     convexity,
     dice,
@@ -311,6 +312,21 @@ class _FakeNNUNet:
         return self
 
 
+def test_nnunet_environment_needs_the_trainers_findable_and_names_the_fix(tmp_path):
+    """The core runner does not import the nnU-Net integration: its caller puts the trainer folder in
+    nnUNet_extTrainer, and a missing one is named with the fix before any nnU-Net command runs."""
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.evaluation.nnunet_runner import nnunet_environment
+
+    env = {k: str(tmp_path) for k in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    with pytest.raises(LesionDiffusionError, match=r"lists no folder with lesiondiffusion_trainers.py.*nnunet env"):
+        nnunet_environment(env)
+    with pytest.raises(LesionDiffusionError, match="lists no folder"):
+        nnunet_environment(dict(env, nnUNet_extTrainer=str(tmp_path)))
+    ok = nnunet_environment(with_ext_trainer(env))
+    assert ok["nnUNet_compile"] == "false" and ok["nnUNet_extTrainer"].endswith("ext_trainers")
+
+
 @pytest.fixture
 def fake_dataset(tmp_path):
     """A raw dataset with a test set and preprocessed 2d data (files only; the fake commands read nothing)."""
@@ -322,8 +338,8 @@ def fake_dataset(tmp_path):
     pre = tmp_path / "pre" / ds.name
     (pre / "nnUNetPlans_2d").mkdir(parents=True)
     (pre / "nnUNetPlans.json").write_text(json.dumps({"configurations": {"2d": {"data_identifier": "nnUNetPlans_2d"}}}))
-    return dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
-                nnUNet_results=str(tmp_path / "res"))
+    return with_ext_trainer(dict(os.environ, nnUNet_raw=str(tmp_path / "raw"), nnUNet_preprocessed=str(tmp_path / "pre"),
+                                 nnUNet_results=str(tmp_path / "res")))
 
 
 def test_parallel_runs_give_the_sequential_results_and_tables(tmp_path, fake_dataset, monkeypatch):
@@ -432,6 +448,7 @@ def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
                nnUNet_results=str(tmp_path / "res"), nnUNet_n_proc_DA="1", nnUNet_def_n_proc="1",
                nnUNet_compile="false", OMP_NUM_THREADS="1")
     env.pop("LESIONDIFFUSION_CONFIG", None)
+    env = with_ext_trainer(env)  # the caller makes the trainers findable (the core does not import them)
     # random tiny weights: accept any mask (the smoke test is about the protocol, not the lesions)
     base = {"catalogs": [{"name": "kidney_tumor"}], "synthetic_probability": 1.0,
             "store": {"size": 4, "reuse": 4, "warmup": 1},

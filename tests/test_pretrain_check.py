@@ -15,7 +15,7 @@ from lesiondiffusion.cli import main
 from lesiondiffusion.errors import DataCheckError
 from lesiondiffusion.io import save_nifti
 from lesiondiffusion.pretrain import data as pdata
-from lesiondiffusion.pretrain.toydata import write_toy_dataset
+from toydata import write_toy_dataset  # benchmarks/toydata.py (conftest puts benchmarks/ on the path)
 
 
 @pytest.fixture(scope="module")

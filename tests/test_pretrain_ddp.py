@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from lesiondiffusion.pretrain.toydata import write_toy_dataset
+from toydata import write_toy_dataset  # benchmarks/toydata.py (conftest puts benchmarks/ on the path)
 
 
 def _free_port() -> int:

@@ -14,7 +14,7 @@ from lesiondiffusion.cli import main
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.pretrain import common, train_linet, train_lmnet, train_vqgan
 from lesiondiffusion.pretrain.engine import TrainConfig
-from lesiondiffusion.pretrain.toydata import write_toy_dataset
+from toydata import write_toy_dataset  # benchmarks/toydata.py (conftest puts benchmarks/ on the path)
 
 TRAINERS = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}
 

@@ -23,6 +23,7 @@ from .errors import CatalogError, ReportError
 from .organs import TOTALSEG_V1, TOTALSEG_V2
 from .report import (
     ATTRIBUTES,
+    add_organ_source,
     declare_organ,
     SIZE_CATEGORIES,
     LesionReport,
@@ -422,6 +423,8 @@ def declare_catalog_organs() -> None:
 
 
 _DECLARING = False
+# a report naming a catalog-declared organ may be read before its catalog: the vocabulary asks this
+add_organ_source(declare_catalog_organs)
 
 
 def load_catalog(name_or_path: str | Path) -> Catalog:

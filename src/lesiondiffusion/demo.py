@@ -18,16 +18,13 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .demo_assets import DEMO_NOTICE, packaged_bundle_dir
 from .errors import LesionDiffusionError
 from .io import atomic_path, load_nifti, save_nifti, write_json, write_yaml
+from .nnunet_integration.discovery import with_ext_trainer
 
 log = logging.getLogger(__name__)
 
-DEMO_NOTICE = (
-    "DEMO WEIGHTS - NOT FOR RESEARCH OR CLINICAL USE. Trained for a few minutes on CPU by "
-    "`lesiondiffusion demo` on procedural phantoms (tiny preset); they show that the pipeline "
-    "runs end to end, not that it produces realistic lesions."
-)
 
 
 @dataclass
@@ -46,7 +43,7 @@ class DemoSettings:
     synth_per_type: int = 1
     synth_attempts: int = 3          # new report + seed after a failed synthesis, per lesion
     ddim_steps: int = 10             # DDIM steps of the demo's synthesis and of the synthetic cache
-    # generator: the bundle shipped in the package (trained on phantoms by pretrain/demo_bundle.py), or
+    # generator: the bundle shipped in the package (trained on phantoms by benchmarks/demo_bundle.py), or
     # "train": a few minutes of pretraining with the steps below
     bundle_source: str = "packaged"
     pretrain_steps: dict[str, int] = field(default_factory=lambda: {"vqgan": 40, "lmnet": 60, "linet": 60})
@@ -237,19 +234,17 @@ class Demo:
         return self._train_bundle()
 
     def _packaged_bundle(self) -> dict[str, Any]:
-        from .pretrain.demo_bundle import packaged_bundle_dir
-
         src = packaged_bundle_dir()
         if not (src / "config.yaml").is_file():
             raise LesionDiffusionError(
                 f"The demo bundle is not installed ({src} has no config.yaml). Reinstall the package, or rebuild it "
-                "with `python -m lesiondiffusion.pretrain.demo_bundle --install`.")
+                "from a source checkout with `python benchmarks/demo_bundle.py --install`.")
         if self.paths.bundle.exists():
             shutil.rmtree(self.paths.bundle)
         shutil.copytree(src, self.paths.bundle)
         info = json.loads((src / "demo_bundle.json").read_text()) if (src / "demo_bundle.json").exists() else {}
         self.echo(f"    bundle: {self.paths.bundle} (shipped demo weights, trained on phantoms by "
-                  f"pretrain/demo_bundle.py; {DEMO_NOTICE.split('.')[0]})")
+                  f"benchmarks/demo_bundle.py; {DEMO_NOTICE.split('.')[0]})")
         return {"bundle": str(self.paths.bundle), "metrics": {}, "source": "packaged", "recipe": info.get("recipe")}
 
     def _train_bundle(self) -> dict[str, Any]:
@@ -349,7 +344,7 @@ class Demo:
 
     # ---- step 4: nnU-Net --------------------------------------------------------------------
     def nnunet_env(self) -> dict[str, str]:
-        env = dict(os.environ)
+        env = with_ext_trainer(os.environ)  # nnU-Net finds the installed LesionDiffusion trainers
         env.update({
             "nnUNet_raw": str(self.paths.raw),
             "nnUNet_preprocessed": str(self.paths.preprocessed),

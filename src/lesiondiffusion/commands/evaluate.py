@@ -93,7 +93,7 @@ def run_alignment(args: argparse.Namespace) -> int:
     from lesiondiffusion.catalog import load_catalog
     from lesiondiffusion.errors import LesionDiffusionError
     from lesiondiffusion.evaluation.alignment import format_alignment_table, run_alignment as study, write_alignment
-    from lesiondiffusion.generator import build_generator
+    from lesiondiffusion.generators import build_generator
     from lesiondiffusion.io import load_nifti
     from lesiondiffusion.organs import load_organ_map
 
@@ -128,6 +128,7 @@ def run_alignment(args: argparse.Namespace) -> int:
 
 def run_segmentation(args: argparse.Namespace) -> int:
     from lesiondiffusion.evaluation.segmentation import run_segmentation_study
+    from lesiondiffusion.nnunet_integration.discovery import with_ext_trainer
 
     def items(text: str) -> tuple[str, ...]:
         return tuple(x.strip() for x in text.split(",") if x.strip())
@@ -140,7 +141,7 @@ def run_segmentation(args: argparse.Namespace) -> int:
         configuration=args.configuration, fold=args.fold, plans=args.plans, trainer_suffix=args.trainer_suffix,
         trainers=trainers, config=args.config, bundle=args.bundle, test_images=args.test_images,
         test_labels=args.test_labels, device=args.device, parallel=args.parallel, plan=not args.no_plan,
-        progress=not args.no_progress, echo=print,
+        progress=not args.no_progress, echo=print, env=with_ext_trainer(),
     )
     print()
     print(result.paths["markdown"].read_text())

@@ -16,11 +16,12 @@ from typing import Any, Callable, Mapping, Sequence
 from tqdm.auto import tqdm
 
 from ..errors import LesionDiffusionError
-from ..nnunet_integration.discovery import with_ext_trainer
 
 log = logging.getLogger(__name__)
 
 NNUNET_DIRS = ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")
+# the module nnU-Net imports from a folder in nnUNet_extTrainer to find the LesionDiffusion trainers
+TRAINER_MODULE = "lesiondiffusion_trainers.py"
 
 
 def nnunet_executable(name: str) -> str:
@@ -39,14 +40,23 @@ def nnunet_executable(name: str) -> str:
 
 def nnunet_environment(env: Mapping[str, str] | None = None, config: str | Path | None = None) -> dict[str, str]:
     """The environment for nnU-Net subprocesses: the three nnU-Net folders must be set; our trainers
-    are findable; ``LESIONDIFFUSION_CONFIG`` points at ``config`` when given; no torch.compile."""
-    env = with_ext_trainer(os.environ if env is None else env)
+    must be findable (the caller puts their folder in ``nnUNet_extTrainer``: the CLI and the demo use
+    ``nnunet_integration.discovery.with_ext_trainer``, which this core module does not import);
+    ``LESIONDIFFUSION_CONFIG`` points at ``config`` when given; no torch.compile."""
+    env = dict(os.environ if env is None else env)
     missing = [k for k in NNUNET_DIRS if not env.get(k)]
     if missing:
         raise LesionDiffusionError(
             f"Environment variable(s) {', '.join(missing)} not set. nnU-Net needs nnUNet_raw, "
             "nnUNet_preprocessed and nnUNet_results pointing at folders (see nnU-Net's "
             "documentation/set_environment_variables.md)."
+        )
+    folders = [p for p in env.get("nnUNet_extTrainer", "").split(os.pathsep) if p]
+    if not any((Path(p) / TRAINER_MODULE).is_file() for p in folders):
+        raise LesionDiffusionError(
+            f"nnUNet_extTrainer ({os.pathsep.join(folders) or 'not set'}) lists no folder with {TRAINER_MODULE}, so "
+            "nnU-Net cannot find the LesionDiffusion trainers. Run `eval \"$(lesiondiffusion nnunet env)\"` "
+            "first, or pass env=lesiondiffusion.nnunet_integration.discovery.with_ext_trainer(env)."
         )
     if config is not None:
         cfg = Path(config)
