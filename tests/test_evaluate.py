@@ -169,7 +169,6 @@ def test_alignment_rule_based_separates_density_prompts(phantom_case):
     assert abs(hyper["organ_hu_mean_mean"] - hypo["organ_hu_mean_mean"]) < 15
 
 
-def test_alignment_bad_input_is_clear(tmp_path, phantom_case):
 def test_alignment_always_measures_uncorrected_output(phantom_case):
     """A synthesizer set to shift runs with the correction off inside the study (its own config is left
     as it was); a generator that corrects anyway is refused rather than measured."""
@@ -207,6 +206,7 @@ def test_alignment_always_measures_uncorrected_output(phantom_case):
         run_alignment(Stamped(None), ct, organs, cat, 1, groups=("density",), progress=False)
 
 
+def test_alignment_bad_input_is_clear(tmp_path, phantom_case):
     r = _cli("evaluate", "alignment", "--ct", str(phantom_case / "ct.nii.gz"), "--organs",
              str(phantom_case / "organs.nii.gz"), "--catalog", "liver_tumor", "-n", "1")
     assert r.returncode == 2 and "--bundle" in r.stderr
@@ -420,6 +420,7 @@ def test_cache_folders_differ_by_what_makes_their_cases():
     assert names["plain"]["lesiondiffusion"].startswith("lesiondiffusion__n8__")
     assert len({n["lesiondiffusion"] for n in names.values()}) == 3  # hu and ddim change it, the device does not
     assert names["device"] == names["plain"]
+    assert names["off"] == names["plain"]  # the default (off) is written out: the same cases, the same cache
     assert len({n["rule_based"] for n in names.values()}) == 1  # diffusion options do not apply to rule_based
 
 
@@ -436,7 +437,6 @@ def test_segmentation_study_end_to_end_with_real_nnunet(tmp_path):
     raw = tmp_path / "raw"
     ds = write_phantom_dataset(raw, n_healthy=2, lesion_types=["kidney_tumor"], shape=(32, 32, 24),
                                spacing=(5.0, 5.0, 6.0), seed=0, dataset_id=931, name="EvalSeg", cases_per_type=2)
-    assert names["off"] == names["plain"]  # the default (off) is written out: the same cases, the same cache
     for i in range(2):
         ph = make_phantom((32, 32, 24), (5.0, 5.0, 6.0), seed=100 + i, lesion_types=["kidney_tumor"])
         save_nifti(ds / "imagesTs" / f"t{i}_0000.nii.gz", ph.ct, ph.affine)

@@ -316,16 +316,16 @@ class Demo:
                 if res.ok:
                     break
                 failures.append({"type": t, "template": case, "seed": seed, "reason": str(res.failure)})
-            # the report is the prompt; what the pipeline did to the lesion (HU correction, mask tries)
-            # goes beside it, so a corrected density is never mistaken for the model's
-            hu = hu_correction_record(res.info)
-            write_json(out / "synthesis.json", {**hu, "mask_attempts": res.info.get("mask_attempts")})
-            note = hu_correction_note(res.info)
             if not res.ok:
                 continue
             save_nifti(out / "image.nii.gz", res.image.astype(np.float32), affine, header)
             save_nifti(out / "lesion.nii.gz", res.lesion_mask.astype(np.uint8), affine, header)
             res.report.to_yaml(out / "report.yaml")
+            # the report is the prompt; what the pipeline did to the lesion (HU correction, mask tries)
+            # goes beside it, so a corrected density is never mistaken for the model's
+            hu = hu_correction_record(res.info)
+            write_json(out / "synthesis.json", {**hu, "mask_attempts": res.info.get("mask_attempts")})
+            note = hu_correction_note(res.info)
             preview = out / "preview.png"
             save_preview(preview, ct, res.image, res.lesion_mask, organs.spacing,
                          title=f"{t} ({res.report.shape}, {res.report.density}) on {case}"
@@ -382,23 +382,23 @@ class Demo:
             "curves": {"real_only": training_curve(real["fold_dir"]),
                        "lesiondiffusion": training_curve(ld["fold_dir"])},
             "trainers": {"real_only": real["trainer"], "lesiondiffusion": ld["trainer"]},
-        from .pipeline import hu_correction_summary
-
             "table": str(out.paths["markdown"]), "chart": str(out.paths["png"]),
         }
 
     # ---- step 5: summary -------------------------------------------------------------------
     def step_summary(self, results: dict[str, Any]) -> dict[str, Any]:
+        from .pipeline import hu_correction_summary
+
         write_summary_png(self, results, self.paths.summary_png)
         nn = results["nnunet"]
         summary = {
-            # how far a correction moved the shown lesions (off by default: all zeros, the model's own HU)
-            "hu_correction": hu_correction_summary([x.get("hu", {}) for x in results["synthesis"]["samples"]]),
             "workdir": str(self.paths.workdir),
             "dataset": results["data"]["dataset"],
             "bundle": results["bundle"]["bundle"],
             "bundle_notice": DEMO_NOTICE,
             "synthesis": [x["dir"] for x in results["synthesis"]["samples"]],
+            # how far a correction moved the shown lesions (off by default: all zeros, the model's own HU)
+            "hu_correction": hu_correction_summary([x.get("hu", {}) for x in results["synthesis"]["samples"]]),
             "nnunet_models": nn["fold_dirs"],
             "predictions": nn["predictions"],
             "dice": nn["dice"],
@@ -545,6 +545,11 @@ def comparison_lines(dice: dict[str, dict[str, float]]) -> list[str]:
         if abs(diff) < 0.005:
             verdict = "no difference"
         else:
+            verdict = f"{'LesionDiffusion' if diff > 0 else 'real only'} better by {abs(diff):.3f}"
+        out.append(f"Dice {t}: real only {real:.3f}, LesionDiffusion {ld:.3f} ({verdict})")
+    return out
+
+
 def _hu_lines(hu: dict[str, Any] | None) -> list[str]:
     """One line when an HU correction moved any shown lesion (nothing with the default, off)."""
     if not hu or not hu.get("lesions_moved"):
@@ -552,11 +557,6 @@ def _hu_lines(hu: dict[str, Any] | None) -> list[str]:
     return [f"  HU correction        {hu['hu_correction']} moved {hu['lesions_moved']} of {hu['lesions']} lesions "
             f"(mean |shift| {hu['mean_abs_hu_shift']:.1f} HU, max {hu['max_abs_hu_shift']:.1f} HU, "
             f"{hu['voxels_clipped']} voxels clipped): their density is the catalog's, not the model's"]
-
-
-            verdict = f"{'LesionDiffusion' if diff > 0 else 'real only'} better by {abs(diff):.3f}"
-        out.append(f"Dice {t}: real only {real:.3f}, LesionDiffusion {ld:.3f} ({verdict})")
-    return out
 
 
 def format_final(results: dict[str, Any]) -> str:
