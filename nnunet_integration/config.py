@@ -212,6 +212,8 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
         raise _err(p, "generator.device", g.device, "Use 'cpu', 'cuda' or 'cuda:N'.")
     if not isinstance(g.options, dict):
         raise _err(p, "generator.options", g.options, "Use a mapping of keyword arguments for the backend.")
+    if g.hu_correction is False:  # YAML 1.1 reads a bare `off` (the default, as written in docs) as false
+        g.hu_correction = "off"
     if g.hu_correction not in HU_CORRECTIONS:
         raise _err(p, "generator.hu_correction", g.hu_correction,
                    f"Use one of: {', '.join(HU_CORRECTIONS)} (shift: move the lesion mean into the catalog's HU range, "
@@ -312,5 +314,3 @@ def resolve_label(entry: CatalogEntry, catalog_label: str, dataset_json: dict, s
     choices = ", ".join(f"{k}={v}" for k, v in plain.items() if v != 0)
     raise _err(source, f"catalogs[{index}].label", wanted,
                f"It is not a foreground label of dataset.json (labels: {choices}). Set 'label:' to one of them.")
-    if g.hu_correction is False:  # YAML 1.1 reads a bare `off` (the default, as written in docs) as false
-        g.hu_correction = "off"

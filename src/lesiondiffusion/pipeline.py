@@ -54,7 +54,6 @@ class SynthesisConfig:
     max_retries: int = 2  # new LMNet noise after a rejected mask, per lesion
     min_volume_fraction: float = 0.1  # of the report's ellipsoid volume (pi/6 * x * y * z)
     min_organ_fraction: float | None = None  # None: the catalog's placement.min_organ_fraction (benchmarks: 0)
-    blend_dilation: int = 1  # voxels: the region that may change is the mask dilated this much
     # "in the organ", one rule for every placement kind: LMNet's own mask (before the box and organ clips)
     # is redrawn when less than ``min_mask_in_organ`` of it lies in its organ or within ``organ_margin_vox``
     # voxels outside the organ's surface. The margin lets a protruding lesion and a lesion of a 2-3 voxel
@@ -62,6 +61,7 @@ class SynthesisConfig:
     # is redrawn (measured: adrenal masks with 17-21 % in the gland passed the clipped 25 % rule). 0 disables.
     min_mask_in_organ: float = 0.5
     organ_margin_vox: int = 1
+    blend_dilation: int = 1  # voxels: the region that may change is the mask dilated this much
     feather_sigma: float = 0.7  # voxels: soft weight in the dilation ring (1 inside the mask)
     hu_clip: tuple[float, float] = (-1024.0, 3071.0)  # valid CT range applied to changed voxels
     # what to do when the lesion's mean HU leaves the catalog's range for its density: "off" keeps what the
@@ -84,12 +84,12 @@ class SynthesisConfig:
             )
         if self.on_failure not in ("result", "raise"):
             raise LesionDiffusionError(f"on_failure={self.on_failure!r}: use 'result' or 'raise'.")
-        if self.max_retries < 0 or self.batch_size < 1 or self.blend_dilation < 0:
         if not 0.0 <= self.min_mask_in_organ <= 1.0 or self.organ_margin_vox < 0:
             raise LesionDiffusionError(
                 f"min_mask_in_organ={self.min_mask_in_organ}, organ_margin_vox={self.organ_margin_vox}: the share "
                 "must lie in [0, 1] (0 disables the in-organ rule) and the margin must be >= 0 voxels."
             )
+        if self.max_retries < 0 or self.batch_size < 1 or self.blend_dilation < 0:
             raise LesionDiffusionError(
                 f"max_retries={self.max_retries}, batch_size={self.batch_size}, blend_dilation={self.blend_dilation}: "
                 "they must be >= 0, >= 1 and >= 0."
@@ -370,11 +370,8 @@ class LesionSynthesizer:
 
     def _noise(self, shape: tuple[int, ...], seed: int) -> torch.Tensor:
         # drawn on the CPU from a per-lesion generator: results do not depend on the device or on
-                    # the tries are part of the result, accepted or not (a redrawn mask is not free)
-                    it.info["mask_attempts"] = it.attempts
         # which other lesions share the batch
         gen = torch.Generator().manual_seed(int(seed) % (2**63))
-                    it.info.setdefault("mask_rejections", []).append(reason)
         return torch.randn(shape, generator=gen)
 
     def _steps_and_scale(self) -> tuple[int, float]:
@@ -395,13 +392,6 @@ class LesionSynthesizer:
         return out
 
     def _run_masks(self, items: list[_Item], organs: Any) -> None:
-        if raw:
-            in_organ = mask_in_organ_fraction(mask, organ, self.config.organ_margin_vox)
-            it.info["mask_in_organ_fraction"] = in_organ
-            if in_organ < self.config.min_mask_in_organ:
-                near = f" or within {self.config.organ_margin_vox} voxel(s) of it" if self.config.organ_margin_vox else ""
-                return (f"only {in_organ:.0%} of the generated mask lies in {box.organ_names}{near} "
-                        f"(needs >= {self.config.min_mask_in_organ:.0%}, SynthesisConfig.min_mask_in_organ)")
         steps, scale = self._steps_and_scale()
         pending = list(items)
         while pending:
@@ -426,8 +416,11 @@ class LesionSynthesizer:
                     it.attempts += 1
                     it.info["lmnet_seconds"] = it.info.get("lmnet_seconds", 0.0) + dt
                     reason = self._accept_mask(it, sample, organs)
+                    # the tries are part of the result, accepted or not (a redrawn mask is not free)
+                    it.info["mask_attempts"] = it.attempts
                     if reason is None:
                         continue
+                    it.info.setdefault("mask_rejections", []).append(reason)
                     log.info("lesion %d attempt %d: mask rejected (%s)", it.index, it.attempts, reason)
                     if it.attempts <= self.config.max_retries:
                         retry.append(it)
@@ -448,6 +441,13 @@ class LesionSynthesizer:
         raw = int(mask.sum())
         # share of LMNet's own mask (before the box and organ clipping below) inside the organ
         raw_organ_fraction = float((mask & organ).sum()) / raw if raw else 0.0
+        if raw:
+            in_organ = mask_in_organ_fraction(mask, organ, self.config.organ_margin_vox)
+            it.info["mask_in_organ_fraction"] = in_organ
+            if in_organ < self.config.min_mask_in_organ:
+                near = f" or within {self.config.organ_margin_vox} voxel(s) of it" if self.config.organ_margin_vox else ""
+                return (f"only {in_organ:.0%} of the generated mask lies in {box.organ_names}{near} "
+                        f"(needs >= {self.config.min_mask_in_organ:.0%}, SynthesisConfig.min_mask_in_organ)")
         mask &= in_box
         inside = box.category in INSIDE_ORGAN
         if inside:
@@ -548,51 +548,6 @@ class LesionSynthesizer:
         else:
             values = blended[changed].astype(ct.dtype)
         patch[changed] = values
-def hu_correction_note(info: dict[str, Any]) -> str | None:
-    """One line saying how far the HU correction moved a lesion (``None`` when it did not act), so every
-    output that shows a corrected lesion (report, preview, demo summary) says the density is the catalog's."""
-    if not info.get("hu_corrected"):
-        return None
-    lo, hi = info["hu_range"]
-    clipped = f", {info['clipped_voxels']} lesion voxels clipped" if info.get("clipped_voxels") else ""
-    return (f"HU correction {info['hu_correction']}: lesion mean {info['generated_mean_hu']:.1f} -> "
-            f"{info['corrected_mean_hu']:.1f} HU (shift {info['hu_shift']:+.1f} HU{clipped}; catalog range "
-            f"[{lo:g}, {hi:g}] HU)")
-
-
-HU_INFO_KEYS = ("hu_correction", "hu_corrected", "generated_mean_hu", "corrected_mean_hu", "hu_shift", "hu_range",
-                "clipped_voxels")
-
-
-def hu_correction_record(info: dict[str, Any]) -> dict[str, Any]:
-    """The HU-correction part of a result's ``info`` (what a sample's sidecar keeps)."""
-    return {k: info[k] for k in HU_INFO_KEYS if k in info}
-
-
-def hu_correction_summary(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """What the HU correction did over several results: lesions moved, mean |shift|, voxels clipped."""
-    moved = [i for i in infos if i.get("hu_corrected")]
-    modes = sorted({str(i.get("hu_correction", "off")) for i in infos})
-    return {
-        "hu_correction": modes[0] if len(modes) == 1 else modes,
-        "lesions": len(infos),
-        "lesions_moved": len(moved),
-        "mean_abs_hu_shift": float(np.mean([abs(i["hu_shift"]) for i in moved])) if moved else 0.0,
-        "max_abs_hu_shift": float(max((abs(i["hu_shift"]) for i in moved), default=0.0)),
-        "voxels_clipped": int(sum(int(i.get("clipped_voxels", 0)) for i in moved)),
-    }
-
-
-def mask_in_organ_fraction(mask: np.ndarray, organ: np.ndarray, margin_vox: int) -> float:
-    """Share of ``mask`` inside ``organ`` grown by ``margin_vox`` voxels (face connectivity): the single
-    in-organ measure of ``SynthesisConfig.min_mask_in_organ`` for every placement kind."""
-    n = int(mask.sum())
-    if n == 0:
-        return 0.0
-    near = ndimage.binary_dilation(organ, iterations=margin_vox) if margin_vox > 0 and organ.any() else organ
-    return float((mask & near).sum()) / n
-
-
         lesion_mask = np.zeros(ct.shape, dtype=np.uint8)
         lesion_mask[region] = mask.astype(np.uint8)
         it.info.update(changed_voxels=int(changed.sum()), lesion_voxels=int(mask.sum()))
@@ -637,6 +592,51 @@ def correct_hu(gen: np.ndarray, mask: np.ndarray, hu_range: tuple[float, float],
     info["corrected_mean_hu"] = float(out[mask].mean())
     info["hu_corrected"] = bool(shift != 0.0 or info.get("clipped_fraction", 0.0) > 0)
     return out.astype(np.float32, copy=False), info
+
+
+def hu_correction_note(info: dict[str, Any]) -> str | None:
+    """One line saying how far the HU correction moved a lesion (``None`` when it did not act), so every
+    output that shows a corrected lesion (report, preview, demo summary) says the density is the catalog's."""
+    if not info.get("hu_corrected"):
+        return None
+    lo, hi = info["hu_range"]
+    clipped = f", {info['clipped_voxels']} lesion voxels clipped" if info.get("clipped_voxels") else ""
+    return (f"HU correction {info['hu_correction']}: lesion mean {info['generated_mean_hu']:.1f} -> "
+            f"{info['corrected_mean_hu']:.1f} HU (shift {info['hu_shift']:+.1f} HU{clipped}; catalog range "
+            f"[{lo:g}, {hi:g}] HU)")
+
+
+HU_INFO_KEYS = ("hu_correction", "hu_corrected", "generated_mean_hu", "corrected_mean_hu", "hu_shift", "hu_range",
+                "clipped_voxels")
+
+
+def hu_correction_record(info: dict[str, Any]) -> dict[str, Any]:
+    """The HU-correction part of a result's ``info`` (what a sample's sidecar keeps)."""
+    return {k: info[k] for k in HU_INFO_KEYS if k in info}
+
+
+def hu_correction_summary(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """What the HU correction did over several results: lesions moved, mean |shift|, voxels clipped."""
+    moved = [i for i in infos if i.get("hu_corrected")]
+    modes = sorted({str(i.get("hu_correction", "off")) for i in infos})
+    return {
+        "hu_correction": modes[0] if len(modes) == 1 else modes,
+        "lesions": len(infos),
+        "lesions_moved": len(moved),
+        "mean_abs_hu_shift": float(np.mean([abs(i["hu_shift"]) for i in moved])) if moved else 0.0,
+        "max_abs_hu_shift": float(max((abs(i["hu_shift"]) for i in moved), default=0.0)),
+        "voxels_clipped": int(sum(int(i.get("clipped_voxels", 0)) for i in moved)),
+    }
+
+
+def mask_in_organ_fraction(mask: np.ndarray, organ: np.ndarray, margin_vox: int) -> float:
+    """Share of ``mask`` inside ``organ`` grown by ``margin_vox`` voxels (face connectivity): the single
+    in-organ measure of ``SynthesisConfig.min_mask_in_organ`` for every placement kind."""
+    n = int(mask.sum())
+    if n == 0:
+        return 0.0
+    near = ndimage.binary_dilation(organ, iterations=margin_vox) if margin_vox > 0 and organ.any() else organ
+    return float((mask & near).sum()) / n
 
 
 def sample_to_grid(geo: CropGeometry, region: tuple[slice, ...], sample: np.ndarray, threshold: float = 0.0) -> np.ndarray:

@@ -250,15 +250,15 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
         }
         atomic_write_text(tmp / "report.yaml", yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
         if not args.no_preview:
+            from ..pipeline import hu_correction_note
+
             r = result.report
+            note = hu_correction_note(result.info)
             save_preview(tmp / "preview.png", ct, result.image, result.lesion_mask, spacing,
                          title=f"sample {i:03d}: {r.lesion_type}, {r.density}, {r.shape}, {r.size}"
                          + (f"\n{note}" if note else ""))
         # mkdtemp/mkstemp create owner-only files; give outputs the user's normal permissions
-            from ..pipeline import hu_correction_note
-
         umask = os.umask(0)
-            note = hu_correction_note(result.info)
         os.umask(umask)
         for f in tmp.iterdir():
             f.chmod(0o666 & ~umask)
