@@ -164,12 +164,36 @@ def parse_report_entries(path: Path, valid_labels: dict[int, str], problems: lis
                             f"size_mm, got {rep!r}.")
             continue
         try:
-            LesionReport.from_dict(rep, source=f"{where}.report")
+            report = LesionReport.from_dict(rep, source=f"{where}.report")
         except LesionDiffusionError as exc:
             problems.append(f"{where}.report: {exc}")
             continue
+        problems.extend(f"{where}.report: {p}" for p in catalog_problems(report))
         entries.append(LesionEntry(label=label, component=comp, report=rep))
     return entries
+
+
+def catalog_problems(report: Any) -> list[str]:
+    """What `report check` refuses in a report whose lesion_type has a catalog (the same
+    ``Catalog.check_report``), each with the fix. A lesion type without a catalog is only a warning
+    (``check_dataset_warnings``): pretraining needs no catalog, synthesis does."""
+    from lesiondiffusion.catalog import catalog_files, load_catalog
+    from lesiondiffusion.errors import CatalogError
+
+    path = catalog_files().get(report.lesion_type)
+    if path is None:
+        return []
+    try:
+        catalog = load_catalog(path)
+    except CatalogError as exc:
+        return [f"its catalog cannot be read: {exc}"]
+    found = catalog.check_report(report)
+    if not found:
+        return []
+    return [f"does not fit catalog {catalog.name} ({catalog.path}): " + "; ".join(found)
+            + ". `report check`, `synthesize --report` and pretraining refuse it alike: fix the values, or delete "
+              "the file and derive it again (`lesiondiffusion pretrain prepare DATA --derive-reports` fits derived "
+              "reports to their catalog)."]
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -269,7 +293,8 @@ def check_case(data_dir: Path, case: str, valid_labels: dict[int, str], file_end
     if rep_path is None:
         if lesion is not None and np.any(lesion):
             problems.append(f"case {case}: missing reportsTr/{case}.yaml although {paths['lesion'].name} has "
-                            "lesion voxels. Add one report per lesion (docs/pretraining.md).")
+                            f"lesion voxels. Derive the missing reports from the images: `lesiondiffusion pretrain "
+                            f"prepare {data_dir} --derive-reports`, or write one report per lesion (docs/pretraining.md).")
     else:
         n_before = len(problems)
         entries = parse_report_entries(rep_path, valid_labels, problems)
@@ -348,8 +373,8 @@ def _organ_classes(report: Any) -> list[str]:
 
 def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
     """What pretraining can live with but a user should see: a lesion_type without a catalog, an organ
-    absent from the case's organ map, a size_mm outside its catalog's range or one that disagrees with the
-    mask (factor ``SIZE_WARN_FACTOR``).
+    absent from the case's organ map, a size_mm that disagrees with the mask (factor ``SIZE_WARN_FACTOR``).
+    (A value or size its catalog forbids is a problem of ``check_dataset``, as in `report check`.)
     Call after ``check_dataset`` found no problems."""
     import nibabel as nib
 
@@ -386,12 +411,6 @@ def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
                 warnings.append(f"{where}.report.lesion_type = {rep.lesion_type!r} has no catalog (known: "
                                 f"{', '.join(sorted(types))}). Pretraining works; synthesising this type needs one: "
                                 "copy attribute_catalogs/_template.yaml into a folder on $LESIONDIFFUSION_CATALOG_PATH.")
-            else:
-                from lesiondiffusion.catalog import load_catalog
-
-                size = load_catalog(types[rep.lesion_type]).size_problem(rep.size_mm)
-                if size:  # a real lesion may be larger than the catalog's range; synthesis would refuse it
-                    warnings.append(f"{where}.report: {size}")
             classes = _organ_classes(rep)
             present = [c for c in classes if organs.has(c)]
             if not present:

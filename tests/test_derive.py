@@ -3,6 +3,7 @@ known reports and on the shared example CT."""
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import nibabel as nib
@@ -196,3 +197,159 @@ def test_shape_metrics_agree_with_analytic_values(spacing, scale):
         errors[name] = (round(sph - true_sph, 3), round(cvx - true_cvx, 3))
         assert (sphericity(mask, spacing), convexity(mask, spacing)) == (sph, cvx)
     assert len(errors) == 5 and all(abs(ds) <= 0.03 and abs(dc) <= 0.03 for ds, dc in errors.values()), errors
+
+
+# --------------------------------------------------------------------------------------------------
+# derived reports fit their catalog; tissues are not organs; one report file format end to end
+# --------------------------------------------------------------------------------------------------
+
+_TISSUE_CATALOG = """\
+name: test_sarcoma
+label_name: test_sarcoma
+organ_type: parenchymal organ
+organs:
+  muscle: {weight: 1.0, names: [muscle]}
+attributes:
+  shape: {irregular: 0.4, oval: 0.3, lobulated: 0.2, round-like: 0.1}
+  lesion_location: {within the parenchymal organ: 1.0}
+  relationship: {no close relationship with surrounding organs: 0.7, close relationship with adjacent organs: 0.3}
+  surface: {well-defined margin: 1.0}
+  specific_features: {none: 1.0}
+  enhancement: {non-contrast CT: 1.0}
+  density: {hypodense: 0.6, isodense: 0.4}
+  density_variations: {homogeneous: 0.5, heterogeneous: 0.5}
+size_mm: {distribution: uniform, min: 10, max: 30}
+hu:
+  non-contrast CT: {hypodense: [0, 35], isodense: [35, 60]}
+constraints:
+  - name: hypodense sarcomas are heterogeneous here
+    if: {density: hypodense}
+    then: {density_variations: heterogeneous}
+"""
+_TISSUE = {"muscle": 1, "fat": 2, "bone": 3, "air": 4}
+
+
+def _tissue_case(tmp_path, monkeypatch):
+    """A 36 mm homogeneous lesion half in muscle, half in fat, touching bone, on a tissue map; a catalog
+    that allows only 'within', sizes up to 30 mm and demands 'heterogeneous' for hypodense lesions."""
+    cat_dir = tmp_path / "catalogs"
+    cat_dir.mkdir()
+    (cat_dir / "test_sarcoma.yaml").write_text(_TISSUE_CATALOG)
+    monkeypatch.setenv("LESIONDIFFUSION_CATALOG_PATH", str(cat_dir))
+    shape, spacing = (40, 40, 20), (2.0, 2.0, 4.0)
+    tissue = np.full(shape, _TISSUE["muscle"], np.uint8)
+    tissue[20:] = _TISSUE["fat"]
+    tissue[:, 30:] = _TISSUE["bone"]
+    tissue[:, :, :2] = _TISSUE["air"]
+    ct = np.select([tissue == 1, tissue == 2, tissue == 3], [50.0, -100.0, 700.0], -1000.0).astype(np.float32)
+    g = np.indices(shape).astype(float)
+    centre = (20, 21, 10)
+    ball = sum(((g[a] - centre[a]) * spacing[a]) ** 2 for a in range(3)) <= 18.0 ** 2
+    ball &= tissue != _TISSUE["bone"]  # it reaches the bone and stops there
+    ct[ball] = 20.0  # homogeneous: the catalog's rule must turn this into 'heterogeneous'
+    tissue[ball] = _TISSUE["muscle"] * (g[0][ball] < 20) + _TISSUE["fat"] * (g[0][ball] >= 20)
+    affine = np.diag([*spacing, 1.0])
+    return ct, ball.astype(np.uint8), organ_map_from_array(tissue, affine, dict(_TISSUE)), affine
+
+
+def test_derived_report_is_fitted_to_its_catalog_and_says_what_changed(tmp_path, monkeypatch, capsys, caplog):
+    ct, mask, organs, affine = _tissue_case(tmp_path, monkeypatch)
+    (entry,) = derive_reports(ct, mask, organs, lesion_type="test_sarcoma")
+    rep, derived, notes = entry["report"], entry["derived"], entry["notes"]
+    # measured: half the lesion outside the muscle -> protruding; the catalog allows only 'within'
+    assert derived["lesion_location"]["measured_value"] == "protruding from the parenchymal organ"
+    assert rep["lesion_location"] == "within the parenchymal organ"
+    assert max(derived["size_mm"]["measured_value"]) > 30 and max(rep["size_mm"]) == 30.0
+    assert rep["density"] == "hypodense" and rep["density_variations"] == "heterogeneous"
+    assert derived["density_variations"]["measured_value"] == "homogeneous"
+    assert any(n.startswith("lesion_location: 'protruding") and "allows only" in n for n in notes)
+    assert any(n.startswith("size_mm:") for n in notes) and any("hypodense sarcomas" in n for n in notes)
+    assert "changed to fit catalog test_sarcoma" in caplog.text
+    # fat, bone and air touch it, and they are tissues, not organs
+    assert rep["relationship"] == "no close relationship with surrounding organs"
+    assert derived["relationship"]["not_organs"] == ["air", "bone", "fat"]
+
+    # the CLI's file passes `report check`, and a value the catalog forbids fails it and `pretrain check`
+    for name, arr in (("ct", ct), ("mask", mask), ("seg", organs.labels)):
+        save_nifti(tmp_path / f"{name}.nii.gz", arr, affine)
+    (tmp_path / "tissue.json").write_text(json.dumps(_TISSUE))
+    out = tmp_path / "derived.yaml"
+    assert main(["report", "derive", "--ct", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                 "--organs", str(tmp_path / "seg.nii.gz"), "--mapping", str(tmp_path / "tissue.json"),
+                 "--lesion-type", "test_sarcoma", "-o", str(out)]) == 0
+    assert "1 changed to fit their catalog" in capsys.readouterr().out
+    assert main(["report", "check", str(out)]) == 0
+    assert "lesions[0] (label 1 component 0): OK (test_sarcoma)" in capsys.readouterr().out
+    doc = yaml.safe_load(out.read_text())
+    doc["lesions"][0]["report"]["lesion_location"] = "protruding from the parenchymal organ"
+    out.write_text(yaml.safe_dump(doc))
+    assert main(["report", "check", str(out)]) == 2
+    assert "lesion_location='protruding from the parenchymal organ' is not allowed" in capsys.readouterr().err
+
+    ds = tmp_path / "ds"
+    for sub in ("imagesTr", "labelsTr", "organsTr", "reportsTr"):
+        (ds / sub).mkdir(parents=True)
+    shutil.copy(tmp_path / "ct.nii.gz", ds / "imagesTr" / "c_0000.nii.gz")
+    shutil.copy(tmp_path / "mask.nii.gz", ds / "labelsTr" / "c.nii.gz")
+    shutil.copy(tmp_path / "seg.nii.gz", ds / "organsTr" / "c.nii.gz")
+    (ds / "dataset.json").write_text('{"channel_names": {"0": "CT"}, "labels": {"background": 0, "test_sarcoma": 1}, '
+                                     '"file_ending": ".nii.gz", "organ_mapping": "tissue.json"}')
+    shutil.copy(tmp_path / "tissue.json", ds / "tissue.json")
+    assert main(["pretrain", "check", str(ds)]) == 2  # no reports yet: the error names the fix
+    assert f"pretrain prepare {ds} --derive-reports" in capsys.readouterr().err
+    shutil.copy(out, ds / "reportsTr" / "c.yaml")
+    problems = pdata.check_dataset(ds)
+    assert len(problems) == 1 and "does not fit catalog test_sarcoma" in problems[0]
+    assert "lesion_location='protruding from the parenchymal organ' is not allowed" in problems[0]
+    (ds / "reportsTr" / "c.yaml").unlink()
+    assert main(["pretrain", "prepare", str(ds), "--derive-reports"]) == 0  # derived, fitted, accepted
+    assert pdata.check_dataset(ds) == []
+
+
+def test_catalog_fit_refuses_an_organ_the_catalog_lacks(tmp_path, monkeypatch):
+    ct, mask, organs, _ = _tissue_case(tmp_path, monkeypatch)
+    with pytest.raises(Exception, match="does not target"):
+        derive_reports(ct, mask, organs, lesion_type="kidney_cyst")
+
+
+def test_mapping_warning_once_and_silent_for_catalog_names(tmp_path, monkeypatch, caplog):
+    import logging
+
+    labels = np.zeros((4, 4, 4), np.int32)
+    labels[0], labels[1], labels[2] = 1, 2, 3
+    mapping = {"muscle": 1, "fat": 2, "tumour_bed_xyz": 3}
+    with caplog.at_level(logging.WARNING, logger="lesiondiffusion.organs"):
+        for _ in range(3):
+            organ_map_from_array(labels, np.eye(4), mapping, path=tmp_path / "seg.nii.gz")
+    warned = [r.getMessage() for r in caplog.records if "no catalog finds them" in r.getMessage()]
+    assert len(warned) == 1 and "tumour_bed_xyz" in warned[0] and "muscle" not in warned[0]
+    cat_dir = tmp_path / "catalogs"
+    cat_dir.mkdir()
+    (cat_dir / "bed.yaml").write_text(_TISSUE_CATALOG.replace("test_sarcoma", "bed").replace(
+        "names: [muscle]", "names: [muscle, tumour_bed_abc]"))
+    monkeypatch.setenv("LESIONDIFFUSION_CATALOG_PATH", str(cat_dir))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lesiondiffusion.organs"):
+        organ_map_from_array(labels, np.eye(4), {"muscle": 1, "tumour_bed_abc": 3}, path=tmp_path / "other.nii.gz")
+    assert not [r for r in caplog.records if "no catalog finds them" in r.getMessage()]
+
+
+def test_report_derive_file_is_a_synthesize_report(tmp_path, capsys):
+    """`report derive -o F` then `synthesize --report F`: one format, read by both (and by pretraining)."""
+    ph = make_phantom((48, 48, 32), (2.5, 2.5, 3.5), seed=4, lesion_types=["kidney_cyst"])
+    for name, arr in (("ct", ph.ct), ("mask", ph.lesion), ("seg", ph.organs)):
+        save_nifti(tmp_path / f"{name}.nii.gz", arr, ph.affine)
+    derived = tmp_path / "derived.yaml"
+    assert main(["report", "derive", "--ct", str(tmp_path / "ct.nii.gz"), "--mask", str(tmp_path / "mask.nii.gz"),
+                 "--organs", str(tmp_path / "seg.nii.gz"), "--mapping", "v2", "--enhancement", ph.enhancement,
+                 "--lesion-type", "kidney_cyst", "-o", str(derived)]) == 0
+    bundle = tmp_path / "bundle"
+    assert main(["bundle", "init", "--preset", "tiny", "-o", str(bundle), "--encoder", "hashing:64"]) == 0
+    out = tmp_path / "out"
+    assert main(["synthesize", "--bundle", str(bundle), "--ct", str(tmp_path / "ct.nii.gz"), "--organs",
+                 str(tmp_path / "seg.nii.gz"), "--mapping", "v2", "--catalog", "kidney_cyst", "--report", str(derived),
+                 "-n", "1", "--ddim-steps", "2", "--no-preview", "-o", str(out)]) == 0
+    written = yaml.safe_load((out / "sample_000" / "report.yaml").read_text())
+    want = yaml.safe_load(derived.read_text())["lesions"][0]["report"]
+    got = written.get("report", written)
+    assert all(got[k] == want[k] for k in ("shape", "density", "organ", "lesion_location", "size"))

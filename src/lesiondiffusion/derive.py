@@ -7,6 +7,7 @@ Owns ``measure_extent_mm`` (the lesion extent through the affine, shared with ``
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -15,6 +16,8 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import LesionDiffusionError
+
+log = logging.getLogger(__name__)
 
 
 def measure_extent_mm(mask: np.ndarray, affine: np.ndarray) -> tuple[float, float, float]:
@@ -63,7 +66,8 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold("lesion_location", "share of lesion voxels in the host organ; deepest lesion voxel in it (mm)",
               f"parenchymal: share >= {INSIDE_WITHIN}: within, else protruding; hollow: depth >= placement's lumen "
               f"threshold max({WALL_DEPTH_MM:g} mm, half the organ's deepest point): within the lumen, else wall thickening"),
-    Threshold("relationship", "share of lesion voxels in other organs; distance to the nearest other organ (mm)",
+    Threshold("relationship", "share of lesion voxels in other organs; distance to the nearest other organ (mm); "
+              "tissue classes (muscle, fat, bone, air, ...: organs.NON_ORGAN_CLASSES) are not organs",
               f"share > {INVASION_OVERLAP}: invasion; distance <= {CLOSE_MM} mm: close relationship; else none"),
     Threshold("density", "lesion interior mean HU; minus the host organ's mean HU "
               f"{ORGAN_SHELL_MM[0]:g}-{ORGAN_SHELL_MM[1]:g} mm around it",
@@ -74,7 +78,21 @@ THRESHOLDS: tuple[Threshold, ...] = (
               f"> {HETEROGENEOUS_STD_HU:g} HU: heterogeneous, else homogeneous"),
     Threshold("enhancement", "none (one setting per dataset)", "the --enhancement value"),
     Threshold("surface, specific_features", "not measured", "the catalog's most likely value (else well-defined margin, none)"),
+    Threshold("catalog fit", "the report against its catalog (`report check`)",
+              "a value the catalog forbids becomes the nearest allowed one (order of ORDINAL, else the most likely); "
+              "a size beyond its range is scaled to the range; each change is a note of the lesion"),
 )
+
+# Orders along which a forbidden measured value moves to the nearest value the catalog allows.
+ORDINAL: dict[str, tuple[str, ...]] = {
+    "shape": ("round-like", "oval", "lobulated", "irregular"),
+    "relationship": ("no close relationship with surrounding organs", "close relationship with adjacent organs",
+                     "invasion of adjacent organs"),
+    "lesion_location": ("within the parenchymal organ", "protruding from the parenchymal organ"),
+    "density": ("hypodense", "isodense", "hyperdense"),
+    "density_variations": ("homogeneous", "heterogeneous"),
+}
+_HOLLOW_LOCATIONS = ("within the lumen of a hollow organ", "wall thickening")
 
 
 def _components(mask: np.ndarray) -> list[np.ndarray]:
@@ -115,7 +133,8 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
                   lesion_type: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One report (dict) for one lesion mask, and per attribute the measured value that chose it."""
     from .catalog import load_catalog
-    from .evaluation import convexity, sphericity
+    from .evaluation.metrics import shape_metrics
+    from .organs import NON_ORGAN_CLASSES
     from .report import normalize_value, size_category
 
     enhancement = normalize_value("enhancement", enhancement)
@@ -130,7 +149,7 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
     size_mm = measure_extent_mm(lesion, organs.affine)
     derived["size_mm"] = {"value": [round(v, 2) for v in size_mm], "measured": "extent through the affine"}
 
-    sph, cvx = sphericity(les, spacing), convexity(les, spacing)
+    sph, cvx = shape_metrics(les, spacing)
     aspect = min(size_mm) / max(size_mm)
     shape = ("irregular" if cvx < IRREGULAR_CONVEXITY else "lobulated" if cvx < LOBULATED_CONVEXITY
              else "oval" if aspect < OVAL_ASPECT else "round-like")
@@ -148,10 +167,13 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
         raise LesionDiffusionError("the lesion neither overlaps nor touches any organ of the organ map; "
                                    "derivation needs the organ it lies in (run TotalSegmentator on this CT, or "
                                    "pass a label map holding that organ with --mapping).")
-    host_id = int(np.argmax(counts))
     by_id = {v: k for k, v in organs.names.items()}
-    host_class = by_id.get(host_id, f"label {host_id}")
     table = _organ_table(lesion_type)
+    # the class holding most lesion voxels among those a catalog maps: a sarcoma of a tissue map lies in
+    # muscle and partly in fat, and only muscle is a catalog organ
+    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    host_id = next((i for i in ranked if any(by_id.get(i) in row[2] for row in table)), ranked[0])
+    host_class = by_id.get(host_id, f"label {host_id}")
     match = next((row for row in table if host_class in row[2]), None)
     if match is None:
         raise LesionDiffusionError(
@@ -179,7 +201,8 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
         location = "within the parenchymal organ" if frac >= INSIDE_WITHIN else "protruding from the parenchymal organ"
         derived["lesion_location"] = {"value": location, "inside_fraction": round(frac, 3)}
 
-    others = (labels > 0) & ~host
+    tissue = organs.ids(NON_ORGAN_CLASSES)
+    others = (labels > 0) & ~host & ~np.isin(labels, tissue)
     overlap = float((les & others).sum()) / float(les.sum())
     dist = float(ndimage.distance_transform_edt(~others, sampling=spacing)[les].min()) if others.any() else math.inf
     relationship = ("invasion of adjacent organs" if overlap > INVASION_OVERLAP
@@ -187,6 +210,9 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
                     else "no close relationship with surrounding organs")
     derived["relationship"] = {"value": relationship, "other_organ_fraction": round(overlap, 3),
                                "distance_mm": None if math.isinf(dist) else round(dist, 2)}
+    ignored = sorted(n for n in NON_ORGAN_CLASSES if organs.has(n) and n not in classes)
+    if ignored:
+        derived["relationship"]["not_organs"] = ignored
 
     away = ndimage.distance_transform_edt(~les, sampling=spacing)
     shell = host & ~les & (away >= ORGAN_SHELL_MM[0]) & (away <= ORGAN_SHELL_MM[1])
@@ -248,7 +274,81 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
         "enhancement": enhancement, "density": density, "density_variations": variations,
         "size_mm": [round(v, 2) for v in size_mm],
     }
+    # the catalog the report names is the one `report check` and `synthesize --report` hold it to
+    check = own if own is not None else (catalog if lesion_type is None else None)
+    notes = fit_to_catalog(report, derived, check) if check is not None else []
+    if notes:
+        derived["catalog_fit"] = notes
     return report, derived
+
+
+def _nearest_allowed(attribute: str, value: str, allowed: dict[str, float]) -> str:
+    """The allowed value nearest ``value`` along ``ORDINAL`` (ties: the more likely), else the most likely."""
+    order = _HOLLOW_LOCATIONS if value in _HOLLOW_LOCATIONS else ORDINAL.get(attribute, ())
+    ranked = [v for v in order if v in allowed]
+    if value in order and ranked:
+        pos = order.index(value)
+        return min(ranked, key=lambda v: (abs(order.index(v) - pos), -allowed[v]))
+    return max(allowed, key=lambda v: (allowed[v] > 0, allowed[v]))
+
+
+def fit_to_catalog(report: dict[str, Any], derived: dict[str, Any], catalog: Any) -> list[str]:
+    """Make ``report`` pass ``catalog.check_report`` (what `report check`, `synthesize --report` and
+    `pretrain check` apply): a forbidden value becomes the nearest allowed one, a size outside the catalog's
+    range is scaled into it (shape kept), a broken rule's consequences are set. Changes ``report`` and
+    ``derived`` in place; returns one note per change saying what and why. The organ is never changed: a
+    lesion whose organ the catalog lacks is an error naming the fix."""
+    from .catalog import SAMPLED_ATTRIBUTES
+    from .report import ATTRIBUTES, LesionReport, size_category
+
+    notes: list[str] = []
+
+    def change(attribute: str, new: str, why: str) -> None:
+        old = report[attribute]
+        report[attribute] = new
+        entry = derived.setdefault(attribute, {})
+        entry.setdefault("measured_value", old)
+        entry["value"] = new
+        notes.append(f"{attribute}: {old!r} -> {new!r} ({why})")
+
+    if report["organ"] not in catalog.domain("organ"):
+        raise LesionDiffusionError(
+            f"the lesion lies in organ {report['organ']!r}, which catalog {catalog.name} ({catalog.path}) does not "
+            f"target (its organs: {', '.join(catalog.domain('organ'))}); derive with the --lesion-type of that "
+            "organ, or add the organ under `organs:` of the catalog.")
+    for attribute in ("organ_type",) + tuple(a for a in SAMPLED_ATTRIBUTES if a not in catalog.free_text):
+        allowed = catalog.domain(attribute)
+        if report[attribute] not in allowed:
+            new = _nearest_allowed(attribute, report[attribute], allowed)
+            change(attribute, new, f"catalog {catalog.name} allows only {', '.join(allowed)}")
+    size_mm = [float(v) for v in report["size_mm"]]
+    largest = max(size_mm)
+    bound = min(max(largest, catalog.size.min), catalog.size.max)
+    if bound != largest:
+        scaled = [round(v * bound / largest, 2) for v in size_mm]
+        notes.append(f"size_mm: {size_mm} -> {scaled} (largest extent {largest:g} mm outside catalog "
+                     f"{catalog.name}'s range {catalog.size.min:g}-{catalog.size.max:g} mm; shape kept, scaled)")
+        derived.setdefault("size_mm", {})["measured_value"] = size_mm
+        derived["size_mm"]["value"] = scaled
+        report["size_mm"] = scaled
+    if size_category(report["size_mm"]) != report["size"]:
+        change("size", size_category(report["size_mm"]), "the scaled size_mm")
+    for _ in range(4 * len(catalog.constraints) + 1):  # each pass settles at least one broken rule
+        values = {a: report[a] for a in ATTRIBUTES}
+        broken = [r for r in catalog.constraints if not r.satisfied(values)]
+        if not broken:
+            break
+        rule = broken[0]
+        attribute, allowed_values = next((a, vs) for a, vs in rule.then.items() if values.get(a) not in vs)
+        allowed = {v: w for v, w in catalog.domain(attribute).items() if v in allowed_values} or \
+            {v: 1.0 for v in allowed_values}
+        change(attribute, _nearest_allowed(attribute, report[attribute], allowed),
+               f"catalog {catalog.name} {rule.describe()}")
+    problems = catalog.check_report(LesionReport.from_dict(report, source="derived report"))
+    if problems:  # rules that contradict each other: the catalog cannot describe this lesion at all
+        raise LesionDiffusionError(f"the derived report cannot be made to fit catalog {catalog.name} "
+                                   f"({catalog.path}): " + "; ".join(problems))
+    return notes
 
 
 def derive_reports(ct: np.ndarray, lesion_labels: np.ndarray, organs: Any, *, label: int | None = None,
@@ -274,7 +374,12 @@ def derive_reports(ct: np.ndarray, lesion_labels: np.ndarray, organs: Any, *, la
             ltype = (label_types or {}).get(lab, lesion_type)
             report, derived = derive_report(ct, comp, organs, enhancement=enhancement, lesion_type=ltype)
             LesionReport.from_dict(report, source=f"derived report of label {lab} component {k}")  # schema check
-            entries.append({"label": lab, "component": k, "report": report, "derived": derived})
+            entry = {"label": lab, "component": k, "report": report, "derived": derived}
+            if derived.get("catalog_fit"):
+                entry["notes"] = list(derived["catalog_fit"])
+                log.warning("label %d component %d: changed to fit catalog %s: %s", lab, k, report["lesion_type"],
+                            "; ".join(entry["notes"]))
+            entries.append(entry)
     return entries
 
 

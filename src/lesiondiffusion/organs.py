@@ -74,6 +74,15 @@ assert len(TOTALSEG_V2) == 117 and len(TOTALSEG_V1) == 104
 TABLES: dict[str, dict[str, int]] = {"v1": TOTALSEG_V1, "v2": TOTALSEG_V2}
 ALL_CLASS_NAMES: frozenset[str] = frozenset(TOTALSEG_V1) | frozenset(TOTALSEG_V2)
 
+# Label names of tissues, not organs: a tissue map (`lesiondiffusion tissue-map`: muscle, fat, bone, air)
+# or a body/soft-tissue mask. Report derivation never counts them as the "adjacent organs" of the
+# relationship attribute: every extremity sarcoma touches fat and most touch bone, and calling that
+# "invasion" described the map, not the tumour. A catalog may still declare one as a lesion's host organ
+# (soft_tissue_sarcoma lives in `muscle`); then it is the host, never a neighbour.
+NON_ORGAN_CLASSES: frozenset[str] = frozenset({
+    "muscle", "fat", "subcutaneous_fat", "bone", "air", "soft_tissue", "body",
+})
+
 
 @dataclass
 class OrganMap:
@@ -176,13 +185,33 @@ def _mapping_from_obj(obj: Any, where: str) -> dict[str, int]:
         raise OrganMapError(
             f"Organ mapping {where}: label id(s) {sorted(dup)} are assigned to several classes. Give each id one name."
         )
-    unknown = sorted(set(out) - ALL_CLASS_NAMES)
-    if unknown:
+    unknown = sorted(set(out) - ALL_CLASS_NAMES - NON_ORGAN_CLASSES - _catalog_class_names())
+    if unknown and (where, tuple(unknown)) not in _WARNED_MAPPINGS:
+        # one command reads the same mapping once per case and per check: say it once
+        _WARNED_MAPPINGS.add((where, tuple(unknown)))
         log.warning(
-            "Organ mapping %s: %s are not TotalSegmentator class names; only catalogs that list them under "
-            "`names:` of an organ find them (shipped catalogs use TotalSegmentator names).", where, ", ".join(unknown)
+            "Organ mapping %s: %s are neither TotalSegmentator class names nor class names any catalog on the "
+            "catalog path lists under `names:`; no catalog finds them. Declare them under `names:` of an organ "
+            "in a catalog (docs/catalogs.md, 'Any organ').", where, ", ".join(unknown)
         )
     return out
+
+
+_WARNED_MAPPINGS: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _catalog_class_names() -> set[str]:
+    """Every class name the loadable catalogs on the catalog path list (v2, v1 or `names:`)."""
+    from .catalog import catalog_files, load_catalog  # catalog imports this module
+    from .errors import CatalogError
+
+    names: set[str] = set()
+    for path in catalog_files().values():
+        try:
+            names.update(load_catalog(path).organ_names())
+        except CatalogError:
+            continue  # a broken catalog's errors belong to `catalogs validate`
+    return names
 
 
 def _centroid_z(labels: np.ndarray, affine: np.ndarray, label: int) -> float | None:

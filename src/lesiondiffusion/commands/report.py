@@ -19,7 +19,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="fix an attribute, e.g. --set density=hyperdense or --set size_mm=20,15,18 (repeatable)")
     s.add_argument("-o", "--output", type=Path, help="write the report here (.yaml or .json); default: print YAML")
     s.set_defaults(func=_sample)
-    c = sub.add_parser("check", help="validate a report file against its catalog and print its phrases")
+    c = sub.add_parser("check", help="validate a report file against its catalog and print its phrases",
+                       description="FILE is one report (`report sample -o`, a sample's report.yaml) or a file of "
+                                   "several (`lesions: - report: ...`, as `report derive` and reportsTr write); "
+                                   "every lesion is checked.")
     c.add_argument("file", type=Path, metavar="FILE")
     c.add_argument("--catalog", help="catalog name or path (default: the report's lesion_type)")
     c.set_defaults(func=_check)
@@ -66,21 +69,58 @@ def _sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def load_reports(path: Path) -> list[tuple[str, "LesionReport"]]:  # noqa: F821 - imported lazily
+    """The reports of a report file, each with where it sits: one report (a mapping of the attributes, or
+    ``{report: {...}}`` as a sample's report.yaml), or several under ``lesions:`` (``- report: {...}``, with
+    optional label/component/derived/notes), the file `report derive` and pretraining's reportsTr use."""
+    import json
+
+    from ..errors import ReportError
+    from ..io import read_text_input
+    from ..report import LesionReport
+    from ..safeyaml import read_yaml
+
+    path = Path(path)
+    if not path.exists():
+        raise ReportError(f"Report file not found: {path}. Create one with `lesiondiffusion report sample TYPE -o {path}`.")
+    if path.suffix.lower() == ".json":
+        try:
+            doc = json.loads(read_text_input(path, "report", ReportError))
+        except json.JSONDecodeError as exc:
+            raise ReportError(f"{path}: not valid JSON ({exc}). Fix the syntax at the position shown.") from None
+    else:
+        doc = read_yaml(path, "report", ReportError)
+    if not (isinstance(doc, dict) and "lesions" in doc):
+        return [(str(path), LesionReport.from_yaml(path))]
+    items = doc["lesions"]
+    if not isinstance(items, list) or not items:
+        raise ReportError(f"{path}: 'lesions' must be a non-empty list of entries with a 'report' mapping "
+                          f"(as `lesiondiffusion report derive` writes), got {items!r}.")
+    out = []
+    for i, item in enumerate(items):
+        where = f"{path}: lesions[{i}]"
+        if not isinstance(item, dict) or not isinstance(item.get("report"), dict):
+            raise ReportError(f"{where} must be a mapping with a 'report' mapping (label, component optional).")
+        if "label" in item:
+            where += f" (label {item['label']}" + (f" component {item['component']})" if "component" in item else ")")
+        out.append((where, LesionReport.from_dict(item["report"], source=f"{where}.report")))
+    return out
+
+
 def _check(args: argparse.Namespace) -> int:
     from ..catalog import load_catalog
     from ..errors import ReportError
-    from ..report import LesionReport
 
-    report = LesionReport.from_yaml(args.file)
-    catalog = load_catalog(args.catalog or report.lesion_type)
-    problems = catalog.check_report(report)
-    if problems:
-        raise ReportError(
-            f"{args.file}: report does not fit catalog {catalog.name} ({catalog.path}):\n  " + "\n  ".join(problems)
-        )
-    print(f"{args.file}: OK ({catalog.name})")
-    for line in report.mask_phrases() + [p for p in report.image_phrases() if p not in report.mask_phrases()]:
-        print(f"  {line}")
+    for where, report in load_reports(args.file):
+        catalog = load_catalog(args.catalog or report.lesion_type)
+        problems = catalog.check_report(report)
+        if problems:
+            raise ReportError(
+                f"{where}: report does not fit catalog {catalog.name} ({catalog.path}):\n  " + "\n  ".join(problems)
+            )
+        print(f"{where}: OK ({catalog.name})")
+        for line in report.mask_phrases() + [p for p in report.image_phrases() if p not in report.mask_phrases()]:
+            print(f"  {line}")
     return 0
 
 
@@ -173,6 +213,7 @@ def _derive(args: argparse.Namespace) -> int:
             raise LesionDiffusionError(f"{name} and --ct {args.ct} have different affines; they must share one voxel grid.")
     entries = derive_reports(ct, mask, organs, label=args.label, enhancement=args.enhancement,
                              lesion_type=args.lesion_type)
+    # one format: the file is a reportsTr file for pretraining and a --report for `synthesize`/`report check`
     doc = {"lesions": entries}
     if args.output is None:
         sys.stdout.write(yaml.safe_dump(doc, sort_keys=False, allow_unicode=True))
@@ -180,5 +221,7 @@ def _derive(args: argparse.Namespace) -> int:
         for path in (args.ct, args.mask, args.organs):
             refuse_overwrite_input(args.output, path)
         write_yaml(args.output, doc)
-        print(f"derived {len(entries)} report(s) -> {args.output}")
+        changed = sum(bool(e.get("notes")) for e in entries)
+        print(f"derived {len(entries)} report(s) -> {args.output}"
+              + (f"; {changed} changed to fit their catalog (see `notes:` and the warnings above)" if changed else ""))
     return 0

@@ -24,7 +24,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--ct", type=Path, required=True, help="CT volume in HU (NIfTI)")
     p.add_argument("--organs", type=Path, required=True, metavar="SEG", help="TotalSegmentator label map of that CT")
     p.add_argument("--catalog", required=True, metavar="TYPE", help="lesion type (catalog name or YAML path)")
-    p.add_argument("--report", type=Path, help="a fixed report YAML/JSON (default: sample reports from the catalog)")
+    p.add_argument("--report", type=Path, help="a fixed report YAML/JSON (default: sample reports from the catalog); a "
+                                               "file of several (`report derive` output, `lesions:`) gives sample i "
+                                               "lesion i modulo their number")
     p.add_argument("--set", dest="fixed", action="append", default=[], metavar="KEY=VALUE",
                    help="fix a sampled attribute, e.g. --set density=hypodense --set size_mm=20,18,16 (repeatable)")
     p.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
@@ -68,8 +70,7 @@ def _synthesize(args: argparse.Namespace) -> int:
                       remove_stale_temporaries)
     from ..organs import load_organ_map, looks_like_label_map
     from ..pipeline import LesionSynthesizer
-    from ..report import LesionReport
-    from .report import parse_fixed
+    from .report import load_reports, parse_fixed
 
     if args.n < 1:
         raise LesionDiffusionError(f"-n {args.n}: the number of samples must be >= 1.")
@@ -101,12 +102,15 @@ def _synthesize(args: argparse.Namespace) -> int:
     catalog = load_catalog(args.catalog)
     fixed = parse_fixed(args.fixed)
     if args.report is not None:
-        report = LesionReport.from_yaml(args.report)
-        problems = catalog.check_report(report)
-        if problems:
-            raise ReportError(f"--report {args.report} does not fit --catalog {args.catalog} ({catalog.path}):\n  "
-                              + "\n  ".join(problems))
-        reports = [report] * args.n
+        given = load_reports(args.report)
+        for where, report in given:
+            problems = catalog.check_report(report)
+            if problems:
+                raise ReportError(f"--report {where} does not fit --catalog {args.catalog} ({catalog.path}):\n  "
+                                  + "\n  ".join(problems))
+        if len(given) > 1:
+            print(f"--report {args.report} holds {len(given)} lesions: sample i uses lesion i modulo {len(given)}")
+        reports = [given[i % len(given)][1] for i in range(args.n)]
     else:
         reports = [catalog.sample(args.seed + i, fixed or None) for i in range(args.n)]
 
