@@ -41,6 +41,8 @@ catalogs:
     label: kidney_tumor           # dataset.json label (name or id) written for this lesion type
 templates:
   dataset_healthy: true           # healthy cases of this dataset (no lesion voxel) as templates
+  dataset_lesion_cases: false     # also cases WITH lesions: new lesions go into their tissue away from the real one
+  lesion_exclusion_mm: 10.0       # ... at least this far from a real lesion (which stays labelled)
   folders: []                     # extra folders with imagesTr/*_0000.nii.gz + organsTr/*.nii.gz
 mode: online                      # online (background producer) | offline (read a built cache)
 synthetic_probability: 1.0        # chance that a training sample is synthetic while pretraining
@@ -52,6 +54,7 @@ store:
   refresh: continuous             # continuous | once (fill the store once, then stop the generator)
   warmup: 4                       # cases to wait for before the first epoch (0 = start cold)
   budget: 0.05                    # the producer may slow training by at most 5 % (null = no limit)
+  spool_dir: null                 # folder for queued cases (null: /dev/shm, else $TMPDIR); needs ~size x case size free
 """
 
 
@@ -82,6 +85,11 @@ class CatalogEntry:
 @dataclass
 class TemplatesConfig:
     dataset_healthy: bool = True
+    # lesion cases as templates (few-shot data where every case has a lesion, e.g. a user's own
+    # mask-only collection): the real lesion keeps its label and the organ map loses it, dilated by
+    # lesion_exclusion_mm, so placement puts the synthetic one elsewhere
+    dataset_lesion_cases: bool = False
+    lesion_exclusion_mm: float = 10.0
     folders: list[str] = field(default_factory=list)
     organ_mapping: str = "auto"
     max_cases: int = 0               # 0 = every healthy case found
@@ -106,6 +114,7 @@ class StoreConfig:
     nice: int = 10                   # producer process priority offset (CPU generators yield to training)
     budget: float | None = 0.05      # max extra training iteration time from the producer; None = unthrottled
     batch: int = 1                   # lesions per generator call (one template, one network batch); GPU: 8
+    spool_dir: str | None = None     # where queued cases wait as files; None: /dev/shm if writable, else $TMPDIR
 
 
 @dataclass
@@ -148,17 +157,131 @@ def _err(path: str, key: str, value: Any, fix: str) -> ConfigError:
     return ConfigError(f"{path}: key '{key}' has invalid value {value!r}. {fix}")
 
 
+# ---- schema: every key's type comes from the dataclass annotations, so a new field is checked too
+
+_TYPE_WORDS = {"str": "text", "int": "an integer", "float": "a number", "bool": "true or false (unquoted)",
+               "None": "null", "dict": "a mapping", "list[str]": "a list of text", "tuple": "a list of numbers"}
+
+
+def _type_ok(value: Any, annotation: str) -> bool:
+    for t in (a.strip() for a in str(annotation).split("|")):
+        if (t == "Any" or (t == "None" and value is None) or (t == "str" and isinstance(value, str))
+                or (t == "bool" and isinstance(value, bool))
+                or (t == "int" and isinstance(value, int) and not isinstance(value, bool))
+                or (t == "float" and isinstance(value, (int, float)) and not isinstance(value, bool))
+                or (t.startswith("dict") and isinstance(value, dict))
+                or (t.startswith("tuple") and isinstance(value, list)
+                    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in value))
+                or (t == "list[str]" and isinstance(value, list) and all(isinstance(x, str) for x in value))):
+            return True
+    return False
+
+
+def _check_type(path: str, key: str, value: Any, annotation: str) -> None:
+    if _type_ok(value, annotation):
+        return
+    parts = [a.strip() for a in str(annotation).split("|")]
+    want = " or ".join(_TYPE_WORDS.get(a.split("[")[0] if a != "list[str]" else a, a) for a in parts)
+    fix = f"Use {want}."
+    if "bool" in parts and isinstance(value, str):
+        # a quoted 'false' is text, and text would count as true: the trap of the original probe
+        fix = f"Write true or false without quotes: {value!r} is text, not a boolean."
+    raise _err(path, key, value, fix)
+
+
+def _check_keys(path: str, prefix: str, raw: dict, known: set[str] | list[str]) -> None:
+    for k in raw:
+        if not isinstance(k, str):
+            where = f"under '{prefix}'" if prefix else "at the top level"
+            raise ConfigError(f"{path}: key {k!r} {where} is not a name (YAML read it as {type(k).__name__}); "
+                              f"allowed keys {where}: {', '.join(sorted(known))}.")
+    unknown = sorted(set(raw) - set(known))
+    if unknown:
+        dotted = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        where = f"under '{prefix}'" if prefix else "top-level"
+        raise _err(path, dotted, raw[unknown[0]], f"Unknown key; allowed {where} keys: {', '.join(sorted(known))}.")
+
+
 def _build_section(cls: type, raw: Any, path: str, prefix: str):
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         raise _err(path, prefix, raw, f"'{prefix}' must be a mapping of keys ({', '.join(cls.__dataclass_fields__)}).")
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise _err(path, f"{prefix}.{unknown[0]}", raw[unknown[0]],
-                   f"Unknown key; allowed keys under '{prefix}': {', '.join(sorted(known))}.")
+    _check_keys(path, prefix, raw, set(cls.__dataclass_fields__))
+    for k, v in raw.items():
+        if cls is GeneratorConfig and k == "hu_correction" and v is False:
+            continue  # a bare `off` reads as false in YAML 1.1; _validate maps it back
+        _check_type(path, f"{prefix}.{k}", v, cls.__dataclass_fields__[k].type)
     return cls(**raw)
+
+
+# ranges of the backends' options (types come from their dataclass fields); None is always the default
+_OPTION_RANGES: dict[str, dict[str, tuple[float, float]]] = {
+    "lesiondiffusion": {"ddim_steps": (1, 10000), "guidance_scale": (0.0, 100.0), "mask_threshold": (-1.0, 1.0),
+                        "max_retries": (0, 100), "min_volume_fraction": (0.0, 1.0), "min_organ_fraction": (0.0, 1.0),
+                        "min_mask_in_organ": (0.0, 1.0), "organ_margin_vox": (0, 64), "blend_dilation": (0, 64),
+                        "feather_sigma": (0.0, 64.0), "batch_size": (1, 1024), "crop_fill": (1e-3, 1.0)},
+    "rule_based": {"edge_sigma_mm": (0.0, 100.0), "blend_margin_vox": (0, 64), "lobulation": (0.0, 1.0),
+                   "homogeneous_std_hu": (0.0, 1000.0), "heterogeneous_std_frac": (0.0, 10.0)},
+}
+_OPTION_SET_ELSEWHERE = {"hu_correction": "generator.hu_correction", "text_conditioning": "generator.text_conditioning"}
+
+
+def _backend_fields(backend: str) -> dict[str, Any]:
+    from dataclasses import fields
+
+    if backend == "rule_based":
+        from lesiondiffusion.rule_based import RuleBasedGenerator as cls
+    else:
+        from lesiondiffusion.pipeline import SynthesisConfig as cls
+    return {f.name: f.type for f in fields(cls)}
+
+
+def _check_options(path: str, backend: str, options: dict) -> None:
+    """generator.options against the backend's own keyword arguments: names, types and ranges."""
+    for k, v in options.items():
+        key = f"generator.options.{k}"
+        if isinstance(k, str) and k in _OPTION_SET_ELSEWHERE:
+            raise _err(path, key, v, f"Set it once, as {_OPTION_SET_ELSEWHERE[k]}.")
+    known = _backend_fields(backend)
+    allowed = {k: t for k, t in known.items() if k not in _OPTION_SET_ELSEWHERE}
+    _check_keys(path, "generator.options", options, set(allowed))
+    for k, v in options.items():
+        key = f"generator.options.{k}"
+        _check_type(path, key, v, allowed[k])
+        lo_hi = _OPTION_RANGES.get(backend, {}).get(k)
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if v != v or v in (float("inf"), float("-inf")):
+                raise _err(path, key, v, "Use a finite number.")
+            if lo_hi is not None:
+                _number(path, key, v, lo_hi[0], lo_hi[1], integer="int" in str(allowed[k]).split("|")[0])
+    if backend == "lesiondiffusion":
+        from lesiondiffusion.errors import LesionDiffusionError
+        from lesiondiffusion.pipeline import SynthesisConfig
+
+        try:  # the pipeline's own checks (e.g. on_failure) with the file named
+            SynthesisConfig(**options)
+        except (LesionDiffusionError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{path}: generator.options: {exc}") from None
+
+
+def check_device(device: str, source: str, key: str = "generator.device") -> None:
+    """Refuse a generator device this machine does not have, before any producer starts."""
+    if not isinstance(device, str) or not device.startswith("cuda"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise _err(source, key, device, f"This machine has no CUDA GPU (torch.cuda.is_available() is false), so the "
+                                        f"generator cannot run there: set 'device: cpu' under 'generator:' in {source}.")
+    if ":" in device:
+        try:
+            index = int(device.split(":", 1)[1])
+        except ValueError:
+            raise _err(source, key, device, "Use 'cpu', 'cuda' or 'cuda:N' with N a GPU index.") from None
+        if not 0 <= index < torch.cuda.device_count():
+            raise _err(source, key, device, f"This machine has {torch.cuda.device_count()} CUDA GPU(s) (cuda:0 to "
+                                            f"cuda:{torch.cuda.device_count() - 1}); pick one of them or 'cuda'.")
 
 
 def _number(path: str, key: str, value: Any, lo: float, hi: float, integer: bool = False) -> float:
@@ -177,9 +300,10 @@ def config_from_dict(raw: Any, source: str = "<dict>") -> LesionDiffusionConfig:
         raise ConfigError(f"{source}: the file must contain a YAML mapping, got {type(raw).__name__}. "
                           f"Start from this example:\n{EXAMPLE}")
     top_known = set(LesionDiffusionConfig.__dataclass_fields__) - {"source"}
-    unknown = sorted(set(raw) - top_known)
-    if unknown:
-        raise _err(source, unknown[0], raw[unknown[0]], f"Unknown key; allowed top-level keys: {', '.join(sorted(top_known))}.")
+    _check_keys(source, "", raw, top_known)
+    for key in ("mode", "synthetic_probability", "seed"):
+        if key in raw:
+            _check_type(source, key, raw[key], LesionDiffusionConfig.__dataclass_fields__[key].type)
     kwargs: dict[str, Any] = {}
     for key, cls in _SECTIONS.items():
         kwargs[key] = _build_section(cls, raw.get(key), source, key)
@@ -218,9 +342,7 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
         raise _err(p, "generator.hu_correction", g.hu_correction,
                    f"Use one of: {', '.join(HU_CORRECTIONS)} (shift: move the lesion mean into the catalog's HU range, "
                    "clip: clip lesion voxels into it, off: keep the model's intensities).")
-    if "hu_correction" in g.options:
-        raise _err(p, "generator.options.hu_correction", g.options["hu_correction"],
-                   "Set it once, as generator.hu_correction.")
+    _check_options(p, g.backend, g.options)
     if not isinstance(g.text_conditioning, bool):
         raise _err(p, "generator.text_conditioning", g.text_conditioning, "Use true or false.")
     if not g.text_conditioning and g.backend != "lesiondiffusion":
@@ -258,6 +380,11 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
         raise _err(p, "store.on_miss", s.on_miss, f"Use one of: {', '.join(ON_MISS)}.")
     if s.worker not in WORKERS:
         raise _err(p, "store.worker", s.worker, f"Use one of: {', '.join(WORKERS)}.")
+    if s.spool_dir is not None:
+        spool = Path(os.path.expandvars(s.spool_dir)).expanduser()
+        if not spool.is_dir() or not os.access(spool, os.W_OK | os.X_OK):
+            raise _err(p, "store.spool_dir", s.spool_dir, "Use an existing folder this user can write to (a local disk "
+                       "or /dev/shm), or null for the default.")
     t = cfg.templates
     if not isinstance(t.folders, list):
         raise _err(p, "templates.folders", t.folders, "Use a list of folder paths.")
@@ -267,9 +394,10 @@ def _validate(cfg: LesionDiffusionConfig) -> None:
             raise _err(p, f"templates.folders[{i}]", folder,
                        "Each template folder needs imagesTr/{case}_0000.nii.gz (CT in HU) and organsTr/{case}.nii.gz "
                        "(TotalSegmentator labels).")
-    if not t.dataset_healthy and not t.folders:
+    if not t.dataset_healthy and not t.dataset_lesion_cases and not t.folders:
         raise _err(p, "templates.dataset_healthy", t.dataset_healthy,
-                   "No template source: enable dataset_healthy or list templates.folders.")
+                   "No template source: enable dataset_healthy or dataset_lesion_cases, or list templates.folders.")
+    _number(p, "templates.lesion_exclusion_mm", t.lesion_exclusion_mm, 0, 1000)
     _number(p, "templates.max_cases", t.max_cases, 0, 10**9, integer=True)
     _number(p, "seed", cfg.seed, 0, 2**31 - 1, integer=True)
 
@@ -280,13 +408,18 @@ def load_config(path: str | os.PathLike) -> LesionDiffusionConfig:
         raise ConfigError(f"Configuration file not found: {path}. Create it (example below) or set "
                           f"{CONFIG_ENV}.\n{EXAMPLE}")
     from lesiondiffusion.io import read_text_input
-    from lesiondiffusion.safeyaml import load_yaml
+    from lesiondiffusion.safeyaml import compose_yaml, duplicate_keys
 
     text = read_text_input(path, "configuration", ConfigError)
     try:
-        raw = load_yaml(text, path, ConfigError)
+        node, raw = compose_yaml(text, path, ConfigError)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc}). Fix the syntax at the position shown.") from None
+    dups = duplicate_keys(node)
+    if dups:
+        key, line = dups[0]
+        raise ConfigError(f"{path}:{line}: key '{key}' is given twice (YAML would silently keep the later one); keep "
+                          "one.")
     return config_from_dict(raw, source=str(path))
 
 

@@ -231,16 +231,20 @@ def load_templates(spec: FactorySpec, catalogs: Sequence[Any], labels: Sequence[
     cm = pm.get_configuration(spec.configuration)
     ending = spec.dataset_json.get("file_ending", ".nii.gz")
     sources: list[tuple[str, str, str | None, str]] = []
-    if cfg.templates.dataset_healthy:
+    if cfg.templates.dataset_healthy or cfg.templates.dataset_lesion_cases:
         if not spec.raw_folder or not Path(spec.raw_folder).is_dir():
-            raise ConfigError(f"{cfg.source}: templates.dataset_healthy is true but the raw dataset folder "
-                              f"{spec.raw_folder} does not exist; set nnUNet_raw or list templates.folders.")
+            raise ConfigError(f"{cfg.source}: templates.dataset_healthy/dataset_lesion_cases is true but the raw "
+                              f"dataset folder {spec.raw_folder} does not exist; set nnUNet_raw or list templates.folders.")
         idents = spec.identifiers
         if idents is None:
             idents = sorted(p.name[: -len(ending)] for p in (Path(spec.raw_folder) / "labelsTr").glob("*" + ending))
         healthy = find_healthy_cases(spec.preprocessed_folder, idents, labels) if spec.preprocessed_folder else idents
+        if cfg.templates.dataset_lesion_cases:
+            chosen = list(idents) if cfg.templates.dataset_healthy else [c for c in idents if c not in set(healthy)]
+        else:
+            chosen = healthy
         raw = Path(spec.raw_folder)
-        for case in healthy:
+        for case in chosen:
             sources.append((str(raw / "imagesTr" / f"{case}_0000{ending}"), str(raw / "organsTr" / f"{case}{ending}"),
                             str(raw / "labelsTr" / f"{case}{ending}"), case))
     for folder in cfg.templates.folders:
@@ -258,6 +262,7 @@ def load_templates(spec: FactorySpec, catalogs: Sequence[Any], labels: Sequence[
     templates = []
     for img, org, lab, name in sources:
         t = preprocess_template(img, org, lab, pm, cm, cfg.templates.organ_mapping, name)
+        exclude_lesions(t, labels, cfg.templates.lesion_exclusion_mm)
         t = _crop_template(t, organ_names, context)
         if t is None:
             log.warning("template %s has none of the organs %s; skipped", name, organ_names)
@@ -267,6 +272,23 @@ def load_templates(spec: FactorySpec, catalogs: Sequence[Any], labels: Sequence[
         raise ConfigError(f"{cfg.source}: none of the {len(sources)} template cases contains the organs the catalogs "
                           f"need ({', '.join(organ_names)}). Check the organ maps (organsTr) and templates.organ_mapping.")
     return templates
+
+
+def exclude_lesions(t: Template, labels: Sequence[int], margin_mm: float) -> int:
+    """Take a template's real lesions (and ``margin_mm`` around them) out of its organ map, so that
+    placement never puts a synthetic lesion on or beside a real one; the real lesion keeps its label in
+    ``t.seg``. Returns the number of organ voxels removed (0 for a healthy template)."""
+    from scipy import ndimage
+
+    lesion = np.isin(t.seg, list(labels))
+    if not lesion.any():
+        return 0
+    spacing = np.linalg.norm(t.organs.affine[:3, :3], axis=0)
+    near = ndimage.distance_transform_edt(~lesion, sampling=spacing) <= margin_mm if margin_mm > 0 else lesion
+    removed = int(((t.organs.labels != 0) & near).sum())
+    t.organs.labels[near] = 0
+    t.organs._cache.clear()  # cached organ masks predate the change
+    return removed
 
 
 def build_generator(config: LesionDiffusionConfig, device: str | None = None) -> Any:

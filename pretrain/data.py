@@ -549,11 +549,11 @@ def dataset_fingerprint(data_dir: Path) -> str:
 
 
 def _to_ras(img: Any) -> tuple[np.ndarray, np.ndarray]:
-    """Array reoriented to the closest RAS axis order (nibabel), with its new affine."""
-    import nibabel as nib
+    """Array in the canonical (closest RAS) order with its affine: the same ``geometry.to_canonical``
+    synthesis applies, so the networks learn and generate in one orientation."""
+    from lesiondiffusion.geometry import to_canonical
 
-    can = nib.as_closest_canonical(img)
-    return np.asanyarray(can.dataobj), np.asarray(can.affine, dtype=np.float64)
+    return to_canonical(np.asanyarray(img.dataobj), np.asarray(img.affine, dtype=np.float64))
 
 
 def resample_volume(arr: np.ndarray, spacing: Sequence[float], new_spacing: Sequence[float], kind: str) -> np.ndarray:
@@ -587,14 +587,21 @@ def resample_volume(arr: np.ndarray, spacing: Sequence[float], new_spacing: Sequ
 
 
 def window(hu: np.ndarray, hu_window: Sequence[float]) -> np.ndarray:
-    """HU -> [-1, 1]: clip to the bundle's window, then scale linearly."""
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    return (2.0 * (np.clip(hu, lo, hi) - lo) / (hi - lo) - 1.0).astype(np.float32)
+    """HU -> [-1, 1] with the bundle's window: the pipeline's own ``hu_to_unit`` (one definition)."""
+    from lesiondiffusion.models.vqgan import hu_to_unit
+
+    t = hu_to_unit(torch.from_numpy(np.asarray(hu, dtype=np.float32)), (float(hu_window[0]), float(hu_window[1])))
+    return t.numpy().astype(np.float32)
 
 
 def unwindow(x: np.ndarray | torch.Tensor, hu_window: Sequence[float]) -> Any:
-    lo, hi = float(hu_window[0]), float(hu_window[1])
-    return (x + 1.0) * 0.5 * (hi - lo) + lo
+    """[-1, 1] -> HU (``unit_to_hu``) for tensors; arrays the same way."""
+    from lesiondiffusion.models.vqgan import unit_to_hu
+
+    window_t = (float(hu_window[0]), float(hu_window[1]))
+    if isinstance(x, torch.Tensor):
+        return unit_to_hu(x, window_t)
+    return unit_to_hu(torch.from_numpy(np.asarray(x, dtype=np.float32)), window_t).numpy()
 
 
 def crop_at(arr: np.ndarray, center: Sequence[int], size: Sequence[int], fill: float) -> np.ndarray:
@@ -618,12 +625,14 @@ def crop_scaled(arr: np.ndarray, center: Sequence[float], size: Sequence[int], f
     Binary masks are interpolated linearly and thresholded at 0.5 (a partial-volume-correct nearest)."""
     if factor <= 1.0:
         return crop_at(arr, [int(round(c)) for c in center], size, fill)
-    from scipy import ndimage
+    from lesiondiffusion.geometry import CropGeometry
 
+    # the pipeline's crop grid (one resampling for pretraining and synthesis); crop voxel n // 2 sits on
+    # ``center`` as in ``crop_at``, where CropGeometry centres (n - 1) / 2
     n = np.asarray(size, dtype=np.float64)
-    offset = np.asarray(center, dtype=np.float64) - (n // 2) * factor
-    out = ndimage.affine_transform(arr.astype(np.float32), np.full(3, factor), offset=offset, output_shape=tuple(size),
-                                   order=order, mode="constant", cval=fill, prefilter=False)
+    mid = np.asarray(center, dtype=np.float64) + ((n - 1) / 2 - n // 2) * factor
+    geo = CropGeometry(mid, np.full(3, float(factor)), tuple(int(v) for v in size), tuple(int(v) for v in size))
+    out = geo.sample(arr.astype(np.float32), order=order, mode="constant", cval=fill)
     if binary:
         return (out >= 0.5).astype(arr.dtype)
     return out.astype(arr.dtype) if np.issubdtype(arr.dtype, np.integer) else out

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 import yaml
@@ -380,9 +380,34 @@ def _norm_or(value: str, attribute: str, free_text: Iterable[str]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 # discovery
+# folders added by the program (``--catalog-path``, a dataset.json's ``catalog_path``), searched first:
+# a user's own catalogs then need no exported environment variable
+_EXTRA_DIRS: list[Path] = []
+
+
+def use_catalog_dirs(paths: Sequence[str | os.PathLike], base: str | os.PathLike | None = None) -> list[Path]:
+    """Search ``paths`` (relative ones resolved against ``base``) for catalogs before every other folder,
+    for the rest of this process. A folder that does not exist is an error naming it."""
+    added = []
+    for p in paths:
+        d = Path(os.path.expandvars(str(p))).expanduser()
+        if base is not None and not d.is_absolute():
+            d = Path(base) / d
+        if not d.is_dir():
+            raise CatalogError(f"Catalog folder {d} does not exist. Fix the --catalog-path option or the dataset.json "
+                               "'catalog_path' entry (a folder holding <lesion_type>.yaml files).")
+        d = d.resolve()
+        if d not in _EXTRA_DIRS:
+            _EXTRA_DIRS.insert(len(added), d)
+        added.append(d)
+    return added
+
+
 def catalog_dirs() -> list[Path]:
-    """Folders searched for catalogs: ``$LESIONDIFFUSION_CATALOG_PATH`` entries, then the shipped ones."""
-    dirs = [Path(p) for p in os.environ.get(CATALOG_PATH_ENV, "").split(os.pathsep) if p]
+    """Folders searched for catalogs: ``use_catalog_dirs`` folders, ``$LESIONDIFFUSION_CATALOG_PATH``
+    entries, then the shipped ones."""
+    dirs = list(_EXTRA_DIRS)
+    dirs += [Path(p) for p in os.environ.get(CATALOG_PATH_ENV, "").split(os.pathsep) if p]
     dirs.append(Path(str(resources.files("lesiondiffusion.attribute_catalogs"))))
     return dirs
 

@@ -29,6 +29,7 @@ from scipy import ndimage
 from .bundle import Bundle
 from .errors import LesionDiffusionError, SynthesisError
 from .generator import SynthesisResult
+from .geometry import CropGeometry, generate_canonical
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
 from .placement import organ_fraction_rule
@@ -94,58 +95,6 @@ class SynthesisConfig:
                 f"max_retries={self.max_retries}, batch_size={self.batch_size}, blend_dilation={self.blend_dilation}: "
                 "they must be >= 0, >= 1 and >= 0."
             )
-
-
-@dataclass
-class CropGeometry:
-    """A crop grid at the bundle spacing centred on ``center`` (input voxel coordinates).
-
-    Crop voxel j along an axis sits at input coordinate ``center + (j - (n - 1) / 2) * scale`` with
-    ``scale = bundle spacing / input spacing``; LMNet's crop is the centred sub-grid of LINet's.
-    """
-
-    center: np.ndarray
-    scale: np.ndarray
-    image_size: tuple[int, int, int]
-    mask_size: tuple[int, int, int]
-    coarsen: float = 1.0  # synthesis spacing / bundle spacing (> 1 for lesions larger than the trained crop)
-
-    @property
-    def mask_offset(self) -> tuple[int, ...]:
-        return tuple((i - m) // 2 for i, m in zip(self.image_size, self.mask_size))
-
-    def mask_slices(self) -> tuple[slice, ...]:
-        return tuple(slice(o, o + m) for o, m in zip(self.mask_offset, self.mask_size))
-
-    def sample(self, volume: np.ndarray, order: int, mode: str, cval: float = 0.0) -> np.ndarray:
-        """Resample ``volume`` (input grid) onto the image crop grid."""
-        n = np.asarray(self.image_size, dtype=np.float64)
-        offset = self.center - (n - 1) / 2 * self.scale
-        return ndimage.affine_transform(
-            volume, self.scale, offset=offset, output_shape=self.image_size, order=order, mode=mode,
-            cval=cval, output=np.float32, prefilter=False,
-        )
-
-    def back(self, crop: np.ndarray, region: tuple[slice, slice, slice], order: int, cval: float = 0.0) -> np.ndarray:
-        """Resample an image-crop array back onto the input voxels of ``region``."""
-        n = np.asarray(self.image_size, dtype=np.float64)
-        start = np.asarray([s.start for s in region], dtype=np.float64)
-        shape = tuple(s.stop - s.start for s in region)
-        inv = 1.0 / self.scale
-        offset = (start - self.center) * inv + (n - 1) / 2
-        return ndimage.affine_transform(
-            crop, inv, offset=offset, output_shape=shape, order=order, mode="constant", cval=cval,
-            output=np.float32, prefilter=False,
-        )
-
-    def box_mask(self, lo: Sequence[int], hi: Sequence[int]) -> np.ndarray:
-        """{0,1} image-crop mask of the voxel box [lo, hi) (crop voxels whose centre falls inside)."""
-        axes = []
-        for a in range(3):
-            j = np.arange(self.image_size[a])
-            x = self.center[a] + (j - (self.image_size[a] - 1) / 2) * self.scale[a]
-            axes.append((x >= lo[a] - 0.5) & (x < hi[a] - 0.5))
-        return (axes[0][:, None, None] & axes[1][None, :, None] & axes[2][None, None, :]).astype(np.float32)
 
 
 def _check_device(device: str | torch.device) -> torch.device:
@@ -262,8 +211,6 @@ class LesionSynthesizer:
         *,
         seed: int,
     ) -> list[SynthesisResult]:
-        from .placement import NoPlacement, place_lesion
-
         ct = np.asarray(ct)
         if ct.shape != organs.labels.shape:
             raise LesionDiffusionError(
@@ -272,6 +219,13 @@ class LesionSynthesizer:
             )
         if not np.issubdtype(ct.dtype, np.number):
             raise LesionDiffusionError(f"CT array dtype {ct.dtype} is not numeric; pass HU values.")
+        # placement, crops and networks work in the canonical (RAS) order the networks were trained in
+        return generate_canonical(self._generate, ct, organs, reports, catalogs, seed=seed)
+
+    def _generate(self, ct: np.ndarray, organs: Any, reports: Sequence[Any], catalogs: Any, *,
+                  seed: int) -> list[SynthesisResult]:
+        from .placement import NoPlacement, place_lesion
+
         cats = list(catalogs) if isinstance(catalogs, (list, tuple)) else [catalogs] * len(reports)
         if len(cats) != len(reports):
             raise LesionDiffusionError(f"{len(reports)} reports but {len(cats)} catalogs; pass one catalog or one per report.")

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage
 
 from .generator import SynthesisResult
+from .geometry import generate_canonical
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -57,6 +58,12 @@ class RuleBasedGenerator:
                 f"CT shape {ct.shape} differs from organ map shape {organs.labels.shape}; resample the organ map "
                 "onto the CT grid first."
             )
+        # the same canonical (RAS) order as the diffusion pipeline: a seed places the same lesion in
+        # world coordinates whatever the array order
+        return generate_canonical(self._generate, ct, organs, reports, catalogs, seed=seed)
+
+    def _generate(self, ct: np.ndarray, organs: "OrganMap", reports: Sequence["LesionReport"],
+                  catalogs: "Sequence[Catalog] | Catalog", *, seed: int) -> list[SynthesisResult]:
         rng = np.random.default_rng(seed)
         results = []
         for report in reports:

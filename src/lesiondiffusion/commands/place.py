@@ -27,7 +27,8 @@ def _place(args: argparse.Namespace) -> int:
     from ..errors import LesionDiffusionError, ReportError
     from ..io import refuse_overwrite_input, save_nifti, write_json
     from ..organs import load_organ_map
-    from ..placement import box_mask, place_lesion
+    from ..geometry import place_canonical
+    from ..placement import box_mask
     from ..report import LesionReport
 
     inputs = {"--organs": args.organs, "--report": args.report}
@@ -50,7 +51,7 @@ def _place(args: argparse.Namespace) -> int:
                           + "\n  ".join(problems))
     organs = load_organ_map(args.organs, args.mapping)
     t0 = time.perf_counter()
-    box = place_lesion(organs, report, catalog, args.seed)
+    box = place_canonical(organs, report, catalog, args.seed)
     ms = (time.perf_counter() - t0) * 1000
     out = box.to_dict()
     out["organs_file"] = str(args.organs)

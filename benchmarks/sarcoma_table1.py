@@ -1,0 +1,156 @@
+"""Table 1 on real CT: nnU-Net segments soft-tissue sarcomas, with and without synthetic sarcomas.
+
+    python benchmarks/sarcoma_table1.py --workdir /tmp/sts --bundle BUNDLE [--k 2,9] [--seeds 0,1,2]
+
+Data: the 26 IBSI/TCIA sarcoma CTs in ../shared/data/ct/ibsi_sts_sarcoma (CT + clinician mask, no report,
+no organ map). The split is fixed once (``split_cases``): case ids sorted, the i-th goes to the generator
+pool if i % 3 == 0 (9 cases: the bundle trained on these only, benchmarks/sarcoma_generator.py), the
+segmentation pool if i % 3 == 1 (9) and the test set if i % 3 == 2 (8). The three are disjoint.
+
+For each K (real labelled cases, the first K of the segmentation pool) a dataset is imported the way a user
+imports theirs (``lesiondiffusion dataset import``: tissue maps from HU as organ maps) with the 8 test cases
+as imagesTs/labelsTs, and nnU-Net is trained with the CPU recipe (``*_fewshotcpu``, 2d) in the settings
+real only; synthetic only; synthetic then real (one flag, ``nnUNetTrainerLesionDiffusion``), each synthetic
+setting with the real-CT generator (``lesiondiffusion``, HU correction off) and ``rule_based``. Synthetic
+lesions go into the training cases' own CT (``templates.dataset_lesion_cases``: muscle at least 10 mm away
+from the real tumour, which stays labelled), so every run sees exactly the same real tumours.
+``--reference`` adds real only on the generator pool + the segmentation pool (18 cases).
+
+Tables: WORKDIR/K<k>/segmentation_dice.{md,csv,png}; paired differences per seed: WORKDIR/table1.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+SARCOMA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "ibsi_sts_sarcoma"
+
+
+def split_cases(source: Path = SARCOMA) -> dict[str, list[str]]:
+    """The fixed split: sorted case ids, i % 3 -> generator pool / segmentation pool / test set."""
+    ids = sorted(p.name for p in source.iterdir() if p.is_dir() and (p / "ct.nii.gz").is_file())
+    return {"generator": ids[0::3], "segmentation": ids[1::3], "test": ids[2::3]}
+
+
+def write_dataset(raw: Path, dataset_id: int, name: str, train: list[str], test: list[str], source: Path) -> Path:
+    """nnU-Net raw dataset: imported training cases (+ organsTr tissue maps) and the test set as imagesTs."""
+    from lesiondiffusion.dataset_import import import_mask_dataset
+
+    out = raw / f"Dataset{dataset_id:03d}_{name}"
+    if (out / "dataset.json").is_file() and (out / "imagesTs").is_dir():
+        meta = json.loads((out / "dataset.json").read_text())
+        if meta.get("sarcoma_split") == {"train": train, "test": test}:
+            return out
+    shutil.rmtree(out, ignore_errors=True)
+    tmp = raw / f".tmp_test_{dataset_id}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    import_mask_dataset(source, out, "soft_tissue_sarcoma", mask="{case}/gtv.nii.gz", cases=train)
+    import_mask_dataset(source, tmp, "soft_tissue_sarcoma", mask="{case}/gtv.nii.gz", cases=test)
+    (tmp / "imagesTr").rename(out / "imagesTs")
+    (tmp / "labelsTr").rename(out / "labelsTs")
+    shutil.rmtree(tmp)
+    meta = json.loads((out / "dataset.json").read_text())
+    meta["sarcoma_split"] = {"train": train, "test": test}
+    (out / "dataset.json").write_text(json.dumps(meta, indent=2))
+    return out
+
+
+def paired_table(workdir: Path, ks: list[int]) -> str:
+    """Per K and seed: Dice of each setting and its difference to real only (the same seed)."""
+    lines = ["| K | setting | generator | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean ± sd | Δ vs real (per seed) | wins |",
+             "| --- | --- | --- | " + " | ".join("---:" for _ in SEEDS) + " | ---: | --- | ---: |"]
+    import numpy as np
+
+    for k in ks:
+        path = workdir / f"K{k}" / "segmentation_runs.csv"
+        if not path.is_file():
+            continue
+        rows = list(csv.DictReader(path.open()))
+        key = [c for c in rows[0] if c.startswith("dice_")][0] if rows else None
+        table: dict[tuple[str, str], dict[int, float]] = {}
+        for r in rows:
+            if not r.get(key):
+                continue
+            table.setdefault((r["setting"], r.get("generator") or "-"), {})[int(r["seed"])] = float(r[key])
+        real = table.get(("real", "-"), {})
+        for (setting, gen), by_seed in sorted(table.items()):
+            vals = [by_seed.get(s) for s in SEEDS]
+            got = [v for v in vals if v is not None]
+            diffs = [by_seed[s] - real[s] for s in SEEDS if s in by_seed and s in real]
+            lines.append(f"| {k} | {setting} | {gen} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in vals)
+                         + f" | {100 * np.mean(got):.1f} ± {100 * np.std(got, ddof=1) if len(got) > 1 else 0:.1f} | "
+                         + ("" if setting == "real" else ", ".join(f"{100 * d:+.1f}" for d in diffs)) + " | "
+                         + ("" if setting == "real" else f"{sum(d > 0 for d in diffs)}/{len(diffs)}") + " |")
+    return "\n".join(lines)
+
+
+SEEDS: list[int] = [0, 1, 2]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from lesiondiffusion.fewshot import FewShotStudy
+    from lesiondiffusion.nnunet_integration.discovery import with_ext_trainer
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workdir", type=Path, default=Path("/tmp/lesiondiffusion_sarcoma"))
+    p.add_argument("--source", type=Path, default=SARCOMA)
+    p.add_argument("--bundle", type=Path, default=None, help="the real-CT generator (benchmarks/sarcoma_generator.py)")
+    p.add_argument("--k", default="2,9", help="real labelled cases from the segmentation pool, comma-separated")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--generators", default="lesiondiffusion,rule_based")
+    p.add_argument("--settings", default="real,synthetic,synthetic_real")
+    p.add_argument("--synthetic-cases", type=int, default=60, help="offline cache size per generator")
+    p.add_argument("--ddim-steps", type=int, default=10)
+    p.add_argument("--pretrain-fraction", type=float, default=0.5)
+    p.add_argument("--configuration", default="2d")
+    p.add_argument("--trainer-suffix", default="_fewshotcpu")
+    p.add_argument("--parallel", type=int, default=2)
+    p.add_argument("--reference", action="store_true", help="also real only on generator + segmentation pool")
+    a = p.parse_args(argv)
+    global SEEDS
+    SEEDS = [int(s) for s in a.seeds.split(",")]
+    gens = tuple(g for g in a.generators.split(",") if g)
+    if "lesiondiffusion" in gens and a.bundle is None:
+        p.error("--bundle is needed for the lesiondiffusion generator (or --generators rule_based)")
+
+    t0 = time.time()
+    split = split_cases(a.source)
+    print("split:", json.dumps(split), flush=True)
+    raw = a.workdir / "nnUNet_raw"
+    ks = [int(k) for k in a.k.split(",")]
+    jobs = [(k, split["segmentation"][:k], 960 + i) for i, k in enumerate(ks)]
+    if a.reference:
+        jobs.append((len(split["generator"]) + len(split["segmentation"]), split["generator"] + split["segmentation"], 969))
+    for k, train, did in jobs:
+        ds = write_dataset(raw, did, f"STSK{k}", train, split["test"], a.source)
+        reference = did == 969
+        study = FewShotStudy(
+            workdir=a.workdir / f"K{k}", dataset_dir=ds, bundle=a.bundle,
+            generators=gens if not reference else ("rule_based",),
+            settings=tuple(a.settings.split(",")) if not reference else ("real",),
+            seeds=tuple(SEEDS), configuration=a.configuration, trainer_suffix=a.trainer_suffix,
+            synthetic_cases=a.synthetic_cases, ddim_steps=a.ddim_steps, hu_correction="off",
+            pretrain_fraction=a.pretrain_fraction, synthetic_probability=1.0, finetune_synthetic_probability=0.0,
+            parallel=a.parallel, echo=lambda m: print(m, flush=True),
+            env=with_ext_trainer(os.environ),
+            extra_config={"templates": {"dataset_healthy": False, "dataset_lesion_cases": True,
+                                        "lesion_exclusion_mm": 10.0, "organ_mapping": str(ds / "tissue_labels.json")},
+                          "catalogs": [{"name": "soft_tissue_sarcoma", "label": "soft_tissue_sarcoma"}]})
+        out = study.run()
+        print(out.paths["markdown"].read_text(), flush=True)
+    table = paired_table(a.workdir, [k for k, _, _ in jobs])
+    (a.workdir / "table1.md").write_text(table + "\n")
+    print(table)
+    print(f"total {(time.time() - t0) / 60:.1f} min on {os.cpu_count()}-core CPU (load avg {os.getloadavg()[0]:.1f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
