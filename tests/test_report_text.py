@@ -143,3 +143,63 @@ def test_llm_value_outside_vocabulary_or_bad_json_is_an_error(fake_llm):
         parse_with_llm("a lesion", fake_llm)
     with pytest.raises(ReportError, match="answered HTTP 404"):
         parse_with_llm("a lesion", fake_llm.replace("/v1", "/nothing/here/x") + "/bad")
+
+
+_ADRENAL = """\
+name: adrenal_nodule
+label_name: adrenal_nodule
+organ_type: parenchymal organ
+organs:
+  adrenal gland: {weight: 1.0, v2: [adrenal_gland_left, adrenal_gland_right], synonyms: [adrenal, adrenals]}
+attributes:
+  shape: {round-like: 0.6, oval: 0.4}
+  lesion_location: {within the parenchymal organ: 1.0}
+  relationship: {no close relationship with surrounding organs: 1.0}
+  surface: {well-defined margin: 1.0}
+  specific_features: {none: 1.0}
+  enhancement: {non-contrast CT: 1.0}
+  density: {hypodense: 1.0}
+  density_variations: {homogeneous: 1.0}
+size_mm: {distribution: uniform, min: 5, max: 60}
+hu:
+  non-contrast CT: {hypodense: [-20, 10]}
+"""
+
+
+def test_organs_declared_by_catalogs_on_the_path_are_read(tmp_path, monkeypatch):
+    """"Left adrenal nodule" names the organ of a catalog on the catalog path, and that catalog's type."""
+    assert parse_text("Left adrenal nodule, 18 mm.").values["organ"] == UNSPECIFIED  # no adrenal catalog yet
+    (tmp_path / "adrenal_nodule.yaml").write_text(_ADRENAL)
+    monkeypatch.setenv("LESIONDIFFUSION_CATALOG_PATH", str(tmp_path))
+    r = parse_text("Left adrenal nodule, 18 mm, hypodense.")
+    assert r.values["organ"] == "adrenal gland" and r.sources["organ"] == "adrenal"
+    assert r.lesion_type == "adrenal_nodule" and r.values["shape"] == UNSPECIFIED  # "nodule" is not a shape
+    report = r.to_report(load_catalog(r.lesion_type), seed=0)
+    assert report.organ == "adrenal gland" and report.size_mm == (18.0, 18.0, 18.0)
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("Spiculated 2.3 cm mass in the right upper lobe.",
+     {"organ": "right lung", "specific_features": "spiculated margins"}),
+    ("Solid nodule in the left lower lobe, 9 mm.", {"organ": "left lung", "density": "isodense soft-tissue mass"}),
+    ("Well-defined intraparenchymal lesion of the right kidney, 3 cm.",
+     {"lesion_location": "within the parenchymal organ", "organ": "right kidney", "surface": "well-defined margin"}),
+    ("Hypodense mass of the pancreatic head with invasion of the duodenum.",
+     {"relationship": "invasion of adjacent organs", "organ": "pancreas", "density": "hypodense"}),
+    ("Pancreatic body mass with encasement of the superior mesenteric artery.",
+     {"relationship": "invasion of adjacent organs", "organ": "pancreas"}),
+    ("Polypoid tumour arising from the posterior wall of the bladder.",
+     {"lesion_location": "wall thickening", "shape": "protrusion into the lumen", "organ": "urinary bladder"}),
+    ("Simple cyst in the liver, 4 cm, water density.",
+     {"shape": "cystic", "organ": "liver", "density": "hypodense fluid-like"}),
+    ("12 mm nodule in the left lung.", {"organ": "left lung"}),
+    ("Nodular hyperdense focus in the right kidney.",
+     {"shape": "nodular", "organ": "right kidney", "density": "hyperdense"}),
+    ("Liver lesion, no invasion of the diaphragm.", {"organ": "liver"}),
+])
+def test_phrasings_of_issue_18(text, expect):
+    """The wordings `report parse` missed: lobes, intraparenchymal, named invasion, encasement, arising from
+    the wall, cyst; and the noun "nodule" leaves the shape unspecified."""
+    r = parse_text(text)
+    got = {a: v for a, v in r.specified.items() if a not in ("size",)}
+    assert got == expect

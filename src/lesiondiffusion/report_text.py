@@ -137,7 +137,7 @@ _PATTERNS = _build_patterns()
 _EXTRA: tuple[tuple[str, str, str], ...] = (
     ("surface", "ill-defined margin", r"\b(?:ill|poorly)[\s\-]*(?:defined|demarcated|circumscribed)(?:\s+(?:margins?|borders?|edges?))?"),
     ("surface", "well-defined margin", r"\b(?:well|sharply)[\s\-]*(?:defined|demarcated|circumscribed|marginated)(?:\s+(?:margins?|borders?|edges?))?"),
-    ("surface", "ill-defined margin", r"\b(?:indistinct|infiltrative|blurred|fuzzy)\s+(?:margins?|borders?|boundar(?:y|ies))"),
+    ("surface", "ill-defined margin", r"\b(?:indistinct|infiltrative|infiltrating|blurred|fuzzy)\s+(?:margins?|borders?|boundar(?:y|ies))"),
     ("surface", "well-defined margin", r"\b(?:sharp|smooth|clear|distinct)\s+(?:margins?|borders?|boundar(?:y|ies))"),
     ("shape", "round-like", r"\bround(?:ed|ish)?\b"),
     ("shape", "oval", r"\b(?:oval|ovoid|elliptical)\b"),
@@ -152,14 +152,43 @@ _EXTRA: tuple[tuple[str, str, str], ...] = (
     # a lesion's (lack of) enhancement can only be judged on a contrast scan
     ("enhancement", "enhanced CT", r"\b(?:no|without|lack of|absent)\s+(?:\w+\s+)?enhancement\b|\bnon[\s\-]?enhancing\b|\benhancing\b"),
     ("relationship", "invasion of adjacent organs", r"\b(?:invad(?:es|ing)|infiltrat(?:es|ing))\s+(?:the\s+)?(?:adjacent|surrounding|neighbouring|neighboring)\b"),
+    # "invasion of the pancreas", "invades the duodenum", "infiltration into the psoas": a named neighbour
+    ("relationship", "invasion of adjacent organs", r"\b(?:invasion|infiltration|extension)\s+(?:of|into)\s+(?:the\s+)?(?!margins?\b|borders?\b)[a-z]\w+"),
+    ("relationship", "invasion of adjacent organs", r"\b(?:invad(?:es|ing)|infiltrat(?:es|ing))\s+(?:into\s+)?(?:the\s+)?(?!margins?\b|borders?\b|edges?\b)[a-z]\w+"),
+    # encasement (> 180 degrees around a vessel or organ) is how staging reads involvement, abutment is contact
+    ("relationship", "invasion of adjacent organs", r"\bencas(?:es|ed|ement|ing)\b"),
     ("relationship", "close relationship with adjacent organs", r"\b(?:abuts|abutting|contacts|in contact with)\s+(?:the\s+)?(?:adjacent|surrounding)?\b"),
     ("lesion_location", "protruding from the parenchymal organ", r"\bexophytic(?:ally)?\b"),
     ("specific_features", "perilesional edema", r"\b(?:o?edema|oedema)\b"),
     ("lesion_location", "within the lumen of a hollow organ", r"\bintraluminal\b"),
+    ("lesion_location", "wall thickening", r"\b(?:arising|originating)\s+from\s+the\s+(?:\w+\s+)?wall\b"),
+    # a cyst is cystic: the noun states the shape value the cyst catalogs use
+    ("shape", "cystic", r"\bcysts?\b"),
+    ("organ", "right lung", r"\bright\s+(?:upper|middle|lower)\s+lobe\b|\b(?:RUL|RML|RLL)\b"),
+    ("organ", "left lung", r"\bleft\s+(?:upper|lower)\s+lobe\b|\b(?:LUL|LLL)\b|\blingula\w*"),
     ("organ", "liver", r"\b(?:segment\s+(?:[ivx]+|\d)\b(?:\s+of\s+the\s+liver)?|hepatic|liver)\b"),
-    ("organ", "brain", r"\b(?:brain|cerebral|intracerebral|intraparenchymal\s+(?:haem|hem)\w+|basal\s+ganglia|frontal\s+lobe|parietal\s+lobe|temporal\s+lobe|occipital\s+lobe|thalam\w*)\b"),
+    ("organ", "brain", r"\b(?:brain|cerebral|intracerebral|(?<=intraparenchymal )(?:haem|hem)\w+|basal\s+ganglia|frontal\s+lobe|parietal\s+lobe|temporal\s+lobe|occipital\s+lobe|thalam\w*)\b"),
 )
 _EXTRA_PATTERNS = [(a, v, re.compile(p, re.IGNORECASE)) for a, v, p in _EXTRA]
+
+# The vocabulary lists "nodule" under shape "nodular" (punctate, dot-like), but in running text the noun
+# names the lesion whatever its shape ("2 cm nodule", "adrenal nodule"); "nodular" and "nodule-like" still
+# state the shape.
+_LESION_NOUNS = re.compile(r"nodules?", re.IGNORECASE)
+
+
+def _catalog_organ_patterns() -> list[tuple[str, str, str, re.Pattern[str]]]:
+    """Patterns of the organs declared by the catalogs on the catalog path (display names and synonyms),
+    built per call: the catalog path may change between calls."""
+    from .catalog import declare_catalog_organs
+    from .report import declared_organs
+
+    declare_catalog_organs()
+    out = []
+    for display, others in declared_organs().items():
+        for alias in (display, *others):
+            out.append(("organ", display, alias, _alias_pattern(alias)))
+    return out
 
 
 def _negated(text: str, start: int) -> bool:
@@ -231,6 +260,26 @@ def _infer_type(text: str, organ: str) -> tuple[str, str | None]:
         for name in (f"{_prefix(organ_key)}_tumor", f"{_prefix(organ_key)}_cancer"):
             if name in names:
                 return name, None
+    if organ != UNSPECIFIED:
+        # an organ no catalog name spells (declared by a catalog: "adrenal gland", "muscle"): the catalogs
+        # that target it, the one whose name has the lesion word first
+        from .catalog import load_catalog
+        from .errors import CatalogError
+
+        targets = []
+        for name in names:
+            try:
+                if organ in load_catalog(name).domain("organ"):
+                    targets.append(name)
+            except CatalogError:
+                continue
+        if targets:
+            found = [(m.group(0), kind) for pattern, kind in _TYPE_WORDS if (m := re.search(pattern, text, re.IGNORECASE))]
+            for words, kind in found:
+                match = next((t for t in targets if kind in t), None)
+                if match:
+                    return match, words
+            return targets[0], found[0][0] if found else None
     return UNSPECIFIED, None
 
 
@@ -248,8 +297,10 @@ def parse_text(text: str, lesion_type: str | None = None) -> ParsedReport:
                           "lesiondiffusion report parse \"2 cm hypodense lesion in the liver\".")
     size_mm, size_source, size_spans = _parse_sizes(text)
     candidates: list[tuple[int, int, str, str]] = []  # start, end, attribute, canonical
-    for attribute, canonical, _alias, pattern in _PATTERNS:
+    for attribute, canonical, _alias, pattern in _PATTERNS + _catalog_organ_patterns():
         for m in pattern.finditer(text):
+            if attribute == "shape" and _LESION_NOUNS.fullmatch(m.group(0)):
+                continue
             candidates.append((m.start(), m.end(), attribute, canonical))
     for attribute, canonical, pattern in _EXTRA_PATTERNS:
         for m in pattern.finditer(text):
