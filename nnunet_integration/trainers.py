@@ -24,14 +24,17 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-from lesiondiffusion.errors import ConfigError
+from lesiondiffusion.errors import ConfigError, LesionDiffusionError
 from lesiondiffusion.io import atomic_write_text
-from lesiondiffusion.store import OfflineCacheReader, SampleStore, SharedCounters, StoreStats, ThrottleController
+from lesiondiffusion.store import (FAULT_ENV, OfflineCacheReader, ProducerCrashed, SampleStore, SharedCounters,
+                                   StoreStats, ThrottleController, check_spool_space, spool_base)
 
-from .config import CONFIG_FILENAME, LesionDiffusionConfig, config_path_for, load_config
-from .data import FactorySpec, MixedDataset, initial_patch_size
+from .config import CONFIG_FILENAME, LesionDiffusionConfig, check_device, config_path_for, load_config
+from .data import FactorySpec, MixedDataset, initial_patch_size, synthetic_context
 
 log = logging.getLogger(__name__)
+
+DEBUG_ENV = "LESIONDIFFUSION_DEBUG"   # set: a LesionDiffusion fault in training raises with its full traceback
 
 
 def default_cache_dir(preprocessed_dataset_folder: str, plans_name: str, configuration: str) -> Path:
@@ -151,10 +154,19 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
                               f"{spec.raw_folder or '$nnUNet_raw/' + self.plans_manager.dataset_name} is not available; "
                               "set nnUNet_raw (templates are read in HU with their organsTr maps) or list "
                               "templates.folders and set dataset_healthy: false.")
+        check_device(device, cfg.source)
+        # pre-flight: a spool folder too small for the queue (a 64 MiB /dev/shm in a container) would kill
+        # the producer after the first few cases; estimate a case as its context box of float32 CT + int16 labels
+        context = synthetic_context(crop, cfg.store.context_margin)
+        case_bytes = int(np.prod([2 * c for c in context])) * 6
+        check_spool_space(spool_base(cfg.store.spool_dir), (cfg.store.size + cfg.store.batch) * case_bytes,
+                          f"store.size {cfg.store.size} + store.batch {cfg.store.batch} cases of about "
+                          f"{case_bytes / 2**20:.1f} MiB")
         base = cfg.seed + 1000003 * self.current_epoch
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,
-                                    seed=base + rank, stride=world, batch=cfg.store.batch).start()
+                                    seed=base + rank, stride=world, batch=cfg.store.batch,
+                                    spool_dir=cfg.store.spool_dir).start()
         self.ld_counters = self.ld_store.counters
         if world > 1:
             self.print_to_log_file(f"LesionDiffusion: rank {rank} of {world} has its own producer, generator on "
@@ -184,6 +196,69 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         self.ld_probability.value = self.phase_for_epoch(self.current_epoch)[1]
         self._ld_train_dataset = MixedDataset(dataset_tr, source, self.ld_probability)
         return self._ld_train_dataset, dataset_val
+
+    # ------------------------------------------------------------------ faults: one line, traceback in the log
+    def run_training(self):
+        """nnU-Net's loop; a LesionDiffusion fault (producer crash, damaged cache, bad configuration) ends it in
+        one line naming the cause and the fix, with the full traceback in the training log (or here, with
+        LESIONDIFFUSION_DEBUG=1). nnU-Net's own errors and Ctrl-C pass through unchanged."""
+        import tempfile
+
+        fault = Path(tempfile.gettempdir()) / f"lesiondiffusion_fault_{os.getpid()}.txt"
+        fault.unlink(missing_ok=True)
+        os.environ[FAULT_ENV] = str(fault)  # data-loading workers inherit it (see store.record_fault)
+        try:
+            super().run_training()
+        except Exception as exc:
+            line = self._ld_fault_line(exc, fault)
+            if line is None or os.environ.get(DEBUG_ENV):
+                raise
+            import traceback
+
+            try:
+                self.print_to_log_file("LesionDiffusion: training stopped; full traceback:\n" + traceback.format_exc(),
+                                       also_print_to_console=False)
+                where = f"the full traceback is in {self.log_file}"
+            except Exception:  # no log file yet (a fault before nnU-Net opened it)
+                where = f"set {DEBUG_ENV}=1 for the full traceback"
+            self._ld_shutdown()
+            raise SystemExit(f"LesionDiffusion: training stopped: {line} ({where}; {DEBUG_ENV}=1 prints it here)") \
+                from None
+        finally:
+            fault.unlink(missing_ok=True)
+
+    def _ld_fault_line(self, exc: BaseException, fault: Path) -> str | None:
+        """Cause and fix of a LesionDiffusion fault in one line, or None for anything else."""
+        if fault.is_file():  # a worker recorded why it died (damaged cache case, ...)
+            text = fault.read_text(encoding="utf-8", errors="replace").strip().splitlines()
+            if text:
+                return text[0]
+        crash: BaseException | None = exc if isinstance(exc, ProducerCrashed) else None
+        if crash is None and self.ld_store is not None:
+            try:
+                self.ld_store.check()
+            except ProducerCrashed as found:
+                crash = found
+        if crash is not None:
+            return self._ld_crash_line(str(crash))
+        if isinstance(exc, LesionDiffusionError):  # its message already names file, key and fix
+            return str(exc)
+        return None
+
+    def _ld_crash_line(self, text: str) -> str:
+        source = self.ld_config.source if self.ld_config is not None else CONFIG_FILENAME
+        resume = "then resume with the same nnUNetv2_train command plus --c"
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+        last = lines[-1] if lines else "no message"
+        if "exited unexpectedly" in text:
+            return (f"the lesion producer process {last.split('(', 1)[-1].rstrip(').')}. If nobody stopped it, it ran "
+                    f"out of memory: lower store.size or store.batch, or set generator.device to a GPU in {source}; "
+                    f"{resume}.")
+        if "No space left" in text or "ENOSPC" in text or "Errno 28" in text:
+            spool = self.ld_store.spool if self.ld_store is not None else "the spool folder"
+            return (f"the spool folder {spool} is full ({last}). Set store.spool_dir in {source} to a folder with "
+                    f"more free space, or lower store.size; {resume}.")
+        return f"the lesion producer failed: {last}. Fix the generator settings in {source}; {resume}."
 
     # ------------------------------------------------------------------ training hooks
     def on_train_start(self):

@@ -691,7 +691,8 @@ IDENTITY_CHANGES = [
     ("ddim-steps", lambda b: {"generator.options": {"ddim_steps": 50}}, "generator_options.ddim_steps"),
     ("guidance-added", lambda b: {"generator.options": {"ddim_steps": 10, "guidance_scale": 4.0}},
      "generator_options.guidance_scale"),
-    ("backend", lambda b: {"generator.backend": "rule_based"}, "backend"),
+    # the whole section: ddim_steps is no rule_based option (the config schema refuses it)
+    ("backend", lambda b: {"generator": {"backend": "rule_based", "bundle": str(b)}}, "backend"),
     ("hu-correction", lambda b: {"generator.hu_correction": "clip"}, "generator.hu_correction"),
     ("seed", lambda b: {"seed": 7}, "seed"),
     ("catalog-edited", _user_catalog, "catalogs"),

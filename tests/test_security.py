@@ -504,3 +504,186 @@ def test_nan_ct_error_says_nan_and_its_fix_works(world, tmp_path, capsys, rule_b
     fixed = tmp_path / "ct nan_finite.nii.gz"
     assert f"--ct {fixed}" in err and fixed.is_file()
     assert main(_synth(world, tmp_path / "out", ct=fixed)) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. the trainer configuration: a schema at start-up, the device, the spool, one-line faults
+
+_BASE_CFG = "generator: {backend: rule_based}\ncatalogs: [kidney_tumor]\n"
+
+
+def _load_cfg(tmp_path: Path, text: str):
+    from lesiondiffusion.nnunet_integration.config import load_config
+
+    path = tmp_path / "lesiondiffusion.yaml"
+    path.write_text(text)
+    return path, lambda: load_config(path)
+
+
+@pytest.mark.parametrize("text,words", [
+    (_BASE_CFG + "store: {1: a, foo: b}\n", ["key 1 under 'store' is not a name", "allowed keys under 'store'"]),
+    (_BASE_CFG + "offline: {cache_dir: [a, b]}\n", ["key 'offline.cache_dir'", "Use text or null"]),
+    ("generator: {backend: rule_based, options: {colour: red}}\ncatalogs: [kidney_tumor]\n",
+     ["key 'generator.options.colour'", "Unknown key", "edge_sigma_mm"]),
+    ("generator: {backend: lesiondiffusion, bundle: B, options: {ddim_steps: -3}}\nmode: offline\n"
+     "catalogs: [kidney_tumor]\n", ["key 'generator.options.ddim_steps' has invalid value -3", "between 1 and"]),
+    ("generator: {backend: lesiondiffusion, bundle: B, options: {ddim_steps: 2.5}}\nmode: offline\n"
+     "catalogs: [kidney_tumor]\n", ["generator.options.ddim_steps", "an integer or null"]),
+    ("generator: {backend: lesiondiffusion, bundle: B, options: {hu_correction: clip}}\nmode: offline\n"
+     "catalogs: [kidney_tumor]\n", ["generator.options.hu_correction", "as generator.hu_correction"]),
+    (_BASE_CFG + "templates: {dataset_healthy: 'false'}\n",
+     ["key 'templates.dataset_healthy'", "without quotes", "'false' is text"]),
+    ("generator: {backend: rule_based, text_conditioning: 'no'}\ncatalogs: [kidney_tumor]\n",
+     ["key 'generator.text_conditioning'", "'no' is text, not a boolean"]),
+    (_BASE_CFG + "generator: {backend: rule_based, device: cpu}\n", [":3: key 'generator' is given twice"]),
+    (_BASE_CFG + "seed: '3'\n", ["key 'seed'", "an integer"]),
+    (_BASE_CFG + "store: {size: 4.5}\n", ["key 'store.size'", "an integer"]),
+    (_BASE_CFG + "store: {spool_dir: /no/such/folder}\n", ["key 'store.spool_dir'", "existing folder"]),
+    (_BASE_CFG + "synthetic_probability: yes\n", ["key 'synthetic_probability'", "a number"]),
+    ("catalogs: [{name: kidney_tumor, weight: '2'}]\ngenerator: {backend: rule_based}\n",
+     ["catalogs[0].weight", "a number"]),
+])
+def test_trainer_config_probes_name_file_key_and_fix(tmp_path, text, words):
+    path, load = _load_cfg(tmp_path, text)
+    with pytest.raises((ConfigError, LesionDiffusionError)) as info:
+        load()
+    msg = str(info.value)
+    assert str(path) in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_a_valid_config_with_options_still_loads(tmp_path):
+    _, load = _load_cfg(tmp_path, "generator: {backend: rule_based, options: {edge_sigma_mm: 0.5}}\n"
+                                  "catalogs: [kidney_tumor]\ntemplates: {dataset_healthy: false, folders: []}\n"
+                                  "store: {spool_dir: " + str(tmp_path) + "}\n")
+    with pytest.raises(ConfigError, match="No template source"):  # the existing cross-key rule still applies
+        load()
+    _, load = _load_cfg(tmp_path, "generator: {backend: rule_based, options: {edge_sigma_mm: 0.5}}\n"
+                                  "catalogs: [kidney_tumor]\nstore: {spool_dir: " + str(tmp_path) + "}\n")
+    cfg = load()
+    assert cfg.generator.options == {"edge_sigma_mm": 0.5} and cfg.store.spool_dir == str(tmp_path)
+
+
+def test_cuda_device_without_cuda_is_refused_and_the_advised_fix_works(tmp_path, monkeypatch):
+    from lesiondiffusion.nnunet_integration.config import check_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    path, load = _load_cfg(tmp_path, "generator: {backend: rule_based, device: cuda}\ncatalogs: [kidney_tumor]\n")
+    cfg = load()
+    with pytest.raises(ConfigError) as info:
+        check_device(cfg.generator.device, cfg.source)
+    msg = str(info.value)
+    assert "no CUDA GPU" in msg and "set 'device: cpu' under 'generator:'" in msg and str(path) in msg
+    assert "--device" not in msg  # nnUNetv2_train has no such option
+    path.write_text(path.read_text().replace("device: cuda", "device: cpu"))  # the advice, followed
+    check_device(load().generator.device, str(path))
+
+
+def test_spool_preflight_names_the_key_and_setting_it_works(tmp_path, monkeypatch):
+    import shutil
+
+    from lesiondiffusion import store
+
+    real = shutil.disk_usage
+    small = tmp_path / "small"
+    small.mkdir()
+    monkeypatch.setattr(store.shutil, "disk_usage",
+                        lambda p: real(p)._replace(free=12 * 2**20) if str(p) == str(small) else real(p))
+    with pytest.raises(LesionDiffusionError) as info:
+        store.check_spool_space(store.spool_base(str(small)), 400 * 2**20, "32 cases of 12.5 MiB")
+    assert "only 12 MiB are free" in str(info.value) and "store.spool_dir" in str(info.value)
+    store.check_spool_space(store.spool_base(str(tmp_path)), 1 * 2**20, "1 case")  # a roomier folder passes
+    s = store.SampleStore(lambda: None, worker="thread", spool_dir=str(tmp_path))
+    try:
+        assert Path(s.spool).parent == tmp_path  # the queue's files go where the key says
+    finally:
+        s.close()
+
+
+class _Trainer:
+    """The trainer's fault handling without an nnU-Net run: the class's own methods on a bare object."""
+
+    @staticmethod
+    def make(tmp_path: Path, store=None):
+        from lesiondiffusion.nnunet_integration.trainers import nnUNetTrainerLesionDiffusion
+
+        tr = object.__new__(nnUNetTrainerLesionDiffusion)
+        tr.ld_store, tr.ld_config = store, None
+        tr.log_file = str(tmp_path / "training_log.txt")
+
+        def log(*args, also_print_to_console=True, add_timestamp=True):
+            with open(tr.log_file, "a") as fh:
+                fh.write(" ".join(map(str, args)) + "\n")
+
+        tr.print_to_log_file = log
+        return tr
+
+
+def test_damaged_cache_in_a_worker_ends_training_in_one_line(tmp_path, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from lesiondiffusion.store import OfflineCacheReader
+
+    def worker_dies(self):
+        # what a data-loading worker does on a truncated case, then what nnU-Net says in the main process
+        reader = object.__new__(OfflineCacheReader)
+        reader.root = tmp_path / "cache"
+        reader._damaged("cases/synth_000003.npz: size or sha256 differs from the manifest")
+        raise RuntimeError("One or more background workers are no longer alive. Exiting.")
+
+    monkeypatch.setattr(nnUNetTrainer, "run_training", worker_dies)
+    monkeypatch.delenv("LESIONDIFFUSION_DEBUG", raising=False)
+    tr = _Trainer.make(tmp_path)
+    with pytest.raises(SystemExit) as info:
+        tr.run_training()
+    line = str(info.value.code)
+    assert "\n" not in line and line.startswith("LesionDiffusion: training stopped:")
+    assert "synth_000003.npz" in line and "lesiondiffusion cache verify" in line and "background workers" not in line
+    assert "RuntimeError: One or more background workers" in Path(tr.log_file).read_text()
+    monkeypatch.setenv("LESIONDIFFUSION_DEBUG", "1")
+    with pytest.raises(RuntimeError, match="background workers"):
+        tr.run_training()
+
+
+def test_killed_producer_ends_training_in_one_line_that_does_not_just_blame_memory(tmp_path, monkeypatch):
+    import signal
+    import time
+
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from lesiondiffusion.store import SampleStore
+
+    store = SampleStore(_SlowFactory(), worker="process", spool_dir=str(tmp_path)).start()
+    try:
+        deadline = time.monotonic() + 120
+        while store._runner.pid is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        os.kill(store._runner.pid, signal.SIGKILL)  # the probe: kill -9 of the producer
+        store._runner.join(60)
+
+        def training(self):
+            raise RuntimeError("One or more background workers are no longer alive. Exiting.")
+
+        monkeypatch.setattr(nnUNetTrainer, "run_training", training)
+        monkeypatch.delenv("LESIONDIFFUSION_DEBUG", raising=False)
+        tr = _Trainer.make(tmp_path, store)
+        with pytest.raises(SystemExit) as info:
+            tr.run_training()
+        line = str(info.value.code)
+        assert "\n" not in line and "killed by SIGKILL: by hand (kill -9) or by the kernel" in line
+        assert "lower store.size" in line and "--c" in line
+    finally:
+        store.close()
+
+
+class _SlowFactory:
+    """Picklable builder of a factory that never finishes a case (the producer just sits there)."""
+
+    def __call__(self):
+        import time
+
+        def factory(seed):
+            time.sleep(600)
+
+        return factory

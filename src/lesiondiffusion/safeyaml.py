@@ -104,6 +104,30 @@ def compose_yaml(text: str, where: str | Path, error: type[LesionDiffusionError]
         builder.dispose()
 
 
+def duplicate_keys(node: yaml.Node | None) -> list[tuple[str, int]]:
+    """``(dotted key, line)`` of every key given twice in one mapping (YAML keeps the later silently). Each
+    node is visited once, so aliases cost nothing."""
+    found: list[tuple[str, int]] = []
+    seen: set[int] = set()
+    stack: list[tuple[yaml.Node | None, str]] = [(node, "")]
+    while stack:
+        n, prefix = stack.pop()
+        if n is None or id(n) in seen:
+            continue
+        seen.add(id(n))
+        if isinstance(n, yaml.MappingNode):
+            keys: set[Any] = set()
+            for k, v in n.value:
+                name = f"{prefix}.{k.value}" if prefix else str(k.value)
+                if k.value in keys:
+                    found.append((name, k.start_mark.line + 1))
+                keys.add(k.value)
+                stack.append((v, name))
+        elif isinstance(n, yaml.SequenceNode):
+            stack.extend((v, f"{prefix}[{i}]") for i, v in enumerate(n.value))
+    return sorted(found, key=lambda t: t[1])
+
+
 def load_yaml(text: str, where: str | Path, error: type[LesionDiffusionError]) -> Any:
     """``yaml.safe_load`` bounded in time and memory (see the module docstring)."""
     return compose_yaml(text, where, error)[1]

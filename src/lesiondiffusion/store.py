@@ -363,10 +363,59 @@ def _free_accelerator_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def _spool_dir() -> str:
+FAULT_ENV = "LESIONDIFFUSION_FAULT_FILE"
+
+
+def record_fault(message: str) -> None:
+    """Leave the cause of a fault in a data-loading worker where the training process finds it: the worker's
+    own exception dies with it, and nnU-Net then only reports that its background workers are gone."""
+    path = os.environ.get(FAULT_ENV)
+    if not path:
+        return
+    try:
+        with open(path, "a", encoding="utf-8") as fh:
+            fh.write(" ".join(message.split()) + "\n")
+    except OSError:
+        pass
+
+
+def exit_reason(code: int | None) -> str:
+    """Words for a child process's exit code (a negative code is the signal that ended it)."""
+    import signal
+
+    if code is None or code >= 0:
+        return f"exit code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = f"signal {-code}"
+    if -code == signal.SIGKILL:
+        return f"killed by {name}: by hand (kill -9) or by the kernel when memory ran out"
+    return f"ended by {name}"
+
+
+def spool_base(spool_dir: str | os.PathLike | None = None) -> str:
+    """The folder queued cases are spooled in: ``spool_dir`` (config ``store.spool_dir``), else ``/dev/shm``
+    when writable (RAM, no disk traffic), else the system temp folder."""
+    if spool_dir is not None:
+        return os.path.expanduser(os.path.expandvars(str(spool_dir)))
     shm = Path("/dev/shm")
-    base = str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
-    return tempfile.mkdtemp(prefix="lesiondiffusion_store_", dir=base)
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
+
+
+def check_spool_space(base: str, need_bytes: int, what: str) -> None:
+    """Refuse to start when the spool folder cannot hold the queued cases (a full /dev/shm otherwise kills
+    the producer mid-epoch)."""
+    free = shutil.disk_usage(base).free
+    if free < need_bytes:
+        raise LesionDiffusionError(
+            f"The sample store needs about {need_bytes / 2**20:.0f} MiB in its spool folder {base} ({what}) but only "
+            f"{free / 2**20:.0f} MiB are free. Set store.spool_dir in lesiondiffusion.yaml to a folder with more "
+            "space (e.g. a local disk), or lower store.size.")
+
+
+def _spool_dir(spool_dir: str | os.PathLike | None = None) -> str:
+    return tempfile.mkdtemp(prefix="lesiondiffusion_store_", dir=spool_base(spool_dir))
 
 
 class SampleStore:
@@ -381,7 +430,8 @@ class SampleStore:
 
     def __init__(self, factory_builder: Callable[[], CaseFactory], *, size: int = 32, reuse: int = 8,
                  refresh: str = "continuous", worker: str = "process", seed: int = 0, stride: int = 1,
-                 max_consecutive_failures: int = 50, nice: int = 0, batch: int = 1) -> None:
+                 max_consecutive_failures: int = 50, nice: int = 0, batch: int = 1,
+                 spool_dir: str | os.PathLike | None = None) -> None:
         self._batch = max(1, int(batch))
         self.throttle = Throttle(mp.get_context("spawn"))   # duty 1 (unthrottled) until a controller sets it
         self.size, self.reuse, self.refresh, self.worker = size, reuse, refresh, worker
@@ -398,7 +448,7 @@ class SampleStore:
         self._nice = nice
         self._runner: Any = None
         self._error: str | None = None
-        self.spool = _spool_dir()
+        self.spool = _spool_dir(spool_dir)
         # a training that dies with an exception never reaches on_train_end: still free /dev/shm
         atexit.register(self.close)
 
@@ -428,8 +478,7 @@ class SampleStore:
         if self._error is None and self._runner is not None and not self.done.is_set() \
                 and not self.stop_event.is_set() and not self._runner.is_alive():
             code = getattr(self._runner, "exitcode", None)
-            self._error = (f"The producer exited unexpectedly (exit code {code}; -9 usually means it was killed "
-                           "for memory).")
+            self._error = f"The producer process exited unexpectedly ({exit_reason(code)})."
         if self._error is not None:
             raise ProducerCrashed(f"The lesion synthesis producer crashed; training stops.\n{self._error}")
 
@@ -750,7 +799,9 @@ class OfflineCache:
             remove_stale_temporaries(self.root / sub, r"\.(synth_\d+\.(npz|json)|\d+\.json)\..+")
         self._check_identity()
         good = {i for i in self._valid_indices() if shard.owns(i)}
-        failed = {int(p.stem) for p in (self.root / "failed").glob("*.json") if shard.owns(int(p.stem))}
+        # [0-9]*: a concurrent shard's temporary (.12.json.pid...json) is not a record yet
+        failed = {int(p.stem) for p in (self.root / "failed").glob("[0-9]*.json")
+                  if p.stem.isdigit() and shard.owns(int(p.stem))}
         quota = shard.quota(n)
         desc = "synthetic cases" + (f" (shard {shard})" if shard.count > 1 else "")
         bar = tqdm(total=quota, initial=min(len(good), quota), desc=desc, disable=not progress, unit="case")
@@ -851,7 +902,8 @@ class OfflineCache:
             cases.append(json.loads(side.read_text()))
         if n is not None:
             cases = cases[:n]
-        failures = [json.loads(p.read_text()) for p in sorted((self.root / "failed").glob("*.json"))]
+        failures = [json.loads(p.read_text()) for p in sorted((self.root / "failed").glob("[0-9]*.json"))
+                    if p.stem.isdigit()]
         manifest = {"format": _FORMAT, "identity": self.identity, "n_cases": len(cases), "cases": cases,
                     "failures": failures}
         write_json(self.root / MANIFEST, json.loads(json.dumps(manifest, default=_jsonable)))
@@ -892,9 +944,11 @@ class OfflineCacheReader:
         self.counters = counters or SharedCounters()
 
     def _damaged(self, problem: str) -> LesionDiffusionError:
-        return LesionDiffusionError(
+        err = LesionDiffusionError(
             f"Offline cache {self.root}: {problem}. Run 'lesiondiffusion cache verify {self.root}' (sets damaged "
             "cases aside) and re-run the same 'lesiondiffusion cache build' to rebuild them.")
+        record_fault(str(err))
+        return err
 
     def draw(self) -> SyntheticCase:
         path = self.files[int(np.random.randint(len(self.files)))]
