@@ -37,6 +37,15 @@ log = logging.getLogger(__name__)
 DEBUG_ENV = "LESIONDIFFUSION_DEBUG"   # set: a LesionDiffusion fault in training raises with its full traceback
 
 
+def producer_threads(device: str | None) -> int | None:
+    """Torch threads of the producer process: for a CPU generator the cores the training loop's torch
+    threads leave free (at least one), so it does not oversubscribe the cores it shares with training;
+    None (torch's default) for a GPU generator."""
+    if device is None or not str(device).startswith("cpu"):
+        return None
+    return max(1, (os.cpu_count() or 1) - torch.get_num_threads())
+
+
 def default_cache_dir(preprocessed_dataset_folder: str, plans_name: str, configuration: str) -> Path:
     return Path(preprocessed_dataset_folder) / "lesiondiffusion_cache" / f"{plans_name}__{configuration}"
 
@@ -166,7 +175,7 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,
                                     seed=base + rank, stride=world, batch=cfg.store.batch,
-                                    spool_dir=cfg.store.spool_dir).start()
+                                    spool_dir=cfg.store.spool_dir, threads=producer_threads(device)).start()
         self.ld_counters = self.ld_store.counters
         if world > 1:
             self.print_to_log_file(f"LesionDiffusion: rank {rank} of {world} has its own producer, generator on "
@@ -312,6 +321,12 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
             if self.ld_throttle is not None and self.ld_phase != "finetune":
                 self.print_to_log_file(f"LesionDiffusion throttle (rank 0): {self.ld_throttle.summary()}; it allowed "
                                        f"{delta.produced} synthetic cases this epoch{ranks}")
+                if delta.produced == 0:
+                    self.print_to_log_file(
+                        f"LesionDiffusion: the {100 * self.ld_throttle.budget:g}% budget allowed no synthesis this "
+                        f"epoch (0 new synthetic cases{ranks}): {delta.reused} draws reused stored cases and "
+                        f"{delta.missed} fell back to real cases. Raise store.budget, or use a GPU generator or an "
+                        "offline cache, for more synthetic cases.")
         self.ld_last_stats = delta
 
     def on_train_end(self):

@@ -256,19 +256,21 @@ class SlowFactory:
 
 
 def test_throttle_controller_fits_plain_time_and_sets_duty_to_the_budget():
-    """Iterations slow down by 100 % while the producer works: a 5 % budget allows a 5 % duty; a producer
-    that costs less than the budget runs unthrottled. Every probe_every iterations it is paused."""
+    """Iterations slow down by 100 % while the producer works (it takes k = 1/2 of training's time per busy
+    second): a 5 % budget allows a duty of 0.05 / (1.05 k) = 0.095; a producer that costs less than the
+    budget runs unthrottled. Every probe_every iterations it is paused."""
     from lesiondiffusion.store import Throttle
 
     rng = np.random.default_rng(0)
-    for slowdown, want in ((1.0, 0.05), (0.02, 1.0)):
+    for slowdown, want in ((1.0, 0.0952), (0.02, 1.0)):
         throttle = Throttle()
         ctl = ThrottleController(throttle, 0.05, probe_every=50, probe_len=3, first_probe=50)
         duties = []
         for i in range(120):
             # a paused producer finishes the synthesis under way first: the probe waits for idle iterations
             f = 0.0 if throttle.duty == 0.0 and i not in (50, 100) else float(rng.uniform(0.1, 1.0))
-            ctl.observe(0.1 * (1 + slowdown * f) + rng.normal(0, 0.002), f)
+            k = slowdown / (1 + slowdown)  # busy share f of an iteration of t seconds: t = 0.1 + k f t
+            ctl.observe(0.1 / (1 - k * f) + rng.normal(0, 0.002), f)
             duties.append(throttle.duty)
         assert ctl.plain == pytest.approx(0.1, rel=0.05) and ctl.slowdown == pytest.approx(slowdown, rel=0.2, abs=0.02)
         assert ctl.duty == pytest.approx(want, rel=0.2)

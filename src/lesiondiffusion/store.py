@@ -139,8 +139,9 @@ class SharedCounters:
 class Throttle:
     """Duty-cycle limit on the producer, in shared memory (set by the trainer, obeyed by the producer).
 
-    ``duty`` is the share of wall time the producer may work (1 = unthrottled, 0 = paused): after a
-    synthesis that took ``d`` seconds it rests ``d * (1 - duty) / duty``. The producer also publishes
+    ``duty`` is the share of wall time the producer may work (1 = unthrottled, 0 = paused): after each
+    busy span of ``d`` seconds (a denoising step, or a synthesis without steps) it rests
+    ``d * (1 - duty) / duty``. The producer also publishes
     how many seconds it has been busy (``busy_seconds``), which is how the trainer sees, per training
     iteration, what share of it overlapped with synthesis.
     """
@@ -149,13 +150,33 @@ class Throttle:
         ctx = ctx or mp.get_context("spawn")
         self._duty = ctx.Value("d", 1.0)
         self._busy = ctx.Array("d", 2)   # [busy seconds finished, start of the current busy span or 0]
+        # set while duty > 0: a paused producer sleeps on it instead of polling the duty, so a pause costs
+        # no wake-ups per training iteration and a resume is immediate
+        self._resume = ctx.Event()
+        self._resume.set()
 
     @property
     def duty(self) -> float:
         return float(self._duty.value)
 
     def set_duty(self, value: float) -> None:
-        self._duty.value = float(min(1.0, max(0.0, value)))
+        value = float(min(1.0, max(0.0, value)))
+        before = self._duty.value
+        self._duty.value = value
+        if (before <= 0.0) != (value <= 0.0):  # only pause/resume transitions touch the event
+            if value > 0.0:
+                self._resume.set()
+            else:
+                self._resume.clear()
+
+    def _wait_while_paused(self, stop: Any) -> bool:
+        """Sleep until the duty is positive again; False when ``stop`` was set. Wakes twice a second at
+        most (to see ``stop``), not once per training iteration."""
+        while self.duty <= 0.0:
+            if stop.is_set():
+                return False
+            self._resume.wait(0.5)
+        return not stop.is_set()
 
     def busy_seconds(self, now: float | None = None) -> float:
         now = time.monotonic() if now is None else now  # CLOCK_MONOTONIC: one clock for all processes
@@ -165,25 +186,28 @@ class Throttle:
 
     def start(self, stop: Any) -> bool:
         """Producer side: wait while paused; mark the start of a busy span. False when stopping."""
-        while self.duty <= 0.0:
-            if stop.wait(0.05):
-                return False
+        if not self._wait_while_paused(stop):
+            return False
         with self._busy.get_lock():
             self._busy[1] = time.monotonic()
         return True
 
     def checkpoint(self, stop: Any) -> None:
-        """Producer side, between denoising steps: a pause (duty 0) takes effect here instead of after
-        the whole synthesis, which on a CPU can span dozens of training iterations. The paused time is
-        not counted as busy."""
-        if self.duty > 0.0:
+        """Producer side, between denoising steps: a pause (duty 0) and the duty cycle's rest take effect
+        here instead of after the whole synthesis, which on a shared CPU (a niced producer gets a small
+        share of the cores) can outlast hundreds of training iterations, so a rest only after it would
+        never come. Paused and resting time is not counted as busy."""
+        duty = self.duty
+        if duty >= 1.0:
             return
+        now = time.monotonic()
         with self._busy.get_lock():
-            if self._busy[1] > 0:
-                self._busy[0] += time.monotonic() - self._busy[1]
-                self._busy[1] = 0.0
-        while self.duty <= 0.0 and not stop.wait(0.02):
-            pass
+            spent = now - self._busy[1] if self._busy[1] > 0 else 0.0
+            self._busy[0] += spent
+            self._busy[1] = 0.0
+        if duty > 0.0:
+            stop.wait(spent * (1.0 - duty) / duty)
+        self._wait_while_paused(stop)
         with self._busy.get_lock():
             self._busy[1] = time.monotonic()
 
@@ -203,10 +227,13 @@ class ThrottleController:
     """Trainer side of ``Throttle``: keeps training within ``budget`` of plain nnU-Net's iteration time.
 
     Every training iteration reports its wall time ``t`` and the share ``f`` of it the producer was
-    busy. Over a sliding window it fits ``t = plain + f * extra`` by least squares: ``plain`` is the
-    iteration time without the producer (plain nnU-Net's, measured online, not in a separate run) and
-    ``extra / plain`` the slowdown while it works. Training then costs ``duty * extra / plain`` on
-    average, so the duty becomes ``budget * plain / extra`` (at most 1). The fit needs iterations with
+    busy, i.e. ``b = f * t`` busy seconds. Over a sliding window it fits ``t = plain + k * b`` by least
+    squares: ``plain`` is the iteration time without the producer (plain nnU-Net's, measured online, not
+    in a separate run) and ``k`` the training time each busy producer second costs (the share of the
+    cores it takes). Linear in ``b``, not in ``f``: ``t = plain + extra * f`` would be biased, since a
+    slower iteration overlaps more producer time (at ``k = 0.5`` it read a 100 % slowdown as 73 %). With
+    duty ``d`` (busy share of the wall time) an iteration costs ``plain / (1 - k d)``, so the duty for an
+    overhead of ``budget`` is ``budget / ((1 + budget) k)`` (at most 1). The fit needs iterations with
     and without synthesis: a full store idles the producer, and from iteration ``first_probe`` on, every
     ``probe_every`` iterations the producer is paused until ``probe_len`` iterations have run without it,
     in case it never idles. Until the first fit the producer runs unthrottled.
@@ -222,7 +249,8 @@ class ThrottleController:
         self.first_probe = first_probe
         self.duty = throttle.duty
         self.plain: float | None = None
-        self.slowdown: float | None = None
+        self.cost = 0.0                       # training seconds per busy producer second (k)
+        self.slowdown: float | None = None    # iteration slowdown while the producer works all the time
         self._i = 0
         self._last: tuple[float, float] | None = None
         self._probe_idle: int | None = None   # idle iterations seen in the probe under way
@@ -266,17 +294,23 @@ class ThrottleController:
         f = np.asarray([s[1] for s in self.samples])
         if f.max() - f.min() < 0.3:  # not enough contrast between idle and busy iterations yet
             return
-        slope, plain = np.polyfit(f, t, 1)
+        k, plain = np.polyfit(f * t, t, 1)
         if plain <= 0:
             return
-        self.plain, self.slowdown = float(plain), max(0.0, float(slope / plain))
-        self.duty = 1.0 if self.slowdown <= self.budget else max(self.min_duty, self.budget / self.slowdown)
+        self.plain, self.cost = float(plain), min(0.999, max(0.0, float(k)))
+        self.slowdown = self.cost / (1.0 - self.cost)  # while synthesising all the time (d = 1)
+        need = self.budget / ((1.0 + self.budget) * self.cost) if self.cost > 0 else 1.0
+        self.duty = 1.0 if need >= 1.0 else max(self.min_duty, need)
 
-    def estimated_overhead(self) -> float | None:
-        """Mean extra iteration time over the window, as a share of the plain time (the budget's unit)."""
-        if self.slowdown is None:
+    def estimated_overhead(self, last: int | None = None) -> float | None:
+        """Mean extra iteration time over the window (or its ``last`` iterations, e.g. a benchmark's timed
+        ones), as a share of the plain time (the budget's unit): ``k * mean(busy seconds) / plain``."""
+        if self.slowdown is None or self.plain is None:
             return None
-        return self.slowdown * float(np.mean([s[1] for s in self.samples]))
+        recent = list(self.samples)[-last:] if last else list(self.samples)
+        if not recent:
+            return 0.0
+        return self.cost * float(np.mean([sec * share for sec, share in recent])) / self.plain
 
     def summary(self) -> str:
         if self.slowdown is None:
@@ -290,14 +324,21 @@ class ThrottleController:
 def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop: Any, crashed: Any, done: Any,
                    err_q: Any, counters: SharedCounters, seed: int, limit: int | None,
                    max_consecutive_failures: int, spool: str, nice: int = 0, stride: int = 1,
-                   throttle: Throttle | None = None, batch: int = 1) -> None:
+                   throttle: Throttle | None = None, batch: int = 1, ready: Any = None,
+                   threads: int | None = None) -> None:
     """Runs in the producer process/thread: build the factory once, then keep the queue full
-    (``batch`` > 1: ``factory.batch(seeds)`` makes that many cases in one generator call)."""
+    (``batch`` > 1: ``factory.batch(seeds)`` makes that many cases in one generator call). ``ready`` is
+    set once the factory is built; ``threads`` caps the process's torch/OpenMP threads."""
     factory = None
     try:
-        if nice and mp.current_process().name == "lesion-producer":
-            os.nice(nice)  # on a shared CPU the training loop keeps priority; the producer uses idle time
+        if mp.current_process().name == "lesion-producer":  # own process: its priority and threads only
+            if nice:
+                os.nice(nice)  # on a shared CPU the training loop keeps priority; the producer uses idle time
+            if threads:
+                _limit_threads(int(threads))
         factory = factory_builder()
+        if ready is not None:
+            ready.set()
         generator = getattr(factory, "generator", None)
         if throttle is not None and hasattr(generator, "step_callback"):
             generator.step_callback = lambda _step: throttle.checkpoint(stop)
@@ -351,6 +392,18 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
     finally:
         factory = None  # frees the generator (and its GPU memory) as soon as production ends
         _free_accelerator_memory()
+
+
+def _limit_threads(n: int) -> None:
+    """Cap torch's intra-op threads (and OpenMP's, if torch is not imported yet) in the producer process.
+    A CPU generator with as many threads as cores competes with every thread of the training loop, and
+    OpenMP threads spin between parallel regions, so a niced producer still costs the trainer time."""
+    import sys
+
+    os.environ["OMP_NUM_THREADS"] = str(n)
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(n)
 
 
 def _free_accelerator_memory() -> None:
@@ -431,7 +484,7 @@ class SampleStore:
     def __init__(self, factory_builder: Callable[[], CaseFactory], *, size: int = 32, reuse: int = 8,
                  refresh: str = "continuous", worker: str = "process", seed: int = 0, stride: int = 1,
                  max_consecutive_failures: int = 50, nice: int = 0, batch: int = 1,
-                 spool_dir: str | os.PathLike | None = None) -> None:
+                 spool_dir: str | os.PathLike | None = None, threads: int | None = None) -> None:
         self._batch = max(1, int(batch))
         self.throttle = Throttle(mp.get_context("spawn"))   # duty 1 (unthrottled) until a controller sets it
         self.size, self.reuse, self.refresh, self.worker = size, reuse, refresh, worker
@@ -440,6 +493,8 @@ class SampleStore:
         self.stop_event = self._ctx.Event()
         self.crashed = self._ctx.Event()
         self.done = self._ctx.Event()
+        self.ready = self._ctx.Event()  # the producer's generator is built (start-up over)
+        self._threads = threads
         self._err_q = self._ctx.Queue()
         self.counters = SharedCounters(self._ctx)
         self._builder = factory_builder
@@ -455,7 +510,7 @@ class SampleStore:
     def start(self) -> "SampleStore":
         args = (self._builder, self.queue, self.stop_event, self.crashed, self.done, self._err_q, self.counters,
                 self._seed, self.size if self.refresh == "once" else None, self._max_fail, self.spool, self._nice,
-                self._stride, self.throttle, self._batch)
+                self._stride, self.throttle, self._batch, self.ready, self._threads)
         if self.worker == "thread":
             self._runner = threading.Thread(target=_producer_loop, args=args, daemon=True, name="lesion-producer")
         else:
@@ -492,6 +547,16 @@ class SampleStore:
                 return have
             time.sleep(0.05)
         return self.counters.snapshot().produced
+
+    def wait_ready(self, timeout: float) -> bool:
+        """Block until the producer has built its generator (its start-up is over) or finished/crashed;
+        False on timeout."""
+        deadline = time.monotonic() + timeout
+        while not self.ready.wait(0.1):
+            self.check()
+            if self.done.is_set() or time.monotonic() > deadline:
+                return self.ready.is_set()
+        return True
 
     def stats(self) -> StoreStats:
         try:

@@ -1,0 +1,149 @@
+"""The producer's cost to training: the throttle controller's arithmetic on a simulated producer (fake
+clock, no sleeping), and a paused producer that does no work however many training iterations run."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+from lesiondiffusion.store import SampleStore, SyntheticCase, ThrottleController
+
+
+class CountingFactory:
+    """Counts syntheses; every case is a valid 6^3 crop with one lesion voxel block."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def build(self) -> "CountingFactory":
+        return self
+
+    def __call__(self, seed: int):
+        self.calls += 1
+        seg = np.zeros((1, 6, 6, 6), np.int16)
+        seg[0, 2:4, 2:4, 2:4] = 1
+        return SyntheticCase(f"s{seed}", np.zeros((1, 6, 6, 6), np.float32), seg,
+                             {"class_locations": {1: np.argwhere(seg > 0)}}), None
+
+
+class SimulatedProducer:
+    """Stands in for ``Throttle`` on a fake clock: works in denoising steps of ``step`` seconds, after each
+    rests ``step * (1 - duty) / duty`` (what ``Throttle.checkpoint`` does) and does nothing while the duty
+    is 0. Training iterations take ``plain`` seconds, ``plain * (1 + slowdown)`` while it works."""
+
+    def __init__(self, plain: float, slowdown: float, step: float = 0.03, dt: float = 0.001) -> None:
+        self.plain, self.slowdown, self.step, self.dt = plain, slowdown, step, dt
+        self.duty = 1.0
+        self.now = 0.0
+        self.busy = 0.0
+        self._work_left, self._rest_left = step, 0.0
+
+    def set_duty(self, value: float) -> None:
+        self.duty = float(min(1.0, max(0.0, value)))
+
+    def busy_seconds(self, now: float | None = None) -> float:
+        return self.busy
+
+    def _advance(self) -> bool:
+        """One clock tick of the producer; True when it was busy."""
+        if self._rest_left > 0:
+            self._rest_left -= self.dt
+            return False
+        if self.duty <= 0.0:
+            return False
+        self._work_left -= self.dt
+        self.busy += self.dt
+        if self._work_left <= 0:
+            self._work_left = self.step
+            self._rest_left = self.step * (1 - self.duty) / self.duty
+        return True
+
+    def iteration(self) -> float:
+        """Run one training iteration on the fake clock; returns its seconds."""
+        start, progress = self.now, 0.0
+        while progress < 1.0:
+            busy = self._advance()
+            progress += self.dt / (self.plain * (1 + self.slowdown) if busy else self.plain)
+            self.now += self.dt
+        return self.now - start
+
+
+# a producer that slows training by s while it works takes k = s / (1 + s) of training's time per busy
+# second; at duty d an iteration then lasts plain / (1 - k d), so overhead B needs d = B / ((1 + B) k):
+# s = 1 (k = 1/2), B = 5 %: d = 0.0952; s = 0.5 (k = 1/3), B = 10 %: d = 0.273; s = 2 %: below budget, d = 1
+@pytest.mark.parametrize("slowdown,budget,want_duty", [(1.0, 0.05, 0.0952), (0.5, 0.10, 0.273), (0.02, 0.05, 1.0)])
+def test_controller_holds_the_budget_on_a_simulated_producer(slowdown, budget, want_duty):
+    """It measures plain time and slowdown online, sets the duty that costs exactly the budget, and its
+    estimate of the overhead equals the overhead the simulated iterations actually had."""
+    sim = SimulatedProducer(plain=0.1, slowdown=slowdown)
+    ctl = ThrottleController(sim, budget)  # type: ignore[arg-type]
+    times = []
+    for _ in range(400):
+        ctl.tick(sim.now)
+        times.append(sim.iteration())
+    ctl.tick(sim.now)
+    assert ctl.plain == pytest.approx(0.1, rel=0.03)
+    assert ctl.slowdown == pytest.approx(slowdown, rel=0.1, abs=0.015)  # 1 ms clock ticks: 1 % of an iteration
+    assert ctl.duty == pytest.approx(want_duty, rel=0.15)
+    last = 200  # after the first fit: the throttled steady state, probes included
+    measured = float(np.mean(times[-last:])) / 0.1 - 1.0
+    estimate = ctl.estimated_overhead(last=last)
+    assert estimate == pytest.approx(measured, abs=0.01)
+    assert measured <= max(budget, slowdown) + 0.01  # within budget (or the whole cost when that is less)
+
+
+def test_controller_pauses_only_for_probes_and_restores_the_duty():
+    sim = SimulatedProducer(plain=0.1, slowdown=1.0)
+    ctl = ThrottleController(sim, 0.05, first_probe=20, probe_every=100, probe_len=4)  # type: ignore[arg-type]
+    paused = []
+    for i in range(260):
+        ctl.tick(sim.now)
+        paused.append(sim.duty == 0.0)
+        sim.iteration()
+    runs = np.flatnonzero(np.diff(np.r_[0, np.asarray(paused, int), 0]))
+    starts = runs[::2]
+    assert list(starts) == [20, 120, 220]  # one probe per probe_every iterations after first_probe
+    assert all(e - s <= 6 for s, e in zip(runs[::2], runs[1::2]))  # each lasts about probe_len iterations
+    assert sim.duty == pytest.approx(0.0952, rel=0.15)
+
+
+class CountingEvent:
+    """Wraps the throttle's resume event and counts how often a paused producer woke up."""
+
+    def __init__(self, event) -> None:
+        self.event, self.waits = event, 0
+
+    def wait(self, timeout=None):
+        self.waits += 1
+        return self.event.wait(timeout)
+
+    def __getattr__(self, name):
+        return getattr(self.event, name)
+
+
+def test_paused_producer_does_no_work_per_training_iteration():
+    """Duty 0 before the first case: however many training iterations run (store check, draw, miss), the
+    producer synthesises nothing, writes nothing, is never busy, and its pause does not poll per iteration."""
+    factory = CountingFactory()
+    store = SampleStore(factory.build, size=4, reuse=1, worker="thread", seed=0)
+    store.throttle.set_duty(0.0)
+    store.throttle._resume = CountingEvent(store.throttle._resume)
+    store.start()
+    client = store.client(on_miss="real")
+    iterations = 3000
+    try:
+        assert store.wait_ready(10)
+        for _ in range(iterations):
+            store.check()
+            assert client.draw() is None
+        stats = store.stats()
+        assert factory.calls == 0 and stats.produced == 0 and stats.missed == iterations
+        assert store.throttle.busy_seconds() == 0.0
+        assert os.listdir(store.spool) == []
+        assert store.throttle._resume.waits < iterations / 100  # a sleep per half second, not a poll per iteration
+        store.throttle.set_duty(1.0)  # and a resume is immediate: the next case arrives
+        assert store.wait_for(1, 10) >= 1
+    finally:
+        store.close()
