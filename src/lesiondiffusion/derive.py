@@ -72,7 +72,7 @@ THRESHOLDS: tuple[Threshold, ...] = (
     Threshold("density", "lesion interior mean HU; minus the host organ's mean HU "
               f"{ORGAN_SHELL_MM[0]:g}-{ORGAN_SHELL_MM[1]:g} mm around it",
               "with a catalog: its density whose HU range (for the enhancement) is nearest the mean (inside: "
-              f"nearest centre); otherwise difference < -{DENSITY_DELTA_HU:g}: hypodense, > +{DENSITY_DELTA_HU:g}: hyperdense, "
+              f"nearest centre; mixed-density only when heterogeneous); otherwise difference < -{DENSITY_DELTA_HU:g}: hypodense, > +{DENSITY_DELTA_HU:g}: hyperdense, "
               "else isodense"),
     Threshold("density_variations", "HU standard deviation of the lesion interior",
               f"> {HETEROGENEOUS_STD_HU:g} HU: heterogeneous, else homogeneous"),
@@ -232,7 +232,12 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
     if own is not None:
         cat = own
         fits = []
+        heterogeneous = float(hu[interior].std()) > HETEROGENEOUS_STD_HU
         for dens in cat.domain("density"):
+            if dens == "mixed-density" and not heterogeneous and len(cat.domain("density")) > 1:
+                # mixed density is a spread of values, not a mean: its wide HU range held the mean of most
+                # uniform sarcomas (28 HU in [5, 50] beat hypodense [5, 35] on the nearest centre)
+                continue
             try:
                 lo, hi = cat.hu_range(dens, enhancement)
             except LesionDiffusionError:
