@@ -13,18 +13,22 @@ import torch
 import torch.nn.functional as F
 from monai.losses import PatchAdversarialLoss
 
+from lesiondiffusion import presets
+
 
 @dataclass
 class VQGANLossConfig:
-    """Weights of the VQ-GAN objective; the adversarial term is off for ``adv_warmup_steps`` steps."""
+    """Weights of the VQ-GAN objective; the adversarial term is off for ``adv_warmup_steps`` steps.
+    Defaults are the ``tiny`` preset's (``presets``), like every pretraining default: `lesiondiffusion
+    pretrain` defaults to ``--preset tiny``."""
 
     recon_weight: float = 1.0
     vq_weight: float = 1.0
-    adv_weight: float = 0.01
-    adv_warmup_steps: int = 500
+    adv_weight: float = presets.value("tiny", "training.adv_weight")
+    adv_warmup_steps: int = presets.value("tiny", "training.adv_warmup_steps")
     # MONAI PatchAdversarialLoss criterion: "bce" is the log-GAN loss the method states (paper preset);
-    # "least_squares" is the tiny preset's (bundle.PRESETS[...]["training"]["adv_criterion"])
-    adv_criterion: str = "least_squares"
+    # "least_squares" is the tiny preset's
+    adv_criterion: str = presets.value("tiny", "training.adv_criterion")
 
 
 class VQGANLoss:

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from lesiondiffusion import presets
 from lesiondiffusion.bundle import (
     CONFIG_FILE,
     LEGACY_CONDITIONING,
@@ -40,22 +41,6 @@ def _pretrain_default(net: str, option: str):
     return getattr(args, option)
 
 
-def _resolved(preset: str) -> dict:
-    """Every value a preset gives, under the block's dotted keys."""
-    from monai.networks.nets import VQVAE
-
-    cfg = preset_config(preset, "id", preset_encoder(preset), 512)
-    d = cfg.to_dict()
-    flat = {"encoder": preset_encoder(preset), "vq_factor": cfg.vq_factor}
-    for section in ("crop", "schedule", "vqgan", "lmnet", "linet"):
-        for k, v in d[section].items():
-            flat[f"{section}.{k}"] = v
-    flat.setdefault("vqgan.commitment_cost", inspect.signature(VQVAE).parameters["commitment_cost"].default)
-    for k, v in preset_training(preset).items():
-        flat[f"training.{k}"] = v
-    return flat
-
-
 def _same(a, b) -> bool:
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
@@ -64,21 +49,72 @@ def _same(a, b) -> bool:
     return a == b
 
 
-@pytest.mark.parametrize("preset", ["paper", "tiny"])
-def test_fidelity_table_matches_the_presets(preset):
-    block = _block()
-    actual = _resolved(preset)
-    wrong = {k: (v, actual.get(k, "<missing>")) for k, v in block[preset].items() if not _same(v, actual.get(k))}
-    assert wrong == {}, f"docs/fidelity.md says (doc, code): {wrong}"
+@pytest.mark.parametrize("preset", presets.NAMES)
+def test_fidelity_block_is_the_preset_table(preset):
+    """docs/fidelity.md's block lists every value of the table, with its value and its source."""
+    block = _block()[preset]
+    assert set(block) <= set(presets.SOURCES), f"docs/fidelity.md: sources must be {presets.SOURCES}, got {set(block)}"
+    doc = {k: (v, src) for src, values in block.items() for k, v in values.items()}
+    code = presets.TABLE[preset]
+    assert sorted(doc) == sorted(code), (f"docs/fidelity.md lacks {sorted(set(code) - set(doc))}, "
+                                         f"has extra {sorted(set(doc) - set(code))}")
+    wrong = {k: (doc[k], code[k]) for k in code if not (_same(doc[k][0], code[k][0]) and doc[k][1] == code[k][1])}
+    assert wrong == {}, f"docs/fidelity.md (value, source) vs presets.TABLE: {wrong}"
+
+
+@pytest.mark.parametrize("preset", presets.NAMES)
+def test_the_code_reads_the_preset_table(preset):
+    """bundle.PRESETS, the networks' presets and the resolved bundle config are the table's values."""
+    from lesiondiffusion.models import linet, lmnet, vqgan
+
+    assert PRESETS[preset] == {"hu_window": presets.value(preset, "hu_window"),
+                               "spacing_mm": presets.value(preset, "spacing_mm"),
+                               "crop": presets.section(preset, "crop"), "schedule": presets.section(preset, "schedule"),
+                               "encoder": presets.value(preset, "encoder"), "training": presets.section(preset, "training")}
+    assert vqgan.PRESETS[preset] == presets.section(preset, "vqgan")
+    assert vqgan.DISCRIMINATOR_PRESETS[preset] == presets.section(preset, "discriminator")
+    assert lmnet.PRESETS[preset] == presets.section(preset, "lmnet")
+    assert linet.PRESETS[preset] == presets.section(preset, "linet")
+    cfg = preset_config(preset, "id", preset_encoder(preset), 512).to_dict()
+    for section in ("crop", "schedule", "vqgan", "lmnet", "linet"):
+        for k, v in presets.section(preset, section).items():
+            assert _same(cfg[section][k], v), f"{preset} bundle config {section}.{k}: {cfg[section][k]} != table {v}"
+    assert preset_training(preset) == presets.section(preset, "training")
+
+
+def test_dataclass_and_option_defaults_read_the_table():
+    """Defaults elsewhere are the table's: ScheduleConfig the paper preset's (the method), the pretraining
+    dataclasses the tiny preset's (`pretrain` defaults to --preset tiny), options shared by both presets."""
+    import dataclasses
+
+    from monai.networks.nets import VQVAE
+
+    from lesiondiffusion.pretrain.engine import TrainConfig
+    from lesiondiffusion.pretrain.losses import VQGANLossConfig
+    from lesiondiffusion.sampling import ScheduleConfig
+
+    assert dataclasses.asdict(ScheduleConfig()) == presets.section("paper", "schedule")
+    tiny = presets.section("tiny", "training")
+    loss, train = VQGANLossConfig(), TrainConfig()
+    assert (loss.adv_weight, loss.adv_warmup_steps, loss.adv_criterion) == \
+        (tiny["adv_weight"], tiny["adv_warmup_steps"], tiny["adv_criterion"])
+    assert (train.batch_size, train.lr, train.weight_decay, list(train.betas), train.warmup_steps, train.grad_clip) == \
+        (tiny["batch_size"], tiny["lr"], tiny["weight_decay"], tiny["betas"], tiny["warmup_steps"], tiny["grad_clip"])
+    # MONAI's VQVAE quantiser applies the commitment weight the table records
+    assert inspect.signature(VQVAE).parameters["commitment_cost"].default == tiny["commitment_cost"]
+    options = {"gamma": ("lmnet", "gamma"), "p_token": ("linet", "p_token"), "p_all": ("linet", "p_all"),
+               "adv_warmup_steps": ("vqgan", "adv_warmup"), "warmup_steps": ("vqgan", "warmup_steps"),
+               "grad_clip": ("vqgan", "grad_clip")}
+    for key, (net, option) in options.items():
+        # one option default serves both presets: the table must agree with itself
+        assert presets.value("paper", f"training.{key}") == presets.value("tiny", f"training.{key}"), key
+        assert _pretrain_default(net, option) == presets.value("paper", f"training.{key}"), key
 
 
 def test_fidelity_table_matches_the_method_settings():
     method = _block()["method"]
     assert list(MASK_ATTRIBUTES) == method["conditioning.lmnet"]
     assert list(IMAGE_ATTRIBUTES) == method["conditioning.linet"]
-    assert _pretrain_default("lmnet", "gamma") == method["lmnet_gamma"]
-    assert _pretrain_default("linet", "p_token") == method["p_token"]
-    assert _pretrain_default("linet", "p_all") == method["p_all"]
 
 
 def test_every_table_row_names_existing_code():

@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from . import presets
 from .errors import BundleError
 from .io import atomic_path, write_yaml
 from .models import linet as linet_mod
@@ -46,35 +47,21 @@ class CropConfig:
     context_margin_mm: float  # extra anatomy around LMNet's crop inside LINet's crop
 
 
-# Presets as data, one place per preset: the bundle geometry and schedule, the default text encoder and
-# the pretraining recipe (``training``; read by `lesiondiffusion pretrain`, not stored in config.yaml).
-# `paper` is the method's recipe wherever the paper states a value; every value and its source (paper
-# or this project) is tabled in docs/fidelity.md, whose machine-readable block tests/test_fidelity.py
-# checks against these dictionaries. `tiny` runs on a 2-core CPU in seconds (tests, smoke runs, demo)
-# and keeps its measured deviations (v prediction for LINet, attention at every level).
+# The presets as the bundle and `lesiondiffusion pretrain` read them: the bundle geometry and schedule, the
+# default text encoder and the pretraining recipe (``training``; not stored in config.yaml). Every value
+# lives in ``presets.TABLE`` with its source (paper / project / deviation); docs/fidelity.md tables them
+# and tests/test_fidelity.py checks the two against each other. `paper` is the method's recipe wherever
+# the paper states a value; `tiny` runs on a 2-core CPU in seconds (tests, smoke runs, demo).
 PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "hu_window": [-1000.0, 1000.0],
-        "spacing_mm": [3.0, 3.0, 3.0],
-        "crop": {"lmnet_size": [16, 16, 16], "linet_size": [32, 32, 32], "mask_margin_mm": 6.0, "context_margin_mm": 12.0},
-        # v prediction: a short (CPU) LINet run follows the density prompt only with it (ScheduleConfig)
-        "schedule": {"ddim_steps": 10, "linet_prediction": "v_prediction"},
-        "encoder": "hashing",  # offline, no download: tests and the demo
-        "training": {"batch_size": 2, "lr": 1e-4, "weight_decay": 1e-5, "betas": [0.9, 0.999],
-                     "adv_criterion": "least_squares", "adv_weight": 0.01},
-    },
-    "paper": {
-        "hu_window": [-1000.0, 1000.0],
-        "spacing_mm": [1.0, 1.0, 1.0],
-        # the method trains every generative network on 128^3 patches: LMNet's crop, LINet's image crop
-        # (-> 4 x 64^3 latent) and the VQ-GAN's patch (= LINet's crop, train_vqgan.default_patch)
-        "crop": {"lmnet_size": [128, 128, 128], "linet_size": [128, 128, 128], "mask_margin_mm": 8.0, "context_margin_mm": 24.0},
-        "schedule": {"ddim_steps": 200, "guidance_scale": 2.5},
-        "encoder": "biomedclip",  # never falls back to hashing; --encoder hashing must be chosen explicitly
-        # AdamW with momentum 0.99 (beta1), batch 1 per GPU; log-GAN (BCE) adversarial term
-        "training": {"batch_size": 1, "lr": 1e-4, "weight_decay": 1e-5, "betas": [0.99, 0.999],
-                     "adv_criterion": "bce", "adv_weight": 0.01},
-    },
+    name: {
+        "hu_window": presets.value(name, "hu_window"),
+        "spacing_mm": presets.value(name, "spacing_mm"),
+        "crop": presets.section(name, "crop"),
+        "schedule": presets.section(name, "schedule"),
+        "encoder": presets.value(name, "encoder"),
+        "training": presets.section(name, "training"),
+    }
+    for name in presets.NAMES
 }
 
 

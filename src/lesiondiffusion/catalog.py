@@ -20,7 +20,7 @@ import numpy as np
 import yaml
 
 from .errors import CatalogError, ReportError
-from .organs import TOTALSEG_V1, TOTALSEG_V2
+from .organs import TOTALSEG_V1, TOTALSEG_V2, add_class_name_source
 from .report import (
     ATTRIBUTES,
     add_organ_source,
@@ -450,6 +450,21 @@ def declare_catalog_organs() -> None:
 _DECLARING = False
 # a report naming a catalog-declared organ may be read before its catalog: the vocabulary asks this
 add_organ_source(declare_catalog_organs)
+
+
+def catalog_class_names() -> set[str]:
+    """Every class name the loadable catalogs on the catalog path list (v2, v1 or `names:`)."""
+    names: set[str] = set()
+    for path in catalog_files().values():
+        try:
+            names.update(load_catalog(path).organ_names())
+        except CatalogError:
+            continue  # a broken catalog's errors belong to `catalogs validate`
+    return names
+
+
+# organ maps naming classes only a catalog lists are not warned about: organs asks this
+add_class_name_source(catalog_class_names)
 
 
 def load_catalog(name_or_path: str | Path) -> Catalog:

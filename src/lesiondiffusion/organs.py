@@ -10,7 +10,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
@@ -200,17 +200,22 @@ def _mapping_from_obj(obj: Any, where: str) -> dict[str, int]:
 _WARNED_MAPPINGS: set[tuple[str, tuple[str, ...]]] = set()
 
 
+# Callables giving the class names the catalogs list; ``catalog`` registers its own on import (it imports
+# this module, so this module never imports the catalogs)
+_CLASS_NAME_SOURCES: list[Callable[[], set[str]]] = []
+
+
+def add_class_name_source(source: Callable[[], set[str]]) -> None:
+    """Register a callable returning class names that organ maps may use besides TotalSegmentator's."""
+    if source not in _CLASS_NAME_SOURCES:
+        _CLASS_NAME_SOURCES.append(source)
+
+
 def _catalog_class_names() -> set[str]:
     """Every class name the loadable catalogs on the catalog path list (v2, v1 or `names:`)."""
-    from .catalog import catalog_files, load_catalog  # catalog imports this module
-    from .errors import CatalogError
-
     names: set[str] = set()
-    for path in catalog_files().values():
-        try:
-            names.update(load_catalog(path).organ_names())
-        except CatalogError:
-            continue  # a broken catalog's errors belong to `catalogs validate`
+    for source in _CLASS_NAME_SOURCES:
+        names |= source()
     return names
 
 

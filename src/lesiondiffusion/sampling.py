@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
+from . import presets
 from .errors import BundleError
 
 
@@ -38,15 +39,17 @@ class ScheduleConfig:
     cross-attention at every level, 1500 CPU steps: epsilon prediction ignored the density prompt
     (hyperdense minus hypodense -0.7 +- 1.2 HU), v prediction followed it (+75 HU, 24/24 pairs). The
     tiny preset therefore uses v for LINet; the paper preset keeps the method's epsilon.
+
+    Defaults (for a config.yaml without the key) are the ``paper`` preset's, the method's, from ``presets``.
     """
 
-    num_train_timesteps: int = 1000
-    schedule: str = "cosine"  # MONAI NoiseSchedules name (Nichol & Dhariwal cosine alpha-bar)
-    lmnet_prediction: str = "epsilon"
-    linet_prediction: str = "epsilon"
-    ddim_steps: int = 50  # for configs without the key; presets set theirs (paper 200 = the method, tiny 10)
-    guidance_scale: float = 2.5  # classifier-free guidance for both networks; 1.0 disables it
-    eta: float = 0.0  # deterministic DDIM
+    num_train_timesteps: int = presets.value("paper", "schedule.num_train_timesteps")
+    schedule: str = presets.value("paper", "schedule.schedule")  # MONAI NoiseSchedules name (cosine alpha-bar)
+    lmnet_prediction: str = presets.value("paper", "schedule.lmnet_prediction")
+    linet_prediction: str = presets.value("paper", "schedule.linet_prediction")
+    ddim_steps: int = presets.value("paper", "schedule.ddim_steps")  # 200; the tiny preset sets 10
+    guidance_scale: float = presets.value("paper", "schedule.guidance_scale")  # classifier-free, both networks; 1.0 disables it
+    eta: float = presets.value("paper", "schedule.eta")  # deterministic DDIM
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config.yaml") -> "ScheduleConfig":

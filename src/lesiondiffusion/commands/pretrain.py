@@ -9,6 +9,7 @@ import argparse
 import os
 from pathlib import Path
 
+from .. import presets
 from ._args import finite_float
 
 
@@ -132,8 +133,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--weight-decay", type=finite_float, default=None, help="AdamW weight decay (default: the preset's, 1e-5)")
         t.add_argument("--betas", type=finite_float, nargs=2, default=None, metavar=("B1", "B2"),
                        help="AdamW betas (default: the preset's; paper 0.99 0.999 = the method's momentum 0.99)")
-        t.add_argument("--warmup-steps", type=int, default=0, help="linear learning-rate warm-up")
-        t.add_argument("--grad-clip", type=finite_float, default=1.0)
+        t.add_argument("--warmup-steps", type=int, default=presets.value("paper", "training.warmup_steps"),
+                       help="linear learning-rate warm-up (default 0: the method's static learning rate)")
+        t.add_argument("--grad-clip", type=finite_float, default=presets.value("paper", "training.grad_clip"))
         t.add_argument("--ema", type=finite_float, default=None, metavar="DECAY", help="keep EMA weights (e.g. 0.999) "
                                                                                "and export them")
         t.add_argument("--checkpoint-every", type=int, default=100)
@@ -144,13 +146,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         t.add_argument("--no-amp", action="store_true", help="disable bf16 autocast on CUDA")
         t.add_argument("--no-progress", action="store_true")
         if net == "vqgan":
-            t.add_argument("--adv-warmup", type=int, default=500, help="steps before the adversarial term")
+            t.add_argument("--adv-warmup", type=int, default=presets.value("paper", "training.adv_warmup_steps"),
+                           help="steps before the adversarial term")
             t.add_argument("--adv-weight", type=finite_float, default=None, help="adversarial weight (default: the preset's, 0.01)")
             t.add_argument("--adv-criterion", choices=("bce", "least_squares", "hinge"), default=None,
                            help="adversarial loss (default: the preset's; paper bce = the method's log-GAN loss)")
             t.add_argument("--patch", type=int, nargs=3, help="training patch (default: LINet crop size)")
         else:
-            t.add_argument("--p-token", type=finite_float, default=0.1, help="per-attribute dropout probability")
-            t.add_argument("--p-all", type=finite_float, default=0.1, help="whole-context dropout probability")
+            t.add_argument("--p-token", type=finite_float, default=presets.value("paper", "training.p_token"),
+                           help="per-attribute dropout probability")
+            t.add_argument("--p-all", type=finite_float, default=presets.value("paper", "training.p_all"),
+                           help="whole-context dropout probability")
             if net == "lmnet":
-                t.add_argument("--gamma", type=finite_float, default=1e-3, help="weight of the whole-crop noise term")
+                t.add_argument("--gamma", type=finite_float, default=presets.value("paper", "training.gamma"),
+                               help="weight of the whole-crop noise term (the method's gamma)")

@@ -1,7 +1,9 @@
 """LMNet: the lesion-mask diffusion network (MONAI ``DiffusionModelUNet``, voxel space, 3D).
 
-Input channels (``LMNET_CHANNELS``): noisy mask, organ semantics, target-organ mask, lesion box; the
-8 mask-attribute phrases enter through cross-attention. Presets are data; ``build_lmnet`` builds one.
+Input channels (``LMNET_CHANNELS``): noisy mask, organ semantics, target-organ mask, lesion box; one
+phrase per mask attribute enters through cross-attention (6 with the method's split,
+``bundle.METHOD_CONDITIONING``; 8 in bundles of the legacy split). Presets are data (``presets``);
+``build_lmnet`` builds one.
 """
 
 from __future__ import annotations
@@ -12,42 +14,14 @@ from typing import Any
 import torch
 from monai.networks.nets import DiffusionModelUNet
 
+from .. import presets
 from ..errors import BundleError
 
 LMNET_CHANNELS = ("noisy_mask", "organ_semantics", "target_organ", "lesion_box")
 
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "spatial_dims": 3,
-        "in_channels": len(LMNET_CHANNELS),
-        "out_channels": 1,
-        "channels": [16, 32, 32],
-        # text cross-attention at every level, so the shape prompt acts where the mask's outline is
-        # resolved (toy benchmark, 1500 CPU steps, round-like minus irregular at the same location:
-        # coarsest level only sphericity +0.025 / convexity +0.038, all levels +0.198 / +0.313 with
-        # 24/24 pairs; real toy masks differ by 0.24 / 0.30; docs/pretraining.md section 6)
-        "attention_levels": [True, True, True],
-        "num_res_blocks": 1,
-        "num_head_channels": 16,
-        "norm_num_groups": 8,
-        "with_conditioning": True,
-        "transformer_num_layers": 1,
-        "use_flash_attention": True,
-    },
-    "paper": {
-        "spatial_dims": 3,
-        "in_channels": len(LMNET_CHANNELS),
-        "out_channels": 1,
-        "channels": [32, 64, 128, 256],
-        "attention_levels": [False, False, True, True],
-        "num_res_blocks": 2,
-        "num_head_channels": 32,
-        "norm_num_groups": 32,
-        "with_conditioning": True,
-        "transformer_num_layers": 1,
-        "use_flash_attention": True,
-    },
-}
+# MONAI DiffusionModelUNet arguments per preset, from the one table (``presets``, with each value's source)
+PRESETS: dict[str, dict[str, Any]] = {name: presets.section(name, "lmnet") for name in presets.NAMES}
+assert all(p["in_channels"] == len(LMNET_CHANNELS) for p in PRESETS.values())
 
 
 def preset(name: str, cross_attention_dim: int) -> dict[str, Any]:

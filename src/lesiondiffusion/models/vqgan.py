@@ -14,41 +14,13 @@ from typing import Any
 import torch
 from monai.networks.nets import PatchDiscriminator, VQVAE
 
+from .. import presets
 from ..errors import BundleError
 
-# Only the first level downsamples (stride 2); the paper preset adds a stride-1 level for capacity
-# without shrinking the latent grid further: the method's latent is exactly half the image size.
-PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 1,
-        "channels": [16],
-        "num_res_layers": 1,
-        "num_res_channels": [16],
-        "downsample_parameters": [[2, 4, 1, 1]],
-        "upsample_parameters": [[2, 4, 1, 1, 0]],
-        "num_embeddings": 2048,
-        "embedding_dim": 4,
-    },
-    "paper": {
-        "spatial_dims": 3,
-        "in_channels": 1,
-        "out_channels": 1,
-        "channels": [64, 128],
-        "num_res_layers": 2,
-        "num_res_channels": [64, 128],
-        "downsample_parameters": [[2, 4, 1, 1], [1, 3, 1, 1]],
-        "upsample_parameters": [[1, 3, 1, 1, 0], [2, 4, 1, 1, 0]],
-        "num_embeddings": 2048,
-        "embedding_dim": 4,
-    },
-}
-
-DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {
-    "tiny": {"spatial_dims": 3, "in_channels": 1, "channels": 8, "num_layers_d": 2},
-    "paper": {"spatial_dims": 3, "in_channels": 1, "channels": 64, "num_layers_d": 3},
-}
+# MONAI VQVAE / PatchDiscriminator arguments per preset, from the one table (``presets``, with each value's
+# source); only the first level downsamples, so the latent is exactly half the image size (the method's 2x)
+PRESETS: dict[str, dict[str, Any]] = {name: presets.section(name, "vqgan") for name in presets.NAMES}
+DISCRIMINATOR_PRESETS: dict[str, dict[str, Any]] = {name: presets.section(name, "discriminator") for name in presets.NAMES}
 
 
 def preset(name: str) -> dict[str, Any]:
