@@ -265,15 +265,16 @@ def _check_options(path: str, backend: str, options: dict) -> None:
             raise ConfigError(f"{path}: generator.options: {exc}") from None
 
 
-def check_device(device: str, source: str, key: str = "generator.device") -> None:
+def check_device(device: str, source: str, key: str = "generator.device", fix: str | None = None) -> None:
     """Refuse a generator device this machine does not have, before any producer starts."""
     if not isinstance(device, str) or not device.startswith("cuda"):
         return
     import torch
 
     if not torch.cuda.is_available():
+        fix = fix or f"set 'device: cpu' under 'generator:' in {source}"
         raise _err(source, key, device, f"This machine has no CUDA GPU (torch.cuda.is_available() is false), so the "
-                                        f"generator cannot run there: set 'device: cpu' under 'generator:' in {source}.")
+                                        f"generator cannot run there: {fix}.")
     if ":" in device:
         try:
             index = int(device.split(":", 1)[1])

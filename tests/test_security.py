@@ -687,3 +687,23 @@ class _SlowFactory:
             time.sleep(600)
 
         return factory
+
+
+def test_cache_build_refuses_a_cuda_generator_on_a_machine_without_cuda(tmp_path, monkeypatch, capsys):
+    import yaml
+    from test_bad_inputs import _fake_preprocessed, _nnunet_env
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    _nnunet_env(monkeypatch, tmp_path)
+    pre, cfg = _fake_preprocessed(tmp_path)
+    doc = yaml.safe_load(cfg.read_text())
+    doc["generator"]["device"] = "cuda"
+    cfg.write_text(yaml.safe_dump(doc))
+    argv = ["cache", "build", "--config", str(cfg), "--dataset", "Dataset997_Fake", "-n", "1", "-q",
+            "-o", str(tmp_path / "cache")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "generator.device" in err and "no CUDA GPU" in err and "device: cpu" in err
+    assert main([*argv, "--device", "cuda"]) == 2
+    assert "pass --device cpu" in capsys.readouterr().err  # `cache build` does have --device
+    assert not (tmp_path / "cache").exists()

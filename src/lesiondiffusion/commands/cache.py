@@ -20,7 +20,7 @@ def _build(args: argparse.Namespace) -> int:
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
     from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
-    from ..nnunet_integration.config import load_config
+    from ..nnunet_integration.config import check_device, load_config
     from ..nnunet_integration.data import FactorySpec
     from ..nnunet_integration.trainers import cache_identity, default_cache_dir
     from ..io import refuse_overwrite_input
@@ -48,6 +48,11 @@ def _build(args: argparse.Namespace) -> int:
                                    f"(available: {', '.join(pm.available_configurations)}).")
     cm = pm.get_configuration(args.configuration)
     cfg = load_config(args.config)
+    device = args.device or cfg.generator.device_for_rank(_local_rank(shard))
+    if args.device:  # before any work: a producer on a missing GPU would fail after loading everything
+        check_device(device, "command line", key="--device", fix="pass --device cpu")
+    else:
+        check_device(device, cfg.source)
     if cfg.generator.backend == "lesiondiffusion" and cfg.mode == "offline" and not cfg.generator.bundle:
         raise ConfigError(f"{cfg.source}: key 'generator.bundle' is not set; building a cache with the LesionDiffusion "
                           "backend needs a model bundle (or set generator.backend: rule_based).")
@@ -86,7 +91,7 @@ def _build(args: argparse.Namespace) -> int:
         raise LesionDiffusionError(f"{data_folder}: no preprocessed cases to use as templates. Run "
                                    f"'nnUNetv2_plan_and_preprocess -d {args.dataset} -c {args.configuration}' first.")
     spec = FactorySpec.for_dataset(cfg, pm, args.configuration, dataset_json, str(data_folder), identifiers,
-                                   device=args.device or cfg.generator.device_for_rank(_local_rank(shard)))
+                                   device=device)
     identity = cache_identity(pm, args.configuration, spec.crop_size)
     identity.update(generator_identity(cfg))
     identity["fold"] = args.fold
