@@ -1,5 +1,6 @@
 """LINet pretraining task: masked latent diffusion on the frozen VQ-GAN's latents of lesion crops,
-conditioned on the 8 image-attribute phrases (with attribute dropout for CFG).
+conditioned on one phrase per image attribute the bundle lists (``conditioning.linet``: the method's 5, or
+8 in a bundle of the legacy split), with attribute dropout for CFG.
 
 Loss: ``losses.linet_loss`` (L1 on the target inside the latent lesion box B', normalised by |B'|; the
 target is the noise, or the velocity for ``schedule.linet_prediction: v_prediction``).

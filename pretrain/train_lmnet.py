@@ -1,5 +1,6 @@
 """LMNet pretraining task: diffusion over lesion masks in lesion-centred crops, conditioned on organ
-channels, the lesion box and the 8 mask-attribute phrases (with attribute dropout for CFG).
+channels, the lesion box and one phrase per mask attribute the bundle lists (``conditioning.lmnet``: the
+method's 6, or 8 in a bundle of the legacy split), with attribute dropout for CFG.
 
 Loss: ``losses.lmnet_loss`` (box-weighted noise MSE, gamma = 0.001). Inputs are built with
 ``sampling.lmnet_inputs`` exactly as the synthesis pipeline builds them.

@@ -119,7 +119,7 @@ class BundleConfig:
     # LINet's latent standardisation (models.vqgan.LatentNorm); None = identity (untrained LINet)
     latent_norm: vqgan_mod.LatentNorm | None = None
     # report attributes each network is conditioned on, one phrase per attribute in this order
-    # (`conditioning` in config.yaml; bundles without it used the legacy 8/8 split, see report.py)
+    # (`conditioning` in config.yaml; bundles without it used the legacy 8/8 split, see vocabulary.py)
     conditioning: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(METHOD_CONDITIONING))
 
     def attributes(self, net: str) -> tuple[str, ...]:

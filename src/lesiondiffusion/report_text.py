@@ -1,10 +1,12 @@
-"""Free-text radiology wording -> structured report: the method's second way to make a report.
+"""Free-text radiology wording -> structured report (this project's addition: in the paper the user
+either picks attribute values or asks an LLM to *generate* a report, §2.3; parsing existing text is not
+in it).
 
 ``parse_text`` is an offline parser built on the report vocabulary (``report.VOCABULARY`` synonyms), size
 patterns in mm/cm and negation cues; every attribute keeps the words it came from, and an attribute the
 text does not mention is ``"unspecified"`` (sampled from a catalog by ``ParsedReport.to_report``).
-``parse_with_llm`` asks any OpenAI-compatible chat endpoint instead (the method used GPT) and validates
-its answer against the same vocabulary.
+``parse_with_llm`` asks any OpenAI-compatible chat endpoint instead and validates its answer against
+the same vocabulary.
 """
 
 from __future__ import annotations
