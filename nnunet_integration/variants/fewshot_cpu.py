@@ -6,7 +6,8 @@ suffix selects all three settings of a study. What changes against nnU-Net's def
 * a small network (8..32 features, one convolution per stage): on 2 CPU cores the default network costs
   ~25 s per 3d iteration; this one ~0.07 s per 2d iteration of batch 16;
 * AdamW at lr 2e-3 with nnU-Net's poly decay, 10 epochs x 50 iterations, batch 16: SGD at 1e-2 needed
-  ~800 iterations before its first foreground prediction in the calibration, AdamW ~100;
+  ~800 iterations before its first foreground prediction in the calibration, AdamW ~100; the batch is
+  the run's whatever the dataset (nnU-Net plans 2d batches by dataset size, so K would change it);
 * foreground oversampling 0.66 (nnU-Net: 0.33): phantom lesions are a few hundred voxels;
 * one torch thread: nnU-Net's CPU default (one thread per core) collapsed from 0.16 to ~2 s per iteration
   on a shared 2-core machine (thread oversubscription), and two runs in parallel use the two cores;
@@ -66,6 +67,10 @@ class FewShotCPURecipe:
         self.num_val_iterations_per_epoch = 2
         self.initial_lr = self.lr
         self.oversample_foreground_percent = self.foreground_oversampling
+        # initialize() takes batch_size from the plans (_set_batch_size_and_oversample), so the recipe's
+        # batch goes where nnU-Net reads it; set on the trainer only, it never held, and K silently chose
+        # the batch (nnU-Net plans 2d batches by dataset size: 5 for 2 sarcoma crops, 67 for 26)
+        self.configuration_manager.configuration["batch_size"] = self.batch
         self.batch_size = self.batch
         self.save_every = 5
 
