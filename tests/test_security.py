@@ -707,3 +707,31 @@ def test_cache_build_refuses_a_cuda_generator_on_a_machine_without_cuda(tmp_path
     assert main([*argv, "--device", "cuda"]) == 2
     assert "pass --device cpu" in capsys.readouterr().err  # `cache build` does have --device
     assert not (tmp_path / "cache").exists()
+
+
+def test_full_spool_during_training_ends_in_one_line_naming_store_spool_dir(tmp_path, monkeypatch):
+    from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+
+    from lesiondiffusion.store import ProducerCrashed
+
+    class FullSpool:
+        spool = "/dev/shm/lesiondiffusion_store_x"
+
+        def check(self):
+            raise ProducerCrashed("The lesion synthesis producer crashed; training stops.\nTraceback (most recent "
+                                  "call last):\n  ...\nOSError: [Errno 28] No space left on device")
+
+        def close(self):
+            pass
+
+    def training(self):
+        raise RuntimeError("One or more background workers are no longer alive. Exiting.")
+
+    monkeypatch.setattr(nnUNetTrainer, "run_training", training)
+    monkeypatch.delenv("LESIONDIFFUSION_DEBUG", raising=False)
+    tr = _Trainer.make(tmp_path, FullSpool())
+    with pytest.raises(SystemExit) as info:
+        tr.run_training()
+    line = str(info.value.code)
+    assert "\n" not in line and "spool folder /dev/shm/lesiondiffusion_store_x is full" in line
+    assert "store.spool_dir" in line and "another disk" not in line
