@@ -1,5 +1,10 @@
 """Seconds and peak memory per lesion of the LesionDiffusion pipeline (``LesionSynthesizer``).
 
+Part 0 follows one lesion through the shipped tiny bundle (``--bundle``) stage by stage: placement, text
+context, crop and resampling, LMNet network and sampler, mask checks, VQ encode, LINet network and
+sampler, VQ decode, HU correction, blend, result assembly, the trainer's case crop and the .npz write of
+the store's spool, with the share that is not network time (``--stages-only --threads 1``: per-stage
+CPU seconds of one core).
 Part 1 runs the whole pipeline (placement -> LMNet -> LINet -> blend) on a real CT with a randomly
 initialised bundle: DDIM steps, CFG on/off, crop around the box vs whole volume, batch 1 vs N.
 Cost is linear in the number of DDIM steps, so each configuration is timed at two step counts and
@@ -9,6 +14,7 @@ the paper preset is too slow for whole runs on a 2-core CPU, so its per-lesion f
 fixed + steps x per-step, from one measured step.
 
     python benchmarks/bench_synthesis.py                       # tiny pipeline + tiny/paper networks, CPU
+    python benchmarks/bench_synthesis.py --stages-only --threads 1 --phantom   # per-stage table only
     python benchmarks/bench_synthesis.py --presets tiny        # skip the paper networks (minutes on CPU)
     python benchmarks/bench_synthesis.py --device cuda --pipeline-presets tiny,paper
 
@@ -161,6 +167,176 @@ def pipeline_part(args, device: torch.device) -> None:
                   + f" | {fw:6.2f}/{fc:6.2f} | {pw:6.3f}/{pc:6.3f} | {max(mems.values()):7.1f} (crop {crop})")
 
 
+class StageClock:
+    """Exclusive wall and CPU seconds per named stage: wrappers push a stage on entry and pop it on exit,
+    so nested stages (the LMNet network inside its sampler) are charged to the innermost one and every
+    second of the call lands in exactly one row. Installed by the benchmark only (the pipeline carries no
+    hooks), so production calls pay nothing."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+        self.stack: list[str] = []
+        self._last = (0.0, 0.0)
+
+    def _now(self) -> tuple[float, float]:
+        _sync(self.device)  # GPU: a stage's kernels are charged to it, not to whatever synchronises next
+        return time.perf_counter(), time.process_time()
+
+    def _charge(self, now: tuple[float, float]) -> None:
+        if self.stack:
+            top = self.stack[-1]
+            self.wall[top] = self.wall.get(top, 0.0) + now[0] - self._last[0]
+            self.cpu[top] = self.cpu.get(top, 0.0) + now[1] - self._last[1]
+        self._last = now
+
+    def push(self, name: str) -> None:
+        self._charge(self._now())
+        self.stack.append(name)
+
+    def pop(self) -> None:
+        self._charge(self._now())
+        self.stack.pop()
+
+    def wrap(self, name: str, fn):
+        import functools
+
+        @functools.wraps(fn)
+        def timed(*a, **k):
+            self.push(name)
+            try:
+                return fn(*a, **k)
+            finally:
+                self.pop()
+        return timed
+
+
+NETWORK_STAGES = ("LMNet network", "VQ encode", "LINet network", "VQ decode")
+STAGE_ORDER = ("placement", "text context", "crop + resampling", "LMNet network", "LMNet sampler (DDIM, inputs)",
+               "mask checks", "VQ encode", "LINet network", "LINet sampler (DDIM, inputs)", "VQ decode",
+               "HU correction", "blend", "result assembly", "case crop (trainer)", "writing (.npz spool)",
+               "other (pipeline glue)")
+
+
+def instrument(synth, clock: StageClock):
+    """Wrap the pipeline's stages with ``clock`` (monkeypatching module globals and the instance);
+    returns a function that undoes it."""
+    import lesiondiffusion.pipeline as P
+    import lesiondiffusion.placement as PL
+
+    b = synth.bundle
+    undo = []
+
+    def patch(obj, attr, name):
+        old = getattr(obj, attr)
+        had_own = attr in vars(obj)
+        setattr(obj, attr, clock.wrap(name, old))
+        undo.append(lambda: setattr(obj, attr, old) if had_own else delattr(obj, attr))
+
+    patch(PL, "place_lesion", "placement")
+    patch(b, "context", "text context")
+    for attr in ("_prepare",):
+        patch(synth, attr, "crop + resampling")
+    patch(P, "_forward_region", "crop + resampling")
+    patch(P, "sample_to_grid", "crop + resampling")
+    patch(P.CropGeometry, "back", "crop + resampling")  # the generated patch back onto the CT grid
+    patch(P, "sample_mask", "LMNet sampler (DDIM, inputs)")
+    patch(b.lmnet, "forward", "LMNet network")
+    patch(synth, "_accept_mask", "mask checks")
+    patch(b.vqgan, "encode_stage_2_inputs", "VQ encode")
+    patch(P, "inpaint_latent", "LINet sampler (DDIM, inputs)")
+    patch(b.linet, "forward", "LINet network")
+    patch(b.vqgan, "decode_stage_2_outputs", "VQ decode")
+    patch(P, "correct_hu", "HU correction")
+    patch(P, "blend", "blend")
+    patch(synth, "_result", "result assembly")
+
+    def restore():
+        for u in reversed(undo):
+            u()
+    return restore
+
+
+def case_from_result(result, context: int = 24):
+    """What the trainer's factory does after synthesis (``SyntheticCaseFactory._case`` without the plans):
+    crop the lesion with context, int16 label, float32 data, foreground locations."""
+    import numpy as np
+
+    from lesiondiffusion.store import SyntheticCase
+
+    mask = np.asarray(result.lesion_mask) > 0
+    idx = np.argwhere(mask)
+    lo = np.maximum(idx.min(0) - context, 0)
+    hi = np.minimum(idx.max(0) + 1 + context, mask.shape)
+    sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+    seg = mask[sl].astype(np.int16)[None]
+    data = np.array(result.image[sl], dtype=np.float32)[None]
+    return SyntheticCase("synth_0", data, seg, {"class_locations": {1: np.argwhere(seg > 0)}}, {"seed": 0})
+
+
+def stages_part(args, device: torch.device) -> dict[str, tuple[float, float]]:
+    """Per-stage seconds of one lesion through the whole pipeline with the shipped (or given) bundle."""
+    import tempfile
+
+    from lesiondiffusion.bundle import Bundle
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.pipeline import LesionSynthesizer, SynthesisConfig
+    from lesiondiffusion.store import save_case
+
+    ct, organs = load_scene(None if args.phantom else args.ct_dir)
+    catalog = load_catalog("kidney_tumor")
+    report = [catalog.sample(0, {"size_mm": args.size_mm, "lesion_location": "within the parenchymal organ"})]
+    bundle = Bundle.load(args.bundle, device=device)
+    synth = LesionSynthesizer(bundle, device, SynthesisConfig(ddim_steps=args.stage_steps, max_retries=0,
+                                                              min_volume_fraction=0.0, min_organ_fraction=0.0))
+    synth(ct, organs, report, catalog, seed=0)  # warm-up: kernels, allocator, phrase cache
+    runs = []
+    spool = Path(tempfile.mkdtemp(prefix="ld_stage_", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
+    for r in range(args.repeats):
+        clock = StageClock(device)
+        restore = instrument(synth, clock)
+        try:
+            clock.push("other (pipeline glue)")
+            res = synth(ct, organs, report, catalog, seed=r)
+            clock.pop()
+        finally:
+            restore()
+        if res[0].ok:
+            clock.push("case crop (trainer)")
+            case = case_from_result(res[0])
+            clock.pop()
+            clock.push("writing (.npz spool)")
+            save_case(spool / f"case_{r}.npz", case)
+            clock.pop()
+        else:
+            print(f"   note: the lesion failed ({res[0].failure}); its networks are still timed")
+        runs.append(clock)
+    for p in spool.glob("*"):
+        p.unlink()
+    spool.rmdir()
+    # the run with the least time (CPU time on a CPU, wall on a GPU): neighbours only ever add time
+    share = (lambda c: c.cpu) if device.type == "cpu" else (lambda c: c.wall)
+    best = min(runs, key=lambda c: sum(share(c).values()))
+    total_w, total_c = sum(best.wall.values()), sum(best.cpu.values())
+    net_w = sum(best.wall.get(s, 0.0) for s in NETWORK_STAGES)
+    net_c = sum(best.cpu.get(s, 0.0) for s in NETWORK_STAGES)
+    total_s = sum(share(best).values())
+    scene = "a phantom" if args.phantom else f"{args.ct_dir.name}/example_ct_sm.nii.gz"
+    print(f"\n== Part 0: one lesion, stage by stage: bundle {args.bundle}, {args.stage_steps} DDIM steps, CFG "
+          f"{bundle.config.schedule.guidance_scale:g}, {scene} {ct.shape}, crop {res[0].info.get('image_crop')}, "
+          f"device {device}, torch threads {torch.get_num_threads()}, best of {args.repeats} by "
+          f"{'CPU' if device.type == 'cpu' else 'wall'} time")
+    print(f"{'stage':32s} {'wall s':>8s} {'cpu s':>8s} {'share %':>7s}")
+    for name in STAGE_ORDER:
+        if name in best.wall:
+            print(f"{name:32s} {best.wall[name]:8.3f} {best.cpu[name]:8.3f} {100 * share(best)[name] / total_s:7.1f}")
+    print(f"{'total':32s} {total_w:8.3f} {total_c:8.3f} {100.0:6.1f}")
+    print(f"not network (everything but LMNet/LINet forwards and VQ encode/decode): wall "
+          f"{100 * (1 - net_w / total_w):.1f} %, cpu {100 * (1 - net_c / total_c):.1f} %")
+    return {k: (best.wall[k], best.cpu[k]) for k in best.wall}
+
+
 def network_part(args, device: torch.device) -> None:
     from lesiondiffusion.bundle import Bundle
     from lesiondiffusion import sampling as S
@@ -233,6 +409,11 @@ def main() -> None:
     p.add_argument("--skip-whole", action="store_true",
                    help="skip the whole-volume runs (self-attention over every latent cell: minutes on CPU)")
     p.add_argument("--skip-networks", action="store_true")
+    p.add_argument("--bundle", type=Path, default=Path(__file__).resolve().parents[1] / "src" / "lesiondiffusion" / "data"
+                   / "demo_bundle", help="part 0 (stage by stage): bundle folder (default: the shipped tiny bundle)")
+    p.add_argument("--stage-steps", type=int, default=10, help="part 0: DDIM steps per network")
+    p.add_argument("--skip-stages", action="store_true", help="skip part 0 (one lesion, stage by stage)")
+    p.add_argument("--stages-only", action="store_true", help="run only part 0")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -240,6 +421,10 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "-"
     print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores visible, torch threads "
           f"{torch.get_num_threads()}, load average {load[0]:.2f} at start, torch {torch.__version__}, GPU {gpu}")
+    if not args.skip_stages:
+        stages_part(args, device)
+    if args.stages_only:
+        return
     if not args.skip_pipeline:
         pipeline_part(args, device)
     if not args.skip_networks:
