@@ -541,8 +541,9 @@ CASES: list[Case] = [
     Case("report-check-size-beyond-catalog", "machine", _check_huge, 2, ("5000", "8-120 mm")),
     Case("place-size-beyond-catalog", "machine", _place_huge, 2, ("--report", "8-120 mm")),
     Case("synthesize-report-size-beyond-catalog", "machine", _synth_report_huge, 2, ("--report", "8-120 mm")),
-    Case("pretrain-report-size-beyond-catalog", "machine", _pretrain_report_huge, 0,
-         ("warning", "5000", "8-120 mm")),
+    # pretrain check refuses what `report check` refuses (issue 18: one validation, Catalog.check_report)
+    Case("pretrain-report-size-beyond-catalog", "machine", _pretrain_report_huge, 2,
+         ("does not fit catalog kidney_tumor", "5000", "8-120 mm", "report check")),
     Case("synthesize-set-size-below-catalog", "machine", _synth_set_tiny, 2, ("size_mm", "8-120 mm")),
     Case("size-one-number", "silent", _size_one_number, 2, ("size_mm", "three", "[30]")),
     Case("size-boolean", "silent", _size_bool, 2, ("size_mm", "three numbers", "True")),
