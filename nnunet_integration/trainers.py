@@ -322,11 +322,13 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
                 self.print_to_log_file(f"LesionDiffusion throttle (rank 0): {self.ld_throttle.summary()}; it allowed "
                                        f"{delta.produced} synthetic cases this epoch{ranks}")
                 if delta.produced == 0:
+                    why = (f"the {100 * self.ld_throttle.budget:g}% budget allowed no synthesis this epoch"
+                           if self.ld_throttle.duty < 1.0 else
+                           "no synthesis finished this epoch although the budget did not throttle the producer")
                     self.print_to_log_file(
-                        f"LesionDiffusion: the {100 * self.ld_throttle.budget:g}% budget allowed no synthesis this "
-                        f"epoch (0 new synthetic cases{ranks}): {delta.reused} draws reused stored cases and "
-                        f"{delta.missed} fell back to real cases. Raise store.budget, or use a GPU generator or an "
-                        "offline cache, for more synthetic cases.")
+                        f"LesionDiffusion: {why} (0 new synthetic cases{ranks}): {delta.reused} draws reused stored "
+                        f"cases and {delta.missed} fell back to real cases. Raise store.budget, or use a GPU generator "
+                        "or an offline cache, for more synthetic cases.")
         self.ld_last_stats = delta
 
     def on_train_end(self):
