@@ -45,7 +45,7 @@ def test_hematencephalon_places_and_synthesises_into_the_head(tmp_path):
     assert box.organ_names and all("brain" in n for n in box.organ_names)
     bundle = Bundle.init("tiny", "hashing:32", seed=0, phrases=report.mask_phrases() + report.image_phrases())
     synth = LesionSynthesizer(bundle, "cpu", SynthesisConfig(ddim_steps=1, max_retries=0, min_volume_fraction=0.0,
-                                                           hu_correction="off"))
+                                                           min_mask_in_organ=0.0, hu_correction="off"))
     (res,) = synth(head.ct, organs, [report], catalog, seed=0)
     if res.failure is None:  # random weights may give an empty mask; a kept lesion lies in the brain
         m = res.lesion_mask > 0
