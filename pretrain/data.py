@@ -371,7 +371,7 @@ def _organ_classes(report: Any) -> list[str]:
     return []
 
 
-def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
+def check_dataset_warnings(data_dir: str | os.PathLike, mapping: str | None = None) -> list[str]:
     """What pretraining can live with but a user should see: a lesion_type without a catalog, an organ
     absent from the case's organ map, a size_mm that disagrees with the mask (factor ``SIZE_WARN_FACTOR``).
     (A value or size its catalog forbids is a problem of ``check_dataset``, as in `report check`.)
@@ -387,7 +387,9 @@ def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
     meta = json.loads((data_dir / "dataset.json").read_text(encoding="utf-8"))
     valid = label_ids(meta)
     file_ending = meta.get("file_ending", ".nii.gz")
-    mapping = meta.get("organ_mapping", "auto")
+    if mapping is None:  # --mapping overrides dataset.json's organ_mapping (relative to the dataset)
+        mapping = meta.get("organ_mapping", "auto")
+        mapping = mapping if not str(mapping).endswith(".json") else str(data_dir / mapping)
     types = catalog_files()
     warnings: list[str] = []
     for case in find_cases(data_dir, file_ending):
@@ -401,8 +403,7 @@ def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
         lesion = np.rint(np.asanyarray(les_img.dataobj)).astype(np.int32)
         org_img = nib.load(str(paths["organs"]))
         organs = organ_map_from_array(np.rint(np.asanyarray(org_img.dataobj)).astype(np.int32), org_img.affine,
-                                      mapping if not str(mapping).endswith(".json") else str(data_dir / mapping),
-                                      path=paths["organs"])
+                                      mapping, path=paths["organs"])
         comps: dict[int, list[np.ndarray]] = {}
         for i, entry in enumerate(entries):
             where = f"{paths['report']}: lesions[{i}]"
@@ -431,7 +432,7 @@ def check_dataset_warnings(data_dir: str | os.PathLike) -> list[str]:
     return warnings
 
 
-def derive_missing_reports(data_dir: Path, *, enhancement: str = "non-contrast CT",
+def derive_missing_reports(data_dir: Path, *, enhancement: str = "non-contrast CT", mapping: str | None = None,
                            file_ending: str | None = None) -> list[tuple[Path, int]]:
     """Write reportsTr/{case}.yaml, derived from the images (``lesiondiffusion.derive``), for every case
     with lesion voxels and no report file; a dataset.json label name is the lesion_type. Existing report
@@ -446,9 +447,10 @@ def derive_missing_reports(data_dir: Path, *, enhancement: str = "non-contrast C
         raise DataCheckError("\n".join(meta_problems))
     file_ending = file_ending or meta.get("file_ending", ".nii.gz")
     valid = label_ids(meta)
-    mapping = meta.get("organ_mapping", "auto")
-    if str(mapping).endswith(".json"):
-        mapping = str(data_dir / mapping)
+    if mapping is None:  # dataset.json's entry, relative to the dataset folder
+        mapping = meta.get("organ_mapping", "auto")
+        if str(mapping).endswith(".json"):
+            mapping = str(data_dir / mapping)
     written = []
     (data_dir / "reportsTr").mkdir(exist_ok=True)
     for case in find_cases(data_dir, file_ending):

@@ -17,7 +17,7 @@ from lesiondiffusion.report import size_category, vocabulary_phrases
 SHIPPED = {
     "lung_tumor", "liver_tumor", "liver_cyst", "gallbladder_cancer", "gallstone", "colon_cancer", "bladder_cancer",
     "esophageal_cancer", "gastric_cancer", "kidney_tumor", "kidney_cyst", "kidney_stone", "pancreatic_tumor",
-    "pancreatic_cyst", "hematencephalon",
+    "pancreatic_cyst", "hematencephalon", "soft_tissue_sarcoma",
 }
 CATALOG_DIR = Path(__file__).resolve().parents[1] / "attribute_catalogs"
 

@@ -55,7 +55,7 @@ def test_console_entry_point_lists_catalogs():
     res = subprocess.run(cmd + ["catalogs", "list"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     names = [line.split()[0] for line in res.stdout.splitlines()]
-    assert len(names) == 15 and "hematencephalon" in names and "_template" not in names
+    assert len(names) == 16 and {"hematencephalon", "soft_tissue_sarcoma"} <= set(names) and "_template" not in names
 
 
 def test_catalogs_validate_good_and_bad(capsys, tmp_path):

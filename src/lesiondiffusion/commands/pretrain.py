@@ -13,17 +13,28 @@ from .. import presets
 from ._args import finite_float
 
 
+def _catalog_path(args: argparse.Namespace) -> None:
+    """Catalog folders from --catalog-path and the dataset.json's ``catalog_path`` (no exported variable)."""
+    from ..catalog import use_catalog_dirs
+    from ..dataset_import import dataset_catalog_path
+
+    if getattr(args, "catalog_path", None):
+        use_catalog_dirs(args.catalog_path)
+    dataset_catalog_path(args.data)
+
+
 def _check(args: argparse.Namespace) -> int:
     from ..errors import DataCheckError
     from ..pretrain.data import check_dataset, find_cases
 
+    _catalog_path(args)
     problems = check_dataset(args.data)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise DataCheckError(f"dataset {args.data} has {len(problems)} problem(s):\n{lines}")
     from ..pretrain.data import check_dataset_warnings
 
-    warnings = check_dataset_warnings(args.data)
+    warnings = check_dataset_warnings(args.data, mapping=getattr(args, "mapping", None))
     for w in warnings:
         print(f"warning: {w}")
     print(f"{args.data}: OK ({len(find_cases(Path(args.data)))} cases"
@@ -38,7 +49,8 @@ def _prepare(args: argparse.Namespace) -> int:
     if not args.derive_reports:
         raise DataCheckError("pretrain prepare: nothing to do; pass --derive-reports to derive the missing reports "
                              "(the cache itself is prepared by `pretrain vqgan|lmnet|linet`).")
-    written = derive_missing_reports(Path(args.data), enhancement=args.enhancement)
+    _catalog_path(args)
+    written = derive_missing_reports(Path(args.data), enhancement=args.enhancement, mapping=args.mapping)
     for path, n in written:
         print(f"derived {n} report(s) -> {path}")
     print(f"{len(written)} report file(s) written; checking the dataset")
@@ -84,6 +96,7 @@ def pretrain_options(args: argparse.Namespace):
 def _train(args: argparse.Namespace) -> int:
     from ..pretrain import train_linet, train_lmnet, train_vqgan
 
+    _catalog_path(args)
     opts = pretrain_options(args)
     module = {"vqgan": train_vqgan, "lmnet": train_lmnet, "linet": train_linet}[args.net]
     summary = module.train(opts)
@@ -102,6 +115,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub.required = True
     c = sub.add_parser("check", help="list every problem of a pretraining dataset")
     c.add_argument("data", help="dataset folder (dataset.json, imagesTr, labelsTr, organsTr, reportsTr)")
+    c.add_argument("--mapping", default=None, help="organ-map label names: v1 | v2 | auto | a JSON file "
+                                                   "(default: dataset.json 'organ_mapping', else auto)")
+    c.add_argument("--catalog-path", nargs="+", default=None, metavar="DIR",
+                   help="folders with your own catalogs (also read from dataset.json 'catalog_path')")
     c.set_defaults(func=_check)
     pr = sub.add_parser("prepare", help="derive missing reports of a mask-only dataset, then check it",
                         description="Public datasets (LiTS, KiTS, MSD, ...) have masks but no reports: --derive-reports "
@@ -110,12 +127,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     pr.add_argument("data", help="dataset folder (dataset.json, imagesTr, labelsTr, organsTr)")
     pr.add_argument("--derive-reports", action="store_true", help="derive a report per lesion component")
     pr.add_argument("--enhancement", default="non-contrast CT", help="the dataset's contrast phase (one per dataset)")
+    pr.add_argument("--mapping", default=None, help="organ-map label names: v1 | v2 | auto | a JSON file such as "
+                                                    "tissue_labels.json (default: dataset.json 'organ_mapping', else auto)")
+    pr.add_argument("--catalog-path", nargs="+", default=None, metavar="DIR",
+                    help="folders with your own catalogs (also read from dataset.json 'catalog_path')")
     pr.set_defaults(func=_prepare)
     for net, what in (("vqgan", "the VQ-GAN autoencoder"), ("lmnet", "the lesion-mask diffusion network"),
                       ("linet", "the latent inpainting network (uses the bundle's frozen VQ-GAN)")):
         t = sub.add_parser(net, help=f"train {what}")
         t.set_defaults(func=_train, net=net)
         t.add_argument("--data", required=True, help="dataset folder (checked before training)")
+        t.add_argument("--catalog-path", nargs="+", default=None, metavar="DIR",
+                       help="folders with your own catalogs (also read from dataset.json 'catalog_path')")
         t.add_argument("--preset", choices=("tiny", "paper"), default="tiny")
         t.add_argument("-o", "--output", required=True, help="run folder: checkpoint, metrics.csv, previews/")
         t.add_argument("--bundle", help="bundle to write the network into (created from --preset if absent; "
