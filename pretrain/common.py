@@ -13,8 +13,9 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 
-from lesiondiffusion.bundle import METHOD_CONDITIONING
+from lesiondiffusion.bundle import CONFIG_FILE, METHOD_CONDITIONING, Bundle
 from lesiondiffusion.errors import LesionDiffusionError
+from lesiondiffusion.report import LesionReport
 
 from .data import Manifest, PrepConfig, prepare_dataset
 from .engine import DistInfo, Engine, Task, TrainConfig, setup_distributed
@@ -50,8 +51,6 @@ def _barrier(info: DistInfo) -> None:
 
 def open_bundle(opts: PretrainOptions, info: DistInfo) -> Any:
     """Load the bundle, creating it from the preset first when the folder has no config.yaml."""
-    from lesiondiffusion.bundle import CONFIG_FILE, Bundle
-
     path = opts.bundle_path
     if info.main and not (path / CONFIG_FILE).exists():
         if path.exists() and any(path.iterdir()):
@@ -108,8 +107,6 @@ class PhraseTable:
 
 
 def dataset_phrases(manifest: Manifest, kind: str) -> list[str]:
-    from lesiondiffusion.report import LesionReport
-
     out: list[str] = []
     for les in manifest.lesions:
         rep = LesionReport.from_dict(les["report"], source=les["file"])

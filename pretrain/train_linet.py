@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from lesiondiffusion import sampling
+from lesiondiffusion.io import atomic_path
 from lesiondiffusion.models.vqgan import LatentNorm
 
 from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraining
@@ -132,8 +133,6 @@ class LINetTask(Task):
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        from lesiondiffusion.io import atomic_path
 
         batch = self.preview_batch()
         ctx = self.phrases.context(batch["phrase_ids"])

@@ -17,6 +17,9 @@ import numpy as np
 import torch
 
 from lesiondiffusion import sampling
+from lesiondiffusion.errors import BundleError
+from lesiondiffusion.io import atomic_path
+from lesiondiffusion.models.lmnet import size_divisor
 
 from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraining
 from .data import LesionCropDataset, Manifest
@@ -102,8 +105,6 @@ class LMNetTask(Task):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from lesiondiffusion.io import atomic_path
-
         batch = self.preview_batch()
         ctx = self.phrases.context(batch["phrase_ids"])
         gen = self.generate(engine, batch, ctx, seed=self.seed).cpu().numpy()
@@ -132,9 +133,6 @@ def diffusion_config(crop: Any, opts: PretrainOptions) -> DiffusionTaskConfig:
 def check_crop(bundle: Any, net: str, crop: tuple[int, ...], factor: int) -> None:
     """The UNet halves the input once per level: the crop (over ``factor``, the VQ downsampling for
     LINet) must divide by 2^(levels-1), or the skip connections do not line up."""
-    from lesiondiffusion.errors import BundleError
-    from lesiondiffusion.models.lmnet import size_divisor
-
     div = size_divisor(getattr(bundle.config, net)) * factor
     if any(c % div for c in crop):
         key = "lmnet_size" if net == "lmnet" else "linet_size"

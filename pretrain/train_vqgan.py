@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from lesiondiffusion.io import atomic_path
+from lesiondiffusion.models.vqgan import DISCRIMINATOR_PRESETS, build_discriminator
+
 from .common import PretrainOptions, run_pretraining
 from .data import Manifest, VolumePatchDataset
 from .engine import Engine, Task
@@ -97,8 +100,6 @@ class VQGANTask(Task):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from lesiondiffusion.io import atomic_path
-
         x = self.preview_batch().to(engine.device)
         recon, _ = engine.model_for_export("vqgan")(x)
         x, recon = x.float().cpu().numpy(), recon.float().cpu().numpy()
@@ -118,8 +119,6 @@ class VQGANTask(Task):
 
 
 def build_task(bundle: Any, manifest: Manifest, opts: PretrainOptions) -> VQGANTask:
-    from lesiondiffusion.models.vqgan import DISCRIMINATOR_PRESETS, build_discriminator
-
     loss_keys = {k: v for k, v in opts.extra.items() if k in VQGANLossConfig.__dataclass_fields__}
     cfg = VQGANTaskConfig(patch=tuple(opts.extra.get("patch") or default_patch(bundle)),
                           loss=VQGANLossConfig(**loss_keys))

@@ -13,6 +13,9 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import torch
+import yaml
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from . import presets
 from .errors import BundleError
@@ -20,7 +23,9 @@ from .io import atomic_path, write_yaml
 from .models import linet as linet_mod
 from .models import lmnet as lmnet_mod
 from .models import vqgan as vqgan_mod
-from .report import ATTRIBUTES, IMAGE_ATTRIBUTES, LEGACY_IMAGE_ATTRIBUTES, LEGACY_MASK_ATTRIBUTES, MASK_ATTRIBUTES
+from .catalog import list_catalogs, load_catalog
+from .report import (ATTRIBUTES, IMAGE_ATTRIBUTES, LEGACY_IMAGE_ATTRIBUTES, LEGACY_MASK_ATTRIBUTES, MASK_ATTRIBUTES,
+                     vocabulary_phrases)
 from .sampling import ScheduleConfig
 from .errors import TextEncodingError
 from .text import BIOMEDCLIP_HUB_ID, EmbeddingCache, TextEncoder, make_encoder
@@ -288,9 +293,6 @@ def preset_config(preset: str, encoder_id: str, encoder_spec: str, dim: int) -> 
 
 def default_phrases() -> list[str]:
     """Every phrase the report vocabulary and the shipped catalogs can emit (the cache's contents)."""
-    from .catalog import list_catalogs, load_catalog
-    from .report import vocabulary_phrases
-
     phrases = set(vocabulary_phrases())
     for name in list_catalogs():
         phrases.update(load_catalog(name).phrases())
@@ -400,8 +402,6 @@ class Bundle:
     # ---- persistence -------------------------------------------------------------------------
     def save(self, path: str | Path, parts: Iterable[str] = NETWORKS + ("text_embeddings",)) -> None:
         """Write the bundle; every file atomically (a crash leaves old or new files, never halves)."""
-        from safetensors.torch import save_file
-
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         parts = set(parts)
@@ -419,8 +419,6 @@ class Bundle:
 
     @classmethod
     def read_config(cls, path: str | Path) -> BundleConfig:
-        import yaml
-
         path = Path(path)
         cfg_path = path / CONFIG_FILE
         if not path.is_dir():
@@ -435,8 +433,6 @@ class Bundle:
 
     @classmethod
     def load(cls, path: str | Path, device: str | torch.device = "cpu", encoder: str | TextEncoder | None = None) -> "Bundle":
-        from safetensors import safe_open
-
         path = Path(path)
         config = cls.read_config(path)
         nets = cls.build_networks(config)

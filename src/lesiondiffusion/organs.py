@@ -14,8 +14,8 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from .errors import OrganMapError
-from .io import voxel_spacing
+from .errors import LesionDiffusionError, OrganMapError
+from .io import load_nifti, voxel_spacing
 
 log = logging.getLogger(__name__)
 
@@ -283,9 +283,6 @@ def load_organ_map(path: str | Path, mapping: str | Mapping[str, Any] | Path = "
     ``mapping``: "v1" or "v2" (TotalSegmentator tables), "auto" (guess, see ``guess_version``), a dict
     name -> id (or id -> name), or the path of a JSON file holding such a dict.
     """
-    from .io import load_nifti
-    from .errors import LesionDiffusionError
-
     path = Path(path)
     try:
         labels, affine, header = load_nifti(path)

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from scipy import ndimage
 
+from .catalog import PlacementSpec, load_catalog
 from .errors import PlacementError
 from .report import LOCATION_CATEGORY, LesionReport
 
@@ -253,8 +254,6 @@ def _organ_absent_message(organs: "OrganMap", report: LesionReport, names: list[
 
 
 def _spec(catalog: "Catalog | None"):
-    from .catalog import PlacementSpec
-
     return catalog.placement if catalog is not None else PlacementSpec()
 
 
@@ -282,8 +281,6 @@ def place_lesion(
         return NoPlacement(reason)
 
     if catalog is None:
-        from .catalog import load_catalog
-
         catalog = load_catalog(report.lesion_type)
     spec = _spec(catalog)
     category = LOCATION_CATEGORY[report.lesion_location]

@@ -10,12 +10,17 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import yaml
+
 from .errors import ReportError
+from .io import read_text_input, write_json, write_yaml
+from .safeyaml import load_yaml
 
 # the vocabulary lives in its own bottom-level module; re-exported here, where callers have always found it
 from .vocabulary import (  # noqa: F401
@@ -71,8 +76,6 @@ def _parse_size_mm(value: Any, source: str) -> tuple[float, float, float]:
 def _check_type_name(name: str) -> None:
     """A report's lesion type is resolved by name on the catalog path, never opened as a file: a report from
     elsewhere must not make the tool read ``../../etc/passwd`` or any other file it names."""
-    import os
-
     if ("/" in name or "\\" in name or name.startswith(".") or os.path.isabs(name)
             or name.lower().endswith((".yaml", ".yml")) or any(ord(c) < 32 for c in name)):
         raise ReportError(
@@ -244,26 +247,17 @@ class LesionReport:
             raise ReportError(f"{source}: {exc}") from None
 
     def to_yaml(self, path: str | Path) -> None:
-        from .io import write_yaml
-
         write_yaml(path, self.to_dict())
 
     def to_json(self, path: str | Path) -> None:
-        from .io import write_json
-
         write_json(path, self.to_dict())
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> "LesionReport":
         """Read a report from YAML (or JSON, which is YAML) written by ``to_yaml``/``to_json``."""
-        import yaml
-
         path = Path(path)
         if not path.exists():
             raise ReportError(f"Report file not found: {path}. Create one with `lesiondiffusion report sample TYPE -o {path}`.")
-        from .io import read_text_input
-        from .safeyaml import load_yaml
-
         text = read_text_input(path, "report", ReportError)
         try:
             data = json.loads(text) if path.suffix.lower() == ".json" else load_yaml(text, path, ReportError)

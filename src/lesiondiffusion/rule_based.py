@@ -16,8 +16,10 @@ from typing import TYPE_CHECKING, Sequence
 import numpy as np
 from scipy import ndimage
 
+from .errors import CatalogError, SynthesisError
 from .generator import SynthesisResult
 from .geometry import generate_canonical
+from .placement import NoPlacement, place_lesion
 
 if TYPE_CHECKING:
     from .catalog import Catalog
@@ -52,8 +54,6 @@ class RuleBasedGenerator:
         seed: int,
     ) -> list[SynthesisResult]:
         if ct.shape != organs.labels.shape:
-            from .errors import SynthesisError
-
             raise SynthesisError(
                 f"CT shape {ct.shape} differs from organ map shape {organs.labels.shape}; resample the organ map "
                 "onto the CT grid first."
@@ -78,8 +78,6 @@ class RuleBasedGenerator:
 
     def _one(self, ct: np.ndarray, organs: "OrganMap", report: "LesionReport", catalog: "Catalog",
              rng: np.random.Generator) -> SynthesisResult:
-        from .placement import NoPlacement, place_lesion
-
         box = place_lesion(organs, report, catalog, rng, on_failure="return")
         if isinstance(box, NoPlacement):
             return SynthesisResult(None, None, report, None, failure=f"no placement: {box.reason}")
@@ -156,8 +154,6 @@ def _catalog_for(report: "LesionReport", catalogs: "Sequence[Catalog] | Catalog"
     for cat in catalogs:
         if cat.name == report.lesion_type:
             return cat
-    from .errors import CatalogError
-
     names = ", ".join(c.name for c in catalogs)
     raise CatalogError(
         f"Report lesion_type {report.lesion_type!r} matches none of the catalogs given ({names}); pass its catalog."
