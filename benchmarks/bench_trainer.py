@@ -1,15 +1,18 @@
-"""Seconds per training iteration: plain nnU-Net vs nnUNetTrainerLesionDiffusion (warm and cold store).
+"""Seconds per training iteration: plain nnU-Net vs nnUNetTrainerLesionDiffusion, interleaved.
 
-Builds a small phantom dataset, plans/preprocesses it with nnU-Net's CLI, then times
-``train_step(next(dataloader_train))`` for each trainer on the same plans in one process and prints
-the ratios and the store's hit rate over the timed window.
+Builds a small phantom dataset, plans/preprocesses it with nnU-Net's CLI, sets up one plain trainer and
+one LesionDiffusion trainer per row (paused store; warm and cold store with ``store.budget``), then times
+``train_step(next(dataloader_train))`` in windows that alternate plain, row, plain, row, ... so that
+drift of a shared machine hits both alike. It prints the plain windows' own spread (the noise floor),
+each row's median and every window's ratio to the plain median, the throttle controller's estimate
+beside the measured ratio, the training process's CPU time per iteration relative to plain and the
+producer's CPU seconds per iteration (both independent of the machine's load), and how many cases the
+budget allowed. A producer works only inside its own row's windows (paused otherwise); its start-up
+(spawn, imports, templates, bundle) is reported, not timed.
 
-    python benchmarks/bench_trainer.py                       # rule-based generator, plans network, CPU
-    python benchmarks/bench_trainer.py --backend lesiondiffusion --bundle BUNDLE --device cuda
-    python benchmarks/bench_trainer.py --tiny --iters 20     # tiny network: data path dominates
-
-The unthrottled store rows set ``store.budget: null``; the ``budget`` rows let the producer throttle
-itself online (``lesiondiffusion.store.ThrottleController``) and print what it measured.
+    python benchmarks/bench_trainer.py --tiny --backend lesiondiffusion \
+        --bundle src/lesiondiffusion/data/demo_bundle --options '{"ddim_steps": 4}' --iters 30 --repeats 3
+    python benchmarks/bench_trainer.py --backend lesiondiffusion --bundle BUNDLE --device cuda --gen-device cuda
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -50,23 +54,6 @@ def make_trainer(cls, root: Path, device: str):
     return cls(plans, "3d_fullres", 0, dataset_json, device=torch.device(device))
 
 
-def time_iters(trainer, iters: int, warmup_iters: int) -> float:
-    for _ in range(warmup_iters):
-        trainer.train_step(next(trainer.dataloader_train))
-    if trainer.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(iters):
-        trainer.train_step(next(trainer.dataloader_train))
-    if trainer.device.type == "cuda":
-        import torch
-
-        torch.cuda.synchronize()
-    return (time.perf_counter() - t) / iters
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", help="work folder (default: a temp folder)")
@@ -74,8 +61,12 @@ def main() -> int:
     ap.add_argument("--bundle", help="bundle folder for --backend lesiondiffusion")
     ap.add_argument("--gen-device", default="cpu", help="generator device")
     ap.add_argument("--device", default="cpu", help="training device (cpu|cuda)")
-    ap.add_argument("--iters", type=int, default=10)
-    ap.add_argument("--warmup-iters", type=int, default=2)
+    ap.add_argument("--iters", type=int, default=10, help="timed iterations per window")
+    ap.add_argument("--repeats", type=int, default=3, help="windows per row (each between two plain windows)")
+    ap.add_argument("--warmup-iters", type=int, default=1, help="untimed iterations at the start of every window")
+    ap.add_argument("--warmup-cases", type=int, default=4, help="cases the warm rows wait for before timing")
+    ap.add_argument("--ready-timeout", type=float, default=600, help="seconds to wait for a producer's start-up")
+    ap.add_argument("--unthrottled", action="store_true", help="also time warm and cold stores without a budget")
     ap.add_argument("--store-size", type=int, default=16)
     ap.add_argument("--reuse", type=int, default=8)
     ap.add_argument("--n-proc-da", type=int, default=0, help="nnUNet_n_proc_DA for the runs")
@@ -106,58 +97,173 @@ def main() -> int:
     generator = {"backend": args.backend, "device": args.gen_device, "options": json.loads(args.options)}
     if args.bundle:
         generator["bundle"] = args.bundle
-    results: dict[str, dict] = {}
+    load0 = os.getloadavg()
 
-    def run(label: str, cls, warmup_cases: int | None, budget: float | None = None) -> None:
-        if warmup_cases is not None:
-            cfg = {"generator": generator, "catalogs": [{"name": "kidney_tumor"}], "synthetic_probability": 1.0,
-                   "schedule": {"pretrain_fraction": 1.0},
-                   "store": {"size": args.store_size, "reuse": args.reuse, "warmup": warmup_cases, "budget": budget}}
-            path = root / f"{label}.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            os.environ["LESIONDIFFUSION_CONFIG"] = str(path)
-        tr = make_trainer(cls, root, args.device)
-        t = time.perf_counter()
-        tr.on_train_start()
-        start_s = time.perf_counter() - t
-        tr.on_train_epoch_start()
-        before = tr.ld_store.stats() if getattr(tr, "ld_store", None) else None
-        sec = time_iters(tr, args.iters, args.warmup_iters if warmup_cases != 0 else 0)
-        row = {"s_per_iter": sec, "start_s": start_s}
-        if before is not None:
-            d = tr.ld_store.stats().minus(before)
-            row.update(hit_rate=d.hit_rate, fresh=d.fresh, reused=d.reused, missed=d.missed, failed=d.failed,
-                       produced=d.produced)
-            if tr.ld_throttle is not None:
-                row["throttle"] = tr.ld_throttle.summary()
-            tr._ld_shutdown()
-        elif hasattr(tr, "dataloader_train") and hasattr(tr.dataloader_train, "_finish"):
-            tr.dataloader_train._finish()
-        results[label] = row
-
-    run("plain nnUNetTrainer", plain_cls, None)
-    run("LesionDiffusion warm store", ld_cls, args.store_size)
-    run("LesionDiffusion cold store", ld_cls, 0)
+    # every row is one trainer, set up once; its windows alternate with plain windows (ABAB...), so slow
+    # drift of the machine (neighbours, thermal) hits plain and LesionDiffusion alike, and the plain
+    # windows' own spread is the noise floor the ratios are read against
+    rows: list[Row] = [Row("plain nnUNetTrainer", make_started(plain_cls, root, args.device), plain=True)]
+    specs = [("paused store (empty, duty 0)", 0, None, True)]
     for budget in args.budgets:
-        run(f"warm store, budget {100 * budget:g}%", ld_cls, args.store_size, budget)
-        run(f"cold store, budget {100 * budget:g}%", ld_cls, 0, budget)
+        specs += [(f"warm store, budget {100 * budget:g}%", min(args.warmup_cases, args.store_size), budget, False),
+                  (f"cold store, budget {100 * budget:g}%", 0, budget, False)]
+    if args.unthrottled:
+        specs += [("warm store, no budget", min(args.warmup_cases, args.store_size), None, False),
+                  ("cold store, no budget", 0, None, False)]
+    # rows without a warm-up first: their producers start (spawn, imports, bundle) in parallel, paused,
+    # while a warm row's on_train_start waits for its warm-up cases
+    specs.sort(key=lambda spec: spec[1] > 0)
+    for label, warmup, budget, paused in specs:
+        cfg = {"generator": generator, "catalogs": [{"name": "kidney_tumor"}], "synthetic_probability": 1.0,
+               "schedule": {"pretrain_fraction": 1.0},
+               "store": {"size": args.store_size, "reuse": args.reuse, "warmup": warmup, "budget": budget,
+                         "warmup_timeout_s": args.ready_timeout}}
+        path = root / f"{label.split(',')[0].replace(' ', '_')}_{budget}.yaml"
+        path.write_text(yaml.safe_dump(cfg))
+        os.environ["LESIONDIFFUSION_CONFIG"] = str(path)
+        t = time.perf_counter()
+        tr = make_started(ld_cls, root, args.device)
+        tr.ld_store.throttle.set_duty(0.0)  # every producer rests outside its own windows
+        rows.append(Row(label, tr, start_s=t, paused=paused, warmup=warmup))
+    for row in rows[1:]:
+        # the producer's start-up (spawn, imports, templates, bundle) is a one-off cost of seconds, not a
+        # per-iteration one: it is reported here and kept out of the timed windows
+        row.trainer.ld_store.wait_ready(args.ready_timeout)
+        row.start_s = time.perf_counter() - row.start_s
+        row.startup_cpu_s = producer_cpu(row.trainer.ld_store)
+    print(f"set-up of {len(rows)} trainers: {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}")
 
-    base = results["plain nnUNetTrainer"]["s_per_iter"]
+    sequence = []  # (row, window) in the order timed: plain, row, plain, row, ..., plain
+    for r in range(args.repeats):
+        for row in rows[1:]:
+            sequence.append((rows[0], time_window(rows[0], args.iters, args.warmup_iters)))
+            sequence.append((row, time_window(row, args.iters, args.warmup_iters)))
+    sequence.append((rows[0], time_window(rows[0], args.iters, args.warmup_iters)))  # a plain window after the last
+    for i, (row, w) in enumerate(sequence):
+        if not row.plain:  # against the plain windows just before and after it: drift cancels
+            w["paired"] = w["s"] / ((sequence[i - 1][1]["s"] + sequence[i + 1][1]["s"]) / 2)
+    load1 = os.getloadavg()
+    for row in rows[1:]:
+        row.trainer._ld_shutdown()
+
     dev = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({os.cpu_count()} cores)"
-    print(f"\nmachine: {dev}; backend {args.backend} on {args.gen_device}; network "
-          f"{'tiny' if args.tiny else 'plans'}; nnUNet_n_proc_DA={args.n_proc_da}; {args.iters} timed iterations; "
-          f"store size {args.store_size}, reuse {args.reuse}")
-    print(f"{'trainer':32s} {'s/iter':>8s} {'ratio':>6s} {'start s':>8s} {'hit rate':>9s} {'fresh/reused/missed':>20s} "
-          f"{'produced':>8s}")
-    for label, r in results.items():
-        hr = f"{100 * r['hit_rate']:.0f}%" if "hit_rate" in r else "-"
-        frm = f"{r['fresh']}/{r['reused']}/{r['missed']}" if "fresh" in r else "-"
-        print(f"{label:32s} {r['s_per_iter']:8.3f} {r['s_per_iter'] / base:6.2f} {r['start_s']:8.1f} {hr:>9s} {frm:>20s} "
-              f"{r.get('produced', '-'):>8}")
-    for label, r in results.items():
-        if "throttle" in r:
-            print(f"  {label}: {r['throttle']}")
+    print(f"\nmachine: {dev}; load average {load0[0]:.2f} at start, {load1[0]:.2f} at the end (1 min; 5 min "
+          f"{load1[1]:.2f}); backend {args.backend} on {args.gen_device}; network {'tiny' if args.tiny else 'plans'}; "
+          f"nnUNet_n_proc_DA={args.n_proc_da}; torch threads {torch.get_num_threads()}; {args.repeats} x "
+          f"{args.iters} timed iterations per row, interleaved with plain windows; store size {args.store_size}, "
+          f"reuse {args.reuse}")
+    plain = rows[0].windows
+    med = statistics.median(w["s"] for w in plain)
+    spread = [w["s"] / med for w in plain]
+    print(f"plain nnUNetTrainer: {len(plain)} windows, median {med:.3f} s/iter, each window / median: "
+          + " ".join(f"{v:.2f}" for v in spread)
+          + f" (range {100 * (min(spread) - 1):+.0f}% .. {100 * (max(spread) - 1):+.0f}%; this is the noise floor)")
+    print(f"{'row':32s} {'s/iter':>7s} {'ratio':>6s} {'windows / plain median':>24s} {'paired':>12s} {'est.':>6s} "
+          f"{'train cpu':>9s} "
+          f"{'prod cpu':>8s} {'produced':>8s} {'fresh/reused/missed':>19s} {'start s':>7s}")
+    cpu_plain = statistics.median(w["cpu"] for w in plain)
+    for row in rows:
+        ws = row.windows
+        m = statistics.median(w["s"] for w in ws)
+        est = [w["estimate"] for w in ws if w.get("estimate") is not None]
+        est_s = f"{1 + statistics.median(est):.2f}" if est else "-"
+        per = " ".join(f"{w['s'] / med:.2f}" for w in ws)
+        frm = "-" if row.plain else "/".join(str(sum(w[k] for w in ws)) for k in ("fresh", "reused", "missed"))
+        prod = "-" if row.plain else str(sum(w["produced"] for w in ws))
+        pcpu = "-" if row.plain else f"{100 * statistics.median(w['producer_cpu'] / (w['s'] * args.iters) for w in ws):.1f}%"
+        paired = "-" if row.plain else " ".join(f"{w['paired']:.2f}" for w in ws)
+        print(f"{row.label:32s} {m:7.3f} {m / med:6.2f} {per:>24s} {paired:>12s} {est_s:>6s} "
+              f"{statistics.median(w['cpu'] for w in ws) / cpu_plain:9.2f} {pcpu:>8s} {prod:>8s} {frm:>19s} "
+              f"{row.start_s:7.1f}")
+    print("ratio: row median / plain median; paired: each window / the mean of the plain windows just before and "
+          "after it; est.: the throttle controller's own estimate for the timed iterations "
+          "(1 + estimated overhead); train cpu: the training process's CPU time per iteration relative to plain; "
+          "prod cpu: the producer's CPU seconds per wall second of its windows (share of one core); start s: "
+          "trainer + producer start-up (+ warm-up cases), not timed")
+    pc = [w["cpu"] / cpu_plain for w in plain]
+    print(f"plain training cpu per iteration: median {cpu_plain:.3f} s, windows / median {min(pc):.2f} .. {max(pc):.2f}")
+    for row in rows[1:]:
+        if row.startup_cpu_s is not None:
+            print(f"  {row.label}: producer start-up (and warm-up cases) {row.startup_cpu_s:.1f} CPU s before its "
+                  "first window")
+        ctl = row.trainer.ld_throttle
+        if ctl is not None:
+            produced = sum(w["produced"] for w in row.windows)
+            print(f"  {row.label}: {ctl.summary()}; it allowed {produced} synthetic cases in "
+                  f"{len(row.windows) * args.iters} timed iterations")
+            if produced == 0:
+                why = ("the budget allowed NO synthesis" if ctl.duty < 1.0 else
+                       "NO synthesis finished although the budget did not throttle the producer (duty 1: it is "
+                       "slower than the windows are long)")
+                print(f"  {row.label}: {why} in the timed windows (0 cases); every synthetic draw reused a stored "
+                      "case or fell back to a real one")
     return 0
+
+
+class Row:
+    def __init__(self, label: str, trainer, *, plain: bool = False, start_s: float = 0.0,
+                 startup_cpu_s: float | None = None, paused: bool = False, warmup: int = 0) -> None:
+        self.label, self.trainer, self.plain, self.start_s = label, trainer, plain, start_s
+        self.startup_cpu_s, self.paused, self.warmup = startup_cpu_s, paused, warmup
+        self.windows: list[dict] = []
+
+
+def make_started(cls, root: Path, device: str):
+    tr = make_trainer(cls, root, device)
+    tr.on_train_start()
+    tr.on_train_epoch_start()
+    return tr
+
+
+def producer_cpu(store) -> float | None:
+    """CPU seconds the producer process has used so far (user + system), from /proc; None for a thread."""
+    pid = getattr(store._runner, "pid", None)
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError, TypeError):
+        return None
+
+
+def time_window(row: Row, iters: int, warmup_iters: int) -> dict:
+    """Time ``iters`` training iterations of one row; its producer works only inside its own windows."""
+    tr = row.trainer
+    store = getattr(tr, "ld_store", None)
+    ctl = getattr(tr, "ld_throttle", None)
+    if store is not None and not row.paused:
+        store.throttle.set_duty(ctl.duty if ctl is not None else 1.0)
+    if ctl is not None:
+        ctl.reset_clock()
+    for _ in range(warmup_iters):
+        tr.train_step(next(tr.dataloader_train))
+    before = store.stats() if store is not None else None
+    p0 = producer_cpu(store) if store is not None else None
+    if tr.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    t, c = time.perf_counter(), time.process_time()
+    for _ in range(iters):
+        tr.train_step(next(tr.dataloader_train))
+    if tr.device.type == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+    w = {"s": (time.perf_counter() - t) / iters, "cpu": (time.process_time() - c) / iters}
+    if store is not None:
+        d = store.stats().minus(before)
+        p1 = producer_cpu(store)
+        w.update(fresh=d.fresh, reused=d.reused, missed=d.missed, produced=d.produced,
+                 producer_cpu=(p1 - p0) if p0 is not None and p1 is not None else float("nan"))
+        if ctl is not None:
+            w["estimate"] = ctl.estimated_overhead(last=iters)
+        store.throttle.set_duty(0.0)
+    row.windows.append(w)
+    print(f"window: {row.label}: {w['s']:.3f} s/iter, training cpu {w['cpu']:.3f} s/iter"
+          + (f", producer cpu {w['producer_cpu']:.2f} s, produced {w['produced']}" if store is not None else "")
+          + f"; load {os.getloadavg()[0]:.1f}", flush=True)
+    return w
 
 
 if __name__ == "__main__":
