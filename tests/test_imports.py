@@ -181,3 +181,21 @@ def test_imports_inside_functions_are_seen(tmp_path):
     src.write_text("def f():\n    from .pipeline import LesionSynthesizer\n    import lesiondiffusion.demo\n")
     targets = [t for t, _ in module_imports(f"{ROOT}.m", src, False)]
     assert targets == [f"{ROOT}.pipeline.LesionSynthesizer", f"{ROOT}.demo"]
+
+
+def test_installed_package_does_not_import_the_benchmarks(mods):
+    """benchmarks/ (learns, toydata, the demo-bundle recipe, the few-shot script) is not installed: nothing
+    in the package may import it, so the demo runs from a wheel."""
+    bench = {p.stem for p in (Path(__file__).resolve().parents[1] / "benchmarks").glob("*.py")} | {"benchmarks"}
+    assert {"learns", "toydata", "demo_bundle"} <= bench
+    bad = []
+    for name, (path, _) in sorted(mods.items()):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                tops = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                tops = [(node.module or "").split(".")[0]]
+            else:
+                continue
+            bad += [f"{path}:{node.lineno}: {name} imports {t}" for t in tops if t in bench]
+    assert not bad, "the installed package imports benchmark code:\n" + "\n".join(bad)
