@@ -227,10 +227,11 @@ class ThrottleController:
     """Trainer side of ``Throttle``: keeps training within ``budget`` of plain nnU-Net's iteration time.
 
     Every training iteration reports its wall time ``t`` and the share ``f`` of it the producer was
-    busy, i.e. ``b = f * t`` busy seconds. Over a sliding window it fits ``t = plain + k * b`` by least
-    squares: ``plain`` is the iteration time without the producer (plain nnU-Net's, measured online, not
-    in a separate run) and ``k`` the training time each busy producer second costs (the share of the
-    cores it takes). Linear in ``b``, not in ``f``: ``t = plain + extra * f`` would be biased, since a
+    busy, i.e. ``b = f * t`` busy seconds. Over a sliding window it fits ``t = plain + k * b`` robustly:
+    ``plain``, the iteration time without the producer (plain nnU-Net's, measured online, not in a
+    separate run), is the median idle iteration (``f < 0.05``) and ``k``, the training time each busy
+    producer second costs (the share of the cores it takes), the median of ``(t - plain) / b`` over busy
+    iterations (``f > 0.3``). Linear in ``b``, not in ``f``: ``t = plain + extra * f`` would be biased, since a
     slower iteration overlaps more producer time (at ``k = 0.5`` it read a 100 % slowdown as 73 %). With
     duty ``d`` (busy share of the wall time) an iteration costs ``plain / (1 - k d)``, so the duty for an
     overhead of ``budget`` is ``budget / ((1 + budget) k)`` (at most 1). The fit needs iterations with
@@ -294,10 +295,15 @@ class ThrottleController:
         f = np.asarray([s[1] for s in self.samples])
         if f.max() - f.min() < 0.3:  # not enough contrast between idle and busy iterations yet
             return
-        k, plain = np.polyfit(f * t, t, 1)
-        if plain <= 0:
+        # medians, not least squares: on a shared machine a neighbour's burst during a probe or a busy
+        # stretch would tilt a fitted line (intercepts of a tenth of the fastest idle iteration were seen
+        # at load 8); plain = the median idle iteration, k = the median of (t - plain) / b over busy ones
+        idle, busy = f < 0.05, f > 0.3
+        if idle.sum() < 3 or busy.sum() < 3:
             return
-        self.plain, self.cost = float(plain), min(0.999, max(0.0, float(k)))
+        plain = float(np.median(t[idle]))
+        k = float(np.median((t[busy] - plain) / (f[busy] * t[busy])))
+        self.plain, self.cost = plain, min(0.999, max(0.0, k))
         self.slowdown = self.cost / (1.0 - self.cost)  # while synthesising all the time (d = 1)
         need = self.budget / ((1.0 + self.budget) * self.cost) if self.cost > 0 else 1.0
         self.duty = 1.0 if need >= 1.0 else max(self.min_duty, need)
