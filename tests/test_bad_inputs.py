@@ -52,6 +52,7 @@ class World:
               out: Path | None = None) -> list[str]:
         return ["synthesize", "--bundle", str(bundle or self.bundle), "--ct", str(ct or self.ct),
                 "--organs", str(seg or self.seg), "--catalog", "kidney_tumor", "--ddim-steps", "1", "--no-preview",
+                "--min-mask-in-organ", "0",  # random weights: the I/O rows must not depend on mask quality
                 "-o", str(out or self.root / "never"), *extra]
 
 

@@ -34,6 +34,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule.ddim_steps)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
+    p.add_argument("--min-mask-in-organ", type=finite_float, default=None, metavar="FRACTION",
+                   help="redraw a generated mask with less than this share in its organ (default: the pipeline's, 0.5; "
+                        "0 turns the rule off, e.g. for untrained bundles)")
     p.add_argument("--batch-size", type=int, default=4, help="lesions per network batch (default 4)")
     p.add_argument("--mapping", default="auto", help="organ label ids: v1, v2, auto (default) or a JSON name->id file")
     p.add_argument("--hu-correction", choices=("off", "shift", "clip"), default="off",
@@ -155,6 +158,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         overrides["ddim_steps"] = args.ddim_steps
     if args.guidance is not None:
         overrides["guidance_scale"] = args.guidance
+    if args.min_mask_in_organ is not None:
+        overrides["min_mask_in_organ"] = args.min_mask_in_organ
     synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
 
     ensure_output_dir(out, "-o")
