@@ -105,11 +105,11 @@ def load_case(case: str, source: Path):
     return ct, gtv, muscle & ~gtv, organs, sp
 
 
-def generators(bundle: Path | None, ddim_steps: int):
+def generators(bundle: Path | None, ddim_steps: int, names: tuple[str, ...]):
     from lesiondiffusion.generators import build_generator
 
-    out = {"rule_based": build_generator("rule_based")}
-    if bundle is not None:
+    out = {"rule_based": build_generator("rule_based")} if "rule_based" in names else {}
+    if bundle is not None and "lesiondiffusion" in names:
         out["lesiondiffusion"] = build_generator("lesiondiffusion", bundle=str(bundle), device="cpu",
                                                  options={"ddim_steps": ddim_steps}, hu_correction="off")
     return out
@@ -123,7 +123,7 @@ def evaluate(a: argparse.Namespace) -> None:
     t0 = time.time()
     cat = load_catalog("soft_tissue_sarcoma")
     split = split_cases(a.source)
-    gens = generators(a.bundle, a.ddim_steps)
+    gens = generators(a.bundle, a.ddim_steps, tuple(a.generators.split(",")))
     rows: list[dict] = []
     effects: list[dict] = []
     previews: list[tuple] = []
@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--per-case", type=int, default=3, help="evaluate: synthetic lesions per test CT")
     p.add_argument("--ddim-steps", type=int, default=10)
     p.add_argument("--no-diffusion", action="store_true", help="evaluate rule_based only")
+    p.add_argument("--generators", default="lesiondiffusion,rule_based", help="evaluate: which generators")
     a = p.parse_args(argv)
     if a.action == "train":
         train(a)
