@@ -91,6 +91,8 @@ VOCABULARY: dict[str, dict[str, tuple[str, ...]]] = {
         "right lung": ("lung right",),
         "brain": ("cerebrum", "intracranial", "cerebral"),
         "spleen": ("splenic",),
+        # skeletal muscle: the host of soft-tissue lesions, labelled by tissue maps (tissue.py), not by TotalSegmentator organs
+        "muscle": ("skeletal muscle", "musculature", "intramuscular"),
     },
     "size": {
         "tiny (<1 cm)": ("tiny", "<1 cm", "less than 1 cm", "subcentimeter", "subcentimetre"),
