@@ -204,4 +204,4 @@ def test_catalogs_list_marks_a_broken_user_catalog_and_lists_the_rest(capsys, tm
     assert "BROKEN" in lines["broken_type"] and "YAML syntax error" in lines["broken_type"]
     assert "broken_type.yaml" in lines["broken_type"]
     assert len(lines) == 18 and "BROKEN" not in lines["my_cyst"] and "BROKEN" not in lines["liver_tumor"]
-    assert "1 of 17 catalog(s) are broken" in out
+    assert "1 of 18 catalog(s) are broken" in out
