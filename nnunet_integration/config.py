@@ -198,8 +198,8 @@ def _check_keys(path: str, prefix: str, raw: dict, known: set[str] | list[str]) 
     unknown = sorted(set(raw) - set(known))
     if unknown:
         dotted = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
-        where = f"under '{prefix}'" if prefix else "top-level"
-        raise _err(path, dotted, raw[unknown[0]], f"Unknown key; allowed {where} keys: {', '.join(sorted(known))}.")
+        where = f"under '{prefix}'" if prefix else "at the top level"
+        raise _err(path, dotted, raw[unknown[0]], f"Unknown key; allowed keys {where}: {', '.join(sorted(known))}.")
 
 
 def _build_section(cls: type, raw: Any, path: str, prefix: str):
