@@ -22,7 +22,6 @@ Tables: WORKDIR/K<k>/segmentation_dice.{md,csv,png}; paired differences per seed
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -63,35 +62,33 @@ def write_dataset(raw: Path, dataset_id: int, name: str, train: list[str], test:
 
 
 def paired_table(workdir: Path, ks: list[int]) -> str:
-    """Per K and seed: Dice of each setting and its difference to real only (the same seed)."""
-    lines = ["| K | setting | generator | " + " | ".join(f"seed {s}" for s in SEEDS) + " | mean ± sd | Δ vs real (per seed) | wins |",
-             "| --- | --- | --- | " + " | ".join("---:" for _ in SEEDS) + " | ---: | --- | ---: |"]
+    """Per K: Dice of each setting per seed and its difference to real only with the same seed, read from
+    every finished run's result.json (so runs from several invocations and partial studies all count)."""
     import numpy as np
 
+    lines = ["| K | setting | generator | seeds | Dice per seed (%) | mean ± sd (%) | Δ vs real, same seed | higher |",
+             "| --- | --- | --- | --- | --- | ---: | --- | ---: |"]
     for k in ks:
-        path = workdir / f"K{k}" / "segmentation_runs.csv"
-        if not path.is_file():
-            continue
-        rows = list(csv.DictReader(path.open()))
-        key = [c for c in rows[0] if c.startswith("dice_")][0] if rows else None
         table: dict[tuple[str, str], dict[int, float]] = {}
-        for r in rows:
-            if not r.get(key):
+        for path in sorted((workdir / f"K{k}" / "runs").glob("*/result.json")):
+            r = json.loads(path.read_text())
+            if not r.get("dice"):
                 continue
-            table.setdefault((r["setting"], r.get("generator") or "-"), {})[int(r["seed"])] = float(r[key])
+            value = float(np.mean(list(r["dice"].values())))
+            table.setdefault((r["setting"], r.get("generator") or "-"), {})[int(r["seed"])] = value
         real = table.get(("real", "-"), {})
-        for (setting, gen), by_seed in sorted(table.items()):
-            vals = [by_seed.get(s) for s in SEEDS]
-            got = [v for v in vals if v is not None]
-            diffs = [by_seed[s] - real[s] for s in SEEDS if s in by_seed and s in real]
-            lines.append(f"| {k} | {setting} | {gen} | " + " | ".join("" if v is None else f"{100 * v:.1f}" for v in vals)
-                         + f" | {100 * np.mean(got):.1f} ± {100 * np.std(got, ddof=1) if len(got) > 1 else 0:.1f} | "
+        order = sorted(table, key=lambda t: (t[0] != "real", t[0], t[1]))
+        for setting, gen in order:
+            by_seed = table[(setting, gen)]
+            seeds = sorted(by_seed)
+            got = [by_seed[s] for s in seeds]
+            diffs = [by_seed[s] - real[s] for s in seeds if s in real]
+            sd = 100 * np.std(got, ddof=1) if len(got) > 1 else float("nan")
+            lines.append(f"| {k} | {setting} | {gen} | {','.join(map(str, seeds))} | "
+                         + ", ".join(f"{100 * v:.1f}" for v in got) + f" | {100 * np.mean(got):.1f} ± {sd:.1f} | "
                          + ("" if setting == "real" else ", ".join(f"{100 * d:+.1f}" for d in diffs)) + " | "
                          + ("" if setting == "real" else f"{sum(d > 0 for d in diffs)}/{len(diffs)}") + " |")
     return "\n".join(lines)
-
-
-SEEDS: list[int] = [0, 1, 2]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -113,9 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trainer-suffix", default="_fewshotcpu")
     p.add_argument("--parallel", type=int, default=2)
     p.add_argument("--reference", action="store_true", help="also real only on generator + segmentation pool")
+    p.add_argument("--table-only", action="store_true", help="print the paired table of the finished runs and stop")
     a = p.parse_args(argv)
-    global SEEDS
-    SEEDS = [int(s) for s in a.seeds.split(",")]
+    seeds = tuple(int(s) for s in a.seeds.split(","))
     gens = tuple(g for g in a.generators.split(",") if g)
     if "lesiondiffusion" in gens and a.bundle is None:
         p.error("--bundle is needed for the lesiondiffusion generator (or --generators rule_based)")
@@ -128,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(k, split["segmentation"][:k], 960 + i) for i, k in enumerate(ks)]
     if a.reference:
         jobs.append((len(split["generator"]) + len(split["segmentation"]), split["generator"] + split["segmentation"], 969))
+    if a.table_only:  # the table from whatever runs have finished
+        print(paired_table(a.workdir, [k for k, _, _ in jobs]))
+        return 0
     for k, train, did in jobs:
         ds = write_dataset(raw, did, f"STSK{k}", train, split["test"], a.source)
         reference = did == 969
@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             workdir=a.workdir / f"K{k}", dataset_dir=ds, bundle=a.bundle,
             generators=gens if not reference else ("rule_based",),
             settings=tuple(a.settings.split(",")) if not reference else ("real",),
-            seeds=tuple(SEEDS), configuration=a.configuration, trainer_suffix=a.trainer_suffix,
+            seeds=seeds, configuration=a.configuration, trainer_suffix=a.trainer_suffix,
             synthetic_cases=a.synthetic_cases, ddim_steps=a.ddim_steps, hu_correction="off",
             pretrain_fraction=a.pretrain_fraction, synthetic_probability=1.0, finetune_synthetic_probability=0.0,
             parallel=a.parallel, echo=lambda m: print(m, flush=True),
