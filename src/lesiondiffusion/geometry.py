@@ -156,8 +156,13 @@ def canonical_organs(organs: Any) -> tuple[Any, Canonical]:
     c = canonical(organs.affine, organs.labels.shape)
     if c.identity:
         return organs, c
-    return dataclasses.replace(organs, labels=np.ascontiguousarray(c.forward(organs.labels)),
-                               affine=c.affine(organs.affine), _cache={}), c
+    # the producer calls this for every batch on the same template: reorient its organ map once
+    cached = organs._cache.get("canonical")
+    if cached is None:
+        cached = dataclasses.replace(organs, labels=np.ascontiguousarray(c.forward(organs.labels)),
+                                     affine=c.affine(organs.affine), _cache={})
+        organs._cache["canonical"] = cached
+    return cached, c
 
 
 def place_canonical(organs: Any, report: Any, catalog: Any, seed: Any, **kwargs: Any) -> Any:
@@ -177,7 +182,8 @@ def generate_canonical(generate: Any, ct: np.ndarray, organs: Any, *args: Any, *
     organs_c, c = canonical_organs(organs)
     if c.identity:
         return generate(ct, organs, *args, **kwargs)
-    results = generate(np.ascontiguousarray(c.forward(np.asarray(ct))), organs_c, *args, **kwargs)
+    # a view: the generator only reads the CT (resampled crops) and copies it for its result
+    results = generate(c.forward(np.asarray(ct)), organs_c, *args, **kwargs)
     for r in results:
         if r.image is not None:
             r.image = np.ascontiguousarray(c.backward(r.image))
