@@ -24,6 +24,23 @@ def _limit_threads():
     yield
 
 
+@pytest.fixture(autouse=True)
+def _fresh_catalog_state():
+    """Each test starts with the catalog state of a fresh process. The organ registry (organs and synonyms
+    declared by catalogs) and ``use_catalog_dirs`` folders live for the rest of a process, which is right
+    for one command but lets one test's catalogs leak into the next (a catalog path set by ``monkeypatch``
+    is gone after its test, what its catalogs declared was not). Parsed catalogs are cached per file, so
+    the cache is cleared too: a catalog read again declares its organs again."""
+    from lesiondiffusion import catalog, vocabulary
+
+    organs, dirs = dict(vocabulary._DECLARED_ORGANS), list(catalog._EXTRA_DIRS)
+    yield
+    vocabulary._DECLARED_ORGANS.clear()
+    vocabulary._DECLARED_ORGANS.update(organs)
+    catalog._EXTRA_DIRS[:] = dirs
+    catalog._load_cached.cache_clear()
+
+
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(0)

@@ -95,6 +95,23 @@ def test_vocabulary_lists_declared_organs(catalog_dir, capsys):
     assert "  - soft tissue   [declared by a catalog]" in out
 
 
+def test_a_second_catalog_adds_its_synonyms_to_an_organ_already_declared(catalog_dir):
+    """Two catalogs target the adrenal gland with different synonyms: both spellings name the organ, in
+    whichever order the catalogs are read (the second one's synonyms were dropped once the organ was known)."""
+    load_catalog("adrenal_adenoma")  # declares "adrenal gland" (also: suprarenal gland)
+    (catalog_dir / "adrenal_cyst.yaml").write_text(
+        ADRENAL.replace("adrenal_adenoma", "adrenal_cyst").replace("[suprarenal gland]", "[adrenal, adrenals]"))
+    load_catalog("adrenal_cyst")
+    assert normalize_value("organ", "Adrenals") == "adrenal gland"
+    assert normalize_value("organ", "suprarenal gland") == "adrenal gland"
+    # a shipped organ takes a catalog's synonym too
+    (catalog_dir / "liver_cyst_x.yaml").write_text(
+        ADRENAL.replace("adrenal_adenoma", "liver_cyst_x").replace("adrenal gland:", "liver:")
+        .replace("[adrenal_gland_left, adrenal_gland_right]", "[liver]").replace("[suprarenal gland]", "[jecur]"))
+    load_catalog("liver_cyst_x")
+    assert normalize_value("organ", "jecur") == "liver"
+
+
 def test_declared_organ_without_class_names_or_clashing_is_rejected(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text(ADRENAL.replace("    v2: [adrenal_gland_left, adrenal_gland_right]\n    v1: [adrenal_gland_left, adrenal_gland_right]\n", ""))

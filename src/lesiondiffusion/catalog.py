@@ -647,14 +647,18 @@ def _parse_catalog(path: Path) -> Catalog:
             P.add(k + ("synonyms",), "must be a list of alternative names of this organ")
             synonyms = []
         try:
-            organ = normalize_value("organ", str(organ_key))
+            organ, known = normalize_value("organ", str(organ_key)), True
         except ReportError:
             # an organ outside the shipped vocabulary: the key is its display name in reports and prompts
-            organ = " ".join(str(organ_key).split())
+            organ, known = " ".join(str(organ_key).split()), False
             if not organ or not isinstance(organ_key, str):
                 P.add(k, f"organ names are non-empty text, got {organ_key!r}")
                 continue
-            try:  # declared now, so rules and sampling below can name it
+        if synonyms or not known:
+            # declared now, so rules and sampling below can name it. An organ already known (shipped, or
+            # declared by another catalog) still gets this catalog's synonyms: which catalog was read
+            # first must not decide whether "adrenal" names the adrenal gland
+            try:
                 declare_organ(organ, synonyms)
             except ReportError as exc:
                 P.add(k, str(exc))
