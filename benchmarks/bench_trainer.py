@@ -74,6 +74,12 @@ def main() -> int:
     ap.add_argument("--shape", type=int, nargs=3, default=(48, 48, 32))
     ap.add_argument("--budgets", type=float, nargs="*", default=[0.05],
                     help="store.budget values to time beside the unthrottled store (default 0.05)")
+    ap.add_argument("--settle-iters", type=int, default=150,
+                    help="untimed iterations per throttled row before its first window, producer on, so its "
+                         "controller has fitted the producer's cost (a real run has thousands of iterations)")
+    ap.add_argument("--dump-samples", type=Path, default=None,
+                    help="write every throttle observation (row, iteration seconds, busy share, duty, producer CPU "
+                         "seconds so far) to this JSON file, to study the controller")
     ap.add_argument("--options", default="{}", help="JSON generator options, e.g. '{\"ddim_steps\": 10}'")
     args = ap.parse_args()
 
@@ -102,6 +108,7 @@ def main() -> int:
     # every row is one trainer, set up once; its windows alternate with plain windows (ABAB...), so slow
     # drift of the machine (neighbours, thermal) hits plain and LesionDiffusion alike, and the plain
     # windows' own spread is the noise floor the ratios are read against
+    dumped: list[dict] = []
     rows: list[Row] = [Row("plain nnUNetTrainer", make_started(plain_cls, root, args.device), plain=True)]
     specs = [("paused store (empty, duty 0)", 0, None, True)]
     for budget in args.budgets:
@@ -125,12 +132,26 @@ def main() -> int:
         tr = make_started(ld_cls, root, args.device)
         tr.ld_store.throttle.set_duty(0.0)  # every producer rests outside its own windows
         rows.append(Row(label, tr, start_s=t, paused=paused, warmup=warmup))
+        if args.dump_samples is not None and getattr(tr, "ld_throttle", None) is not None:
+            record_observations(rows[-1], dumped)
     for row in rows[1:]:
         # the producer's start-up (spawn, imports, templates, bundle) is a one-off cost of seconds, not a
         # per-iteration one: it is reported here and kept out of the timed windows
         row.trainer.ld_store.wait_ready(args.ready_timeout)
         row.start_s = time.perf_counter() - row.start_s
         row.startup_cpu_s = producer_cpu(row.trainer.ld_store)
+    for row in rows[1:]:
+        ctl = getattr(row.trainer, "ld_throttle", None)
+        if ctl is None or row.paused or args.settle_iters <= 0:
+            continue
+        # the controller's first fit needs idle and busy iterations (its first probe comes after 20): time
+        # the steady state a long run lives in, not the first minute, and say what the controller found
+        row.trainer.ld_store.throttle.set_duty(ctl.duty)
+        ctl.reset_clock()
+        for _ in range(args.settle_iters):
+            row.trainer.train_step(next(row.trainer.dataloader_train))
+        row.trainer.ld_store.throttle.set_duty(0.0)
+        print(f"{row.label}: after {args.settle_iters} untimed iterations: {ctl.summary()}")
     print(f"set-up of {len(rows)} trainers: {time.perf_counter() - t0:.0f} s; load average {os.getloadavg()[0]:.2f}")
 
     sequence = []  # (row, window) in the order timed: plain, row, plain, row, ..., plain
@@ -143,6 +164,8 @@ def main() -> int:
         if not row.plain:  # against the plain windows just before and after it: drift cancels
             w["paired"] = w["s"] / ((sequence[i - 1][1]["s"] + sequence[i + 1][1]["s"]) / 2)
     load1 = os.getloadavg()
+    if args.dump_samples is not None:
+        args.dump_samples.write_text(json.dumps(dumped))
     for row in rows[1:]:
         row.trainer._ld_shutdown()
 
@@ -213,6 +236,20 @@ def make_started(cls, root: Path, device: str):
     tr.on_train_start()
     tr.on_train_epoch_start()
     return tr
+
+
+def record_observations(row: "Row", out: list[dict]) -> None:
+    """Wrap the row's throttle controller so every observation is also appended to ``out`` with the
+    producer's CPU seconds so far (the controller itself sees only busy wall seconds)."""
+    ctl, store = row.trainer.ld_throttle, row.trainer.ld_store
+    observe = ctl.observe
+
+    def recording(seconds: float, busy_share: float) -> None:
+        observe(seconds, busy_share)
+        out.append({"row": row.label, "window": len(row.windows), "s": seconds, "f": busy_share,
+                    "duty": ctl.throttle.duty, "producer_cpu": producer_cpu(store)})
+
+    ctl.observe = recording
 
 
 def producer_cpu(store) -> float | None:

@@ -33,8 +33,12 @@ class SimulatedProducer:
     rests ``step * (1 - duty) / duty`` (what ``Throttle.checkpoint`` does) and does nothing while the duty
     is 0. Training iterations take ``plain`` seconds, ``plain * (1 + slowdown)`` while it works."""
 
-    def __init__(self, plain: float, slowdown: float, step: float = 0.03, dt: float = 0.001) -> None:
+    def __init__(self, plain: float, slowdown: float, step: float = 0.03, dt: float = 0.001,
+                 burst: int = 1, chunk: float = 0.2) -> None:
         self.plain, self.slowdown, self.step, self.dt = plain, slowdown, step, dt
+        # burst > 1: the cost comes in slices, as a niced producer gets a CPU: one chunk of busy time in
+        # `burst` slows training by slowdown * burst, the others not at all
+        self.burst, self.chunk = burst, chunk
         self.duty = 1.0
         self.now = 0.0
         self.busy = 0.0
@@ -65,7 +69,8 @@ class SimulatedProducer:
         start, progress = self.now, 0.0
         while progress < 1.0:
             busy = self._advance()
-            progress += self.dt / (self.plain * (1 + self.slowdown) if busy else self.plain)
+            hit = busy and int(self.busy / self.chunk) % self.burst == 0
+            progress += self.dt / (self.plain * (1 + self.slowdown * self.burst) if hit else self.plain)
             self.now += self.dt
         return self.now - start
 
@@ -95,18 +100,44 @@ def test_controller_holds_the_budget_on_a_simulated_producer(slowdown, budget, w
 
 
 def test_controller_fit_survives_neighbour_bursts():
-    """One iteration in eight is slowed 2-4x by a neighbour (a shared machine): the medians still find
-    plain time and cost; a least-squares line through the same points gave intercepts far off."""
+    """One iteration in eight is slowed 2-4x by a neighbour (a shared machine): the bursts land on idle and
+    busy iterations alike and cancel in the fit, so the budget still holds and the estimate is right
+    (a least-squares line through the same points gave intercepts far off)."""
     rng = np.random.default_rng(1)
     sim = SimulatedProducer(plain=0.1, slowdown=1.0)
     ctl = ThrottleController(sim, 0.05)  # type: ignore[arg-type]
-    for _ in range(400):
+    times, quiet = [], []
+    for _ in range(600):
         ctl.tick(sim.now)
-        sim.iteration()
-        if rng.uniform() < 0.125:  # the neighbour's burst: wall time passes, training does not advance
-            sim.now += 0.1 * rng.uniform(1.0, 3.0)
-    assert ctl.plain == pytest.approx(0.1, rel=0.05)
-    assert ctl.duty == pytest.approx(0.0952, rel=0.3)
+        t = sim.iteration()
+        quiet.append(0.1 + (extra := 0.1 * rng.uniform(1.0, 3.0) if rng.uniform() < 0.125 else 0.0))
+        sim.now += extra  # the neighbour's burst: wall time passes, training does not advance
+        times.append(t + extra)
+    # plain nnU-Net on the same machine would have had the same bursts: its mean is the budget's unit
+    plain = float(np.mean(quiet))
+    assert ctl.plain == pytest.approx(plain, rel=0.15)
+    measured = float(np.mean(times[-300:])) / plain - 1.0
+    assert measured <= 0.05 + 0.03
+    assert ctl.estimated_overhead(last=300) == pytest.approx(measured, abs=0.03)
+
+
+def test_controller_holds_the_budget_when_the_cost_comes_in_slices():
+    """A niced producer on a CPU gets the cores in slices: most busy iterations run at plain speed and one
+    in a few is 2-4x slower. The median busy iteration shows almost no cost (a median fit read +13 % for
+    +35 % and let the '5 %' rows run 13-21 % slower on an idle 2-core VM); the fit on means holds the budget."""
+    sim = SimulatedProducer(plain=0.1, slowdown=0.5, burst=5)
+    ctl = ThrottleController(sim, 0.05)  # type: ignore[arg-type]
+    times = []
+    for _ in range(800):
+        ctl.tick(sim.now)
+        times.append(sim.iteration())
+    busy = [s for s in ctl.samples if s[1] > 0.3]
+    busy_t = [s[0] for s in busy]
+    assert np.median(busy_t) == pytest.approx(0.1, rel=0.01) and np.mean(busy_t) > 0.105  # the tail is the cost
+    measured = float(np.mean(times[-300:])) / 0.1 - 1.0
+    assert ctl.duty < 0.5
+    assert measured <= 0.05 + 0.015
+    assert ctl.estimated_overhead(last=300) == pytest.approx(measured, abs=0.015)
 
 
 def test_controller_pauses_only_for_probes_and_restores_the_duty():
