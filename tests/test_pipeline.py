@@ -9,7 +9,7 @@ from scipy import ndimage
 
 from lesiondiffusion.bundle import Bundle
 from lesiondiffusion.catalog import load_catalog
-from lesiondiffusion.errors import SynthesisError
+from lesiondiffusion.errors import LesionDiffusionError, SynthesisError
 from lesiondiffusion.generator import LesionGenerator
 from lesiondiffusion.organs import organ_map_from_array
 from lesiondiffusion.pipeline import CropGeometry, LesionSynthesizer, SynthesisConfig
@@ -112,6 +112,25 @@ def test_same_seed_same_output_other_seed_or_guidance_differs(scene, synth, resu
         ct, organs, reports[:1], catalog, seed=0)[0] for g in (1.0, 2.5)]
     assert all(r.ok for r in runs)
     assert not np.array_equal(runs[0].image, runs[1].image)
+
+
+def test_pndm_sampler_runs_the_same_pipeline_and_differs_from_ddim(scene):
+    """MONAI's PLMS sampler (``sampler="pndm"``) goes through the same inpainting loop: the lesion passes the
+    pipeline's checks (but the volume check: untrained networks make small masks), only the masked box changes, the result differs from DDIM's with the same seed, and
+    an unknown sampler name is refused with the allowed ones."""
+    ct, organs, bundle, catalog, reports = scene
+    runs = {s: LesionSynthesizer(bundle, "cpu", SynthesisConfig(ddim_steps=4, sampler=s, min_volume_fraction=0.0))(
+        ct, organs, reports[:1], catalog, seed=0)[0] for s in ("ddim", "pndm")}
+    assert all(r.ok for r in runs.values()), {s: r.failure for s, r in runs.items()}
+    pndm = runs["pndm"]
+    changed = pndm.image != ct
+    assert changed.any() and np.isfinite(pndm.image).all()
+    lo, hi = np.asarray(pndm.box.lo), np.asarray(pndm.box.hi)
+    idx = np.argwhere(changed)
+    assert (idx.min(0) >= lo - 3).all() and (idx.max(0) <= hi + 3).all()  # only around the lesion's box
+    assert not np.array_equal(pndm.image, runs["ddim"].image)
+    with pytest.raises(LesionDiffusionError, match="ddim, pndm"):
+        SynthesisConfig(sampler="euler")
 
 
 def test_rejected_masks_retry_then_fail_clearly(scene):

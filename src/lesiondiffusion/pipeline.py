@@ -33,7 +33,7 @@ from .geometry import CropGeometry, generate_canonical
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
 from .placement import organ_fraction_rule
-from .sampling import (codebook_range, inpaint_latent, latent_mask, make_ddim, null_context, organ_semantics,
+from .sampling import (SAMPLERS, codebook_range, inpaint_latent, latent_mask, make_sampler, null_context, organ_semantics,
                        sample_mask)
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,8 @@ HU_CORRECTIONS = ("off", "shift", "clip")
 class SynthesisConfig:
     """Run-time settings of the pipeline (the networks' settings live in the bundle)."""
 
-    ddim_steps: int | None = None  # None: the bundle's schedule.ddim_steps
+    ddim_steps: int | None = None  # None: the bundle's schedule.ddim_steps (sampling steps, whichever sampler)
+    sampler: str = "ddim"  # "ddim" (the method's) or "pndm" (MONAI's PLMS); benchmarks/bench_steps.py compares them
     guidance_scale: float | None = None  # None: the bundle's schedule.guidance_scale (1.0 = no CFG)
     mask_threshold: float = 0.0  # LMNet samples masks in [-1, 1]; > threshold is lesion
     max_retries: int = 2  # new LMNet noise after a rejected mask, per lesion
@@ -83,6 +84,8 @@ class SynthesisConfig:
                 f"hu_correction={self.hu_correction!r}: use one of {', '.join(HU_CORRECTIONS)} (off keeps the model's "
                 "intensities, shift moves the lesion mean into the catalog's range, clip clips lesion voxels)."
             )
+        if self.sampler not in SAMPLERS:
+            raise LesionDiffusionError(f"sampler={self.sampler!r}: use one of {', '.join(SAMPLERS)}.")
         if self.on_failure not in ("result", "raise"):
             raise LesionDiffusionError(f"on_failure={self.on_failure!r}: use 'result' or 'raise'.")
         if not 0.0 <= self.min_mask_in_organ <= 1.0 or self.organ_margin_vox < 0:
@@ -362,7 +365,7 @@ class LesionSynthesizer:
                 shape = (1, 1) + tuple(batch[0].geometry.mask_size)  # type: ignore[union-attr]
                 noise = torch.cat([self._noise(shape, it.seed + 1000003 * it.attempts) for it in batch]).to(self.device)
                 with self._autocast():
-                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_ddim(self.bundle.config.schedule, "lmnet", steps), noise, scale,
+                    x0 = sample_mask(self.bundle.lmnet, cond_t, context, make_sampler(self.bundle.config.schedule, "lmnet", steps, self.config.sampler), noise, scale,
                                     progress=self.step_callback)
                 x0 = x0.float().cpu().numpy()[:, 0]
                 dt = (time.perf_counter() - t) / len(batch)
@@ -454,7 +457,7 @@ class LesionSynthesizer:
             noise = torch.cat([self._noise((1,) + tuple(z0.shape[1:]), it.seed + 7) for it in batch]).to(self.device)
             with self._autocast():
                 z = inpaint_latent(
-                    self.bundle.linet, z0, lmask, context, make_ddim(bcfg.schedule, "linet", steps, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale,
+                    self.bundle.linet, z0, lmask, context, make_sampler(bcfg.schedule, "linet", steps, self.config.sampler, clip_range=codebook_range(self.bundle.vqgan, norm)), noise, scale,
                     progress=self.step_callback,
                 )
             recon = self.bundle.vqgan.decode_stage_2_outputs(norm.denormalize(z.float()))

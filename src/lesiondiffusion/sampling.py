@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
+from monai.networks.schedulers import DDIMScheduler, DDPMScheduler, PNDMScheduler
 
 from . import presets
 from .errors import BundleError
@@ -121,6 +121,25 @@ def make_ddim(
         clip_sample_min=float(lo),
         clip_sample_max=float(hi),
     )
+    sched.set_timesteps(int(steps or cfg.ddim_steps))
+    return sched
+
+
+# samplers the pipeline can run: DDIM (the method's) and MONAI's PNDM in its PLMS form (``skip_prk_steps``), a
+# linear multistep sampler that reuses the last network outputs, compared against DDIM by
+# benchmarks/bench_steps.py (it has no x0 clamp, so the codebook-range clamp of the latents does not apply)
+SAMPLERS = ("ddim", "pndm")
+
+
+def make_sampler(cfg: ScheduleConfig, net: str, steps: int | None = None, sampler: str = "ddim",
+                 clip_range: tuple[float, float] | None = (-1.0, 1.0)) -> DDIMScheduler | PNDMScheduler:
+    """A fresh sampler (multistep samplers keep state between steps: one per sampling run)."""
+    if sampler == "ddim":
+        return make_ddim(cfg, net, steps, clip_range=clip_range)
+    if sampler != "pndm":
+        raise BundleError(f"sampler {sampler!r}: use one of {', '.join(SAMPLERS)}.")
+    sched = PNDMScheduler(num_train_timesteps=cfg.num_train_timesteps, schedule=cfg.schedule,
+                          skip_prk_steps=True, prediction_type=cfg.prediction(net))
     sched.set_timesteps(int(steps or cfg.ddim_steps))
     return sched
 

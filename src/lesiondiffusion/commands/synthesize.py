@@ -32,7 +32,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=1, help="number of samples (default 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0); same seed, -n and --batch-size = same output")
     p.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule.ddim_steps)")
+    p.add_argument("--ddim-steps", type=int, help="sampling steps (default: the bundle's schedule.ddim_steps)")
+    p.add_argument("--sampler", choices=("ddim", "pndm"), default=None,
+                   help="ddim (default, the method's) or pndm (MONAI's PLMS multistep sampler)")
     p.add_argument("--guidance", type=finite_float, help="classifier-free guidance scale (default: the bundle's; 1 = off)")
     p.add_argument("--min-mask-in-organ", type=finite_float, default=None, metavar="FRACTION",
                    help="redraw a generated mask with less than this share in its organ (default: the pipeline's, 0.5; "
@@ -158,6 +160,8 @@ def _synthesize(args: argparse.Namespace) -> int:
         overrides["ddim_steps"] = args.ddim_steps
     if args.guidance is not None:
         overrides["guidance_scale"] = args.guidance
+    if args.sampler is not None:
+        overrides["sampler"] = args.sampler
     if args.min_mask_in_organ is not None:
         overrides["min_mask_in_organ"] = args.min_mask_in_organ
     synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
