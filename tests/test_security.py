@@ -588,7 +588,7 @@ def test_spool_preflight_names_the_key_and_setting_it_works(tmp_path, monkeypatc
     real = shutil.disk_usage
     small = tmp_path / "small"
     small.mkdir()
-    monkeypatch.setattr(store.shutil, "disk_usage",
+    monkeypatch.setattr(store.sample_store.shutil, "disk_usage",  # the module that checks the space
                         lambda p: real(p)._replace(free=12 * 2**20) if str(p) == str(small) else real(p))
     with pytest.raises(LesionDiffusionError) as info:
         store.check_spool_space(store.spool_base(str(small)), 400 * 2**20, "32 cases of 12.5 MiB")
