@@ -17,8 +17,8 @@ from lesiondiffusion.bundle import CONFIG_FILE, METHOD_CONDITIONING, Bundle
 from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.report import LesionReport
 
-from .data import Manifest, PrepConfig, prepare_dataset
 from .engine import DistInfo, Engine, Task, TrainConfig, setup_distributed
+from .prepare import Manifest, PrepConfig, prepare_dataset
 
 log = logging.getLogger(__name__)
 

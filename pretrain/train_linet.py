@@ -21,9 +21,10 @@ from lesiondiffusion.io import atomic_path
 from lesiondiffusion.models.vqgan import LatentNorm
 
 from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraining
-from .data import LesionCropDataset, Manifest, unwindow
+from .datasets import LesionCropDataset
 from .engine import Engine, Task
 from .losses import drop_attributes, linet_loss
+from .prepare import Manifest, unwindow
 from .train_lmnet import DiffusionTaskConfig, check_crop, diffusion_config
 
 log = logging.getLogger(__name__)

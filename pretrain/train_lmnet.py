@@ -22,9 +22,10 @@ from lesiondiffusion.io import atomic_path
 from lesiondiffusion.models.lmnet import size_divisor
 
 from .common import PhraseTable, PretrainOptions, dataset_phrases, run_pretraining
-from .data import LesionCropDataset, Manifest
+from .datasets import LesionCropDataset
 from .engine import Engine, Task
 from .losses import drop_attributes, lmnet_loss
+from .prepare import Manifest
 
 log = logging.getLogger(__name__)
 

@@ -18,9 +18,10 @@ from lesiondiffusion.io import atomic_path
 from lesiondiffusion.models.vqgan import DISCRIMINATOR_PRESETS, build_discriminator
 
 from .common import PretrainOptions, run_pretraining
-from .data import Manifest, VolumePatchDataset
+from .datasets import VolumePatchDataset
 from .engine import Engine, Task
 from .losses import VQGANLoss, VQGANLossConfig
+from .prepare import Manifest
 
 log = logging.getLogger(__name__)
 

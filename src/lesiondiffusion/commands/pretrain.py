@@ -25,14 +25,14 @@ def _catalog_path(args: argparse.Namespace) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     from ..errors import DataCheckError
-    from ..pretrain.data import check_dataset, find_cases
+    from ..pretrain.check import check_dataset, find_cases
 
     _catalog_path(args)
     problems = check_dataset(args.data)
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise DataCheckError(f"dataset {args.data} has {len(problems)} problem(s):\n{lines}")
-    from ..pretrain.data import check_dataset_warnings
+    from ..pretrain.check import check_dataset_warnings
 
     warnings = check_dataset_warnings(args.data, mapping=getattr(args, "mapping", None))
     for w in warnings:
@@ -44,7 +44,7 @@ def _check(args: argparse.Namespace) -> int:
 
 def _prepare(args: argparse.Namespace) -> int:
     from ..errors import DataCheckError
-    from ..pretrain.data import derive_missing_reports
+    from ..pretrain.check import derive_missing_reports
 
     if not args.derive_reports:
         raise DataCheckError("pretrain prepare: nothing to do; pass --derive-reports to derive the missing reports "
