@@ -83,7 +83,7 @@ def _record_raw_sphericity(synth, spacing, sphericity) -> list[float]:
     """Sphericity of LMNet's own mask on the CT grid, before the box and organ clips: the clips cut
     lesions that do not fit their organ, which is placement's business, not the mask network's.
     Instrumentation only: wraps the synthesiser's mask acceptance for this benchmark."""
-    from lesiondiffusion.pipeline import sample_to_grid
+    from lesiondiffusion.mask_acceptance import sample_to_grid
 
     out: list[float] = []
     orig = synth._accept_mask

@@ -222,8 +222,8 @@ STAGE_ORDER = ("placement", "text context", "crop + resampling", "LMNet network"
 def instrument(synth, clock: StageClock):
     """Wrap the pipeline's stages with ``clock`` (monkeypatching module globals and the instance);
     returns a function that undoes it."""
+    import lesiondiffusion.mask_acceptance as MA
     import lesiondiffusion.pipeline as P
-    import lesiondiffusion.placement as PL
 
     b = synth.bundle
     undo = []
@@ -234,12 +234,12 @@ def instrument(synth, clock: StageClock):
         setattr(obj, attr, clock.wrap(name, old))
         undo.append(lambda: setattr(obj, attr, old) if had_own else delattr(obj, attr))
 
-    patch(PL, "place_lesion", "placement")
+    patch(P, "place_lesion", "placement")  # the name the pipeline calls
     patch(b, "context", "text context")
     for attr in ("_prepare",):
         patch(synth, attr, "crop + resampling")
     patch(P, "_forward_region", "crop + resampling")
-    patch(P, "sample_to_grid", "crop + resampling")
+    patch(MA, "sample_to_grid", "crop + resampling")  # called by the mask checks
     patch(P.CropGeometry, "back", "crop + resampling")  # the generated patch back onto the CT grid
     patch(P, "sample_mask", "LMNet sampler (DDIM, inputs)")
     patch(b.lmnet, "forward", "LMNet network")

@@ -37,6 +37,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from lesiondiffusion.blending import hu_correction_record
 from lesiondiffusion.errors import ConfigError, LesionDiffusionError
 from lesiondiffusion.generators import build_generator as generator_from_name
 from lesiondiffusion.store import SyntheticCase
@@ -387,8 +388,6 @@ class SyntheticCaseFactory:
                 "report": result.report.to_dict(), "crop_lo": [int(v) for v in lo],
                 "box": result.box.to_dict() if result.box is not None and hasattr(result.box, "to_dict") else None,
                 "backend": self.spec.config.generator.backend}
-        from lesiondiffusion.pipeline import hu_correction_record
-
         hu = hu_correction_record(getattr(result, "info", None) or {})
         if hu:  # how far a correction moved this lesion (nothing when the generator corrects nothing)
             meta["hu"] = hu

@@ -9,12 +9,14 @@ labels are nearest (order 0, background past the border); back to the input grid
 is trilinear, and LMNet's sample is trilinear as a continuous field thresholded on the input grid
 (``sample_to_grid``: smooth surfaces when the crop is much coarser than the CT). Axes are the array axes of the
 input; spacing per axis comes from the affine's column norms (oblique affines are treated per axis).
+
+This module runs the stages; the mask checks live in ``mask_acceptance``, the HU correction and the blend
+in ``blending`` (their names are importable from here as before).
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import math
 import time
@@ -26,23 +28,28 @@ import numpy as np
 import torch
 from scipy import ndimage
 
+from .blending import (  # noqa: F401  (the HU-correction helpers are importable from here as before)
+    HU_CORRECTIONS,
+    HU_INFO_KEYS,
+    blend,
+    correct_hu,
+    hu_correction_note,
+    hu_correction_record,
+    hu_correction_summary,
+)
 from .bundle import Bundle
 from .errors import LesionDiffusionError, SynthesisError
 from .generator import SynthesisResult
 from .geometry import CropGeometry, generate_canonical
+from .mask_acceptance import INSIDE_ORGAN, accept_mask, mask_in_organ_fraction, sample_to_grid  # noqa: F401
 from .models import lmnet as lmnet_mod
 from .models.vqgan import hu_to_unit, unit_to_hu
-from .placement import organ_fraction_rule
+from .organs import TOTALSEG_V2
+from .placement import NoPlacement, place_lesion
 from .sampling import (SAMPLERS, codebook_range, inpaint_latent, latent_mask, make_sampler, null_context, organ_semantics,
                        sample_mask)
 
 log = logging.getLogger(__name__)
-
-# Placement categories whose lesion must stay inside the organ (the mask is clipped to it); the others
-# may leave the organ but must overlap it as ``placement.organ_fraction_rule`` says (the same rule
-# placement applied to the box).
-INSIDE_ORGAN = ("within_parenchyma", "lumen")
-HU_CORRECTIONS = ("off", "shift", "clip")
 
 
 @dataclass
@@ -116,8 +123,6 @@ def _round_up(value: float, multiple: int) -> int:
 
 def _organ_lut(organs: Any) -> np.ndarray:
     """Input label id -> canonical TotalSegmentator v2 id (LMNet's organ-semantics channel)."""
-    from .organs import TOTALSEG_V2
-
     v1_to_v2 = {"heart_myocardium": "heart", "heart_atrium_left": "heart", "heart_ventricle_left": "heart",
                 "heart_atrium_right": "heart", "heart_ventricle_right": "heart", "face": "skull"}
     # sized by the name table, not the volume's max label: labels beyond it are unnamed (-> 0), and the
@@ -227,8 +232,6 @@ class LesionSynthesizer:
 
     def _generate(self, ct: np.ndarray, organs: Any, reports: Sequence[Any], catalogs: Any, *,
                   seed: int) -> list[SynthesisResult]:
-        from .placement import NoPlacement, place_lesion
-
         cats = list(catalogs) if isinstance(catalogs, (list, tuple)) else [catalogs] * len(reports)
         if len(cats) != len(reports):
             raise LesionDiffusionError(f"{len(reports)} reports but {len(cats)} catalogs; pass one catalog or one per report.")
@@ -386,55 +389,9 @@ class LesionSynthesizer:
             pending = retry
 
     def _accept_mask(self, it: _Item, sample: np.ndarray, organs: Any) -> str | None:
-        """Binary mask on the input grid from LMNet's sample, or the reason it is unusable."""
-        if not np.isfinite(sample).all():
-            return "LMNet produced NaN/inf values (check the bundle weights)"
-        geo, region, box = it.geometry, it.region, it.box
-        assert geo is not None and region is not None
-        mask = sample_to_grid(geo, region, sample, self.config.mask_threshold)
-        in_box = np.zeros(mask.shape, dtype=bool)
-        in_box[tuple(slice(l - s.start, h - s.start) for l, h, s in zip(box.lo, box.hi, region))] = True
-        organ = np.isin(organs.labels[region], organs.ids(box.organ_names))
-        raw = int(mask.sum())
-        # share of LMNet's own mask (before the box and organ clipping below) inside the organ
-        raw_organ_fraction = float((mask & organ).sum()) / raw if raw else 0.0
-        if raw:
-            in_organ = mask_in_organ_fraction(mask, organ, self.config.organ_margin_vox)
-            it.info["mask_in_organ_fraction"] = in_organ
-            if in_organ < self.config.min_mask_in_organ:
-                near = f" or within {self.config.organ_margin_vox} voxel(s) of it" if self.config.organ_margin_vox else ""
-                return (f"only {in_organ:.0%} of the generated mask lies in {box.organ_names}{near} "
-                        f"(needs >= {self.config.min_mask_in_organ:.0%}, SynthesisConfig.min_mask_in_organ)")
-        mask &= in_box
-        inside = box.category in INSIDE_ORGAN
-        if inside:
-            mask &= organ
-        if not mask.any():
-            return "empty mask" + (" inside the box and organ" if raw else "")
-        labels, n = ndimage.label(mask)
-        if n > 1:  # the component that overlaps the box most (all of it is in the box now: the largest)
-            sizes = np.bincount(labels.ravel())[1:]
-            mask = labels == (int(np.argmax(sizes)) + 1)
-        vox_ml = float(np.prod(organs.spacing)) / 1000.0
-        volume_ml = float(mask.sum()) * vox_ml
-        sx, sy, sz = it.report.size_mm
-        expected_ml = math.pi / 6 * sx * sy * sz / 1000.0
-        if volume_ml < self.config.min_volume_fraction * expected_ml:
-            return (
-                f"mask volume {volume_ml:.3f} ml is below {self.config.min_volume_fraction:g} x the report's "
-                f"{expected_ml:.3f} ml ({list(it.report.size_mm)} mm)"
-            )
-        organ_fraction = float((mask & organ).sum()) / float(mask.sum())
-        spec = it.catalog.placement
-        if self.config.min_organ_fraction is not None:
-            spec = dataclasses.replace(spec, min_organ_fraction=self.config.min_organ_fraction)
-        problem = organ_fraction_rule(box.category, organ_fraction, spec)
-        if problem is not None:
-            return f"mask: {problem.replace('lies in the organ', f'lies in {box.organ_names}')}"
-        it.mask = mask
-        it.info.update(mask_volume_ml=volume_ml, expected_volume_ml=expected_ml, organ_fraction=organ_fraction,
-                       raw_organ_fraction=raw_organ_fraction, attempts=it.attempts)
-        return None
+        """Binary mask on the input grid from LMNet's sample, or the reason it is unusable
+        (``mask_acceptance.accept_mask``)."""
+        return accept_mask(it, sample, organs, self.config)
 
     def _run_images(self, items: list[_Item], ct: np.ndarray) -> None:
         steps, scale = self._steps_and_scale()
@@ -509,102 +466,6 @@ class LesionSynthesizer:
         lesion_mask[region] = mask.astype(np.uint8)
         it.info.update(changed_voxels=int(changed.sum()), lesion_voxels=int(mask.sum()))
         return SynthesisResult(image=image, lesion_mask=lesion_mask, report=it.report, box=it.box, info=it.info)
-
-
-def blend(orig: np.ndarray, gen: np.ndarray, mask: np.ndarray, dilation: int, sigma: float,
-          hu_clip: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """Blend ``gen`` into ``orig``: weight 1 inside ``mask``, a Gaussian-feathered weight in the ring of
-    ``dilation`` voxels around it, 0 beyond; returns the blended patch and the voxels that may change."""
-    changed = ndimage.binary_dilation(mask, iterations=dilation) if dilation else mask.copy()
-    weight = ndimage.gaussian_filter(mask.astype(np.float32), sigma) if sigma > 0 else mask.astype(np.float32)
-    weight = np.where(mask, 1.0, np.clip(weight, 0.0, 1.0)) * changed
-    return np.clip(weight * gen + (1.0 - weight) * orig, *hu_clip), changed
-
-
-def correct_hu(gen: np.ndarray, mask: np.ndarray, hu_range: tuple[float, float], mode: str) -> tuple[np.ndarray, dict[str, Any]]:
-    """Bring the generated lesion's mean HU into ``hu_range``; returns the corrected patch and what was done.
-
-    ``shift`` adds one offset to the whole patch (lesion, blend ring and all), so the ring that is blended
-    with the original CT moves with the lesion and no halo of uncorrected model output remains. ``clip``
-    clips lesion voxels into the range and moves the rest of the patch by the resulting change of the
-    lesion mean. The info records the mode, the range, the pre-correction mean and the applied shift.
-    """
-    lo, hi = float(hu_range[0]), float(hu_range[1])
-    mean = float(gen[mask].mean())
-    info: dict[str, Any] = {"hu_correction": mode, "hu_range": [lo, hi], "generated_mean_hu": mean}
-    if mode == "shift":
-        shift = (lo - mean) if mean < lo else (hi - mean) if mean > hi else 0.0
-        out = gen + np.float32(shift)
-    elif mode == "clip":
-        out = gen.copy()
-        out[mask] = np.clip(gen[mask], lo, hi)
-        clipped = (gen[mask] < lo) | (gen[mask] > hi)
-        info["clipped_voxels"] = int(clipped.sum())
-        info["clipped_fraction"] = float(np.mean(clipped))
-        shift = float(out[mask].mean()) - mean
-        out[~mask] = gen[~mask] + np.float32(shift)
-    else:
-        raise LesionDiffusionError(f"hu correction {mode!r}: use one of {', '.join(HU_CORRECTIONS)}.")
-    info["hu_shift"] = float(shift)
-    info["corrected_mean_hu"] = float(out[mask].mean())
-    info["hu_corrected"] = bool(shift != 0.0 or info.get("clipped_fraction", 0.0) > 0)
-    return out.astype(np.float32, copy=False), info
-
-
-def hu_correction_note(info: dict[str, Any]) -> str | None:
-    """One line saying how far the HU correction moved a lesion (``None`` when it did not act), so every
-    output that shows a corrected lesion (report, preview, demo summary) says the density is the catalog's."""
-    if not info.get("hu_corrected"):
-        return None
-    lo, hi = info["hu_range"]
-    clipped = f", {info['clipped_voxels']} lesion voxels clipped" if info.get("clipped_voxels") else ""
-    return (f"HU correction {info['hu_correction']}: lesion mean {info['generated_mean_hu']:.1f} -> "
-            f"{info['corrected_mean_hu']:.1f} HU (shift {info['hu_shift']:+.1f} HU{clipped}; catalog range "
-            f"[{lo:g}, {hi:g}] HU)")
-
-
-HU_INFO_KEYS = ("hu_correction", "hu_corrected", "generated_mean_hu", "corrected_mean_hu", "hu_shift", "hu_range",
-                "clipped_voxels")
-
-
-def hu_correction_record(info: dict[str, Any]) -> dict[str, Any]:
-    """The HU-correction part of a result's ``info`` (what a sample's sidecar keeps)."""
-    return {k: info[k] for k in HU_INFO_KEYS if k in info}
-
-
-def hu_correction_summary(infos: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """What the HU correction did over several results: lesions moved, mean |shift|, voxels clipped."""
-    moved = [i for i in infos if i.get("hu_corrected")]
-    modes = sorted({str(i.get("hu_correction", "off")) for i in infos})
-    return {
-        "hu_correction": modes[0] if len(modes) == 1 else modes,
-        "lesions": len(infos),
-        "lesions_moved": len(moved),
-        "mean_abs_hu_shift": float(np.mean([abs(i["hu_shift"]) for i in moved])) if moved else 0.0,
-        "max_abs_hu_shift": float(max((abs(i["hu_shift"]) for i in moved), default=0.0)),
-        "voxels_clipped": int(sum(int(i.get("clipped_voxels", 0)) for i in moved)),
-    }
-
-
-def mask_in_organ_fraction(mask: np.ndarray, organ: np.ndarray, margin_vox: int) -> float:
-    """Share of ``mask`` inside ``organ`` grown by ``margin_vox`` voxels (face connectivity): the single
-    in-organ measure of ``SynthesisConfig.min_mask_in_organ`` for every placement kind."""
-    n = int(mask.sum())
-    if n == 0:
-        return 0.0
-    near = ndimage.binary_dilation(organ, iterations=margin_vox) if margin_vox > 0 and organ.any() else organ
-    return float((mask & near).sum()) / n
-
-
-def sample_to_grid(geo: CropGeometry, region: tuple[slice, ...], sample: np.ndarray, threshold: float = 0.0) -> np.ndarray:
-    """LMNet's sample (values in [-1, 1] on its crop) -> binary mask on the input voxels of ``region``.
-
-    The sample is resampled as a continuous field and thresholded on the input grid, not binarised
-    first: at a coarse synthesis spacing (large lesions) a binarised mask would come back as a staircase
-    of coarse voxels (a ball at 3x the spacing: sphericity 0.93 instead of 0.99)."""
-    full = np.full(geo.image_size, -1.0, dtype=np.float32)
-    full[geo.mask_slices()] = np.clip(sample, -1.0, 1.0)
-    return geo.back(full, region, order=1, cval=-1.0) > threshold
 
 
 def _forward_region(geo: CropGeometry | None, values: np.ndarray, region: tuple[slice, ...] | None) -> np.ndarray:

@@ -227,7 +227,7 @@ def _synthesize(args: argparse.Namespace) -> int:
 
 def _say_hu_correction(i: int, result) -> None:  # noqa: ANN001
     """One line when the HU correction changed what the model made (report.yaml keeps the figures)."""
-    from ..pipeline import hu_correction_note
+    from ..blending import hu_correction_note
 
     note = hu_correction_note(result.info)
     if note is None:
@@ -263,7 +263,7 @@ def _write_sample(out: Path, i: int, ct, affine, header, spacing, result, args) 
         }
         atomic_write_text(tmp / "report.yaml", yaml.safe_dump(_plain(doc), sort_keys=False, allow_unicode=True))
         if not args.no_preview:
-            from ..pipeline import hu_correction_note
+            from ..blending import hu_correction_note
 
             r = result.report
             note = hu_correction_note(result.info)
