@@ -15,7 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import ndimage
 
-from .errors import LesionDiffusionError
+from .catalog import SAMPLED_ATTRIBUTES, catalog_files, load_catalog
+from .errors import CatalogError, LesionDiffusionError
+from .evaluation.metrics import shape_metrics
+from .organs import NON_ORGAN_CLASSES
+from .placement import lumen_depth_threshold
+from .report import ATTRIBUTES, LesionReport, normalize_value, size_category
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +111,6 @@ def _components(mask: np.ndarray) -> list[np.ndarray]:
 
 def _organ_table(lesion_type: str | None) -> list[tuple[str, str, list[str], Any]]:
     """(organ, organ_type, class names, catalog) for every catalog organ; the lesion type's own first."""
-    from .catalog import catalog_files, load_catalog
-    from .errors import CatalogError
-
     files = catalog_files()
     paths = ([files[lesion_type]] if lesion_type in files else []) + [p for n, p in sorted(files.items()) if n != lesion_type]
     rows = []
@@ -132,11 +134,6 @@ def _crop(mask: np.ndarray, margin: int) -> tuple[slice, ...]:
 def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancement: str = "non-contrast CT",
                   lesion_type: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One report (dict) for one lesion mask, and per attribute the measured value that chose it."""
-    from .catalog import load_catalog
-    from .evaluation.metrics import shape_metrics
-    from .organs import NON_ORGAN_CLASSES
-    from .report import normalize_value, size_category
-
     enhancement = normalize_value("enhancement", enhancement)
     spacing = np.asarray(organs.spacing, dtype=np.float64)
     margin = int(math.ceil(ORGAN_SHELL_MM[1] / spacing.min())) + 2
@@ -148,113 +145,12 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
 
     size_mm = measure_extent_mm(lesion, organs.affine)
     derived["size_mm"] = {"value": [round(v, 2) for v in size_mm], "measured": "extent through the affine"}
-
-    sph, cvx = shape_metrics(les, spacing)
-    aspect = min(size_mm) / max(size_mm)
-    shape = ("irregular" if cvx < IRREGULAR_CONVEXITY else "lobulated" if cvx < LOBULATED_CONVEXITY
-             else "oval" if aspect < OVAL_ASPECT else "round-like")
-    derived["shape"] = {"value": shape, "convexity": round(cvx, 3), "sphericity": round(sph, 3),
-                        "extent_ratio": round(aspect, 3)}
-
-    # host organ: the class holding most lesion voxels, else the one touching it most
-    inside = labels[les]
-    counts = np.bincount(inside[inside > 0]) if (inside > 0).any() else None
-    if counts is None:
-        ring = ndimage.binary_dilation(les, iterations=2) & ~les
-        touch = labels[ring]
-        counts = np.bincount(touch[touch > 0]) if (touch > 0).any() else None
-    if counts is None:
-        raise LesionDiffusionError("the lesion neither overlaps nor touches any organ of the organ map; "
-                                   "derivation needs the organ it lies in (run TotalSegmentator on this CT, or "
-                                   "pass a label map holding that organ with --mapping).")
-    by_id = {v: k for k, v in organs.names.items()}
-    table = _organ_table(lesion_type)
-    # the class holding most lesion voxels among those a catalog maps: a sarcoma of a tissue map lies in
-    # muscle and partly in fat, and only muscle is a catalog organ
-    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
-    host_id = next((i for i in ranked if any(by_id.get(i) in row[2] for row in table)), ranked[0])
-    host_class = by_id.get(host_id, f"label {host_id}")
-    match = next((row for row in table if host_class in row[2]), None)
-    if match is None:
-        raise LesionDiffusionError(
-            f"the lesion lies in {host_class!r} (label {host_id}), which no catalog maps to an organ; declare it "
-            "under `organs:` of a catalog (docs/catalogs.md, 'Any organ') and derive again.")
-    organ, organ_type, classes, catalog = match
-    host = np.isin(labels, organs.ids(classes))
-    frac = float((les & host).sum()) / float(les.sum())
-    derived["organ"] = {"value": organ, "host_class": host_class, "catalog": catalog.name}
-    derived["organ_type"] = {"value": organ_type, "catalog": catalog.name}
-
-    depth = ndimage.distance_transform_edt(host, sampling=spacing)
-    if organ_type == "hollow organ":
-        from .placement import lumen_depth_threshold
-
-        d = float(depth[les & host].max()) if (les & host).any() else 0.0
-        # the whole organ's depth, not the crop's: the lumen rule of placement, read backwards
-        full = organs.mask(classes)
-        whole = float(ndimage.distance_transform_edt(full[_crop(full, 1)], sampling=spacing).max())
-        threshold = lumen_depth_threshold(whole, max(WALL_DEPTH_MM, float(spacing.max())))
-        location = "within the lumen of a hollow organ" if d >= threshold else "wall thickening"
-        derived["lesion_location"] = {"value": location, "inside_fraction": round(frac, 3), "depth_mm": round(d, 2),
-                                      "lumen_threshold_mm": round(threshold, 2)}
-    else:
-        location = "within the parenchymal organ" if frac >= INSIDE_WITHIN else "protruding from the parenchymal organ"
-        derived["lesion_location"] = {"value": location, "inside_fraction": round(frac, 3)}
-
-    tissue = organs.ids(NON_ORGAN_CLASSES)
-    others = (labels > 0) & ~host & ~np.isin(labels, tissue)
-    overlap = float((les & others).sum()) / float(les.sum())
-    dist = float(ndimage.distance_transform_edt(~others, sampling=spacing)[les].min()) if others.any() else math.inf
-    relationship = ("invasion of adjacent organs" if overlap > INVASION_OVERLAP
-                    else "close relationship with adjacent organs" if dist <= CLOSE_MM
-                    else "no close relationship with surrounding organs")
-    derived["relationship"] = {"value": relationship, "other_organ_fraction": round(overlap, 3),
-                               "distance_mm": None if math.isinf(dist) else round(dist, 2)}
-    ignored = sorted(n for n in NON_ORGAN_CLASSES if organs.has(n) and n not in classes)
-    if ignored:
-        derived["relationship"]["not_organs"] = ignored
-
-    away = ndimage.distance_transform_edt(~les, sampling=spacing)
-    shell = host & ~les & (away >= ORGAN_SHELL_MM[0]) & (away <= ORGAN_SHELL_MM[1])
-    interior = ndimage.binary_erosion(les) if les.sum() > 27 else les
-    if not interior.any():
-        interior = les
-    mean = float(hu[interior].mean())  # the interior: partial volume at the edge pulls towards the organ
-    organ_mean = float(hu[shell].mean()) if shell.any() else math.nan
-    density, how = None, "contrast to the surrounding organ"
-    own = None
-    if lesion_type is not None:
-        from .catalog import catalog_files
-
-        path = catalog_files().get(lesion_type)
-        own = load_catalog(path if path is not None else lesion_type) if (path is not None or
-                                                                          str(lesion_type).endswith((".yaml", ".yml"))) else None
-    if own is not None:
-        cat = own
-        fits = []
-        heterogeneous = float(hu[interior].std()) > HETEROGENEOUS_STD_HU
-        for dens in cat.domain("density"):
-            if dens == "mixed-density" and not heterogeneous and len(cat.domain("density")) > 1:
-                # mixed density is a spread of values, not a mean: its wide HU range held the mean of most
-                # uniform sarcomas (28 HU in [5, 50] beat hypodense [5, 35] on the nearest centre)
-                continue
-            try:
-                lo, hi = cat.hu_range(dens, enhancement)
-            except LesionDiffusionError:
-                continue
-            outside = max(lo - mean, mean - hi, 0.0)
-            fits.append((outside, abs(mean - (lo + hi) / 2), dens))
-        if fits:
-            best = min(fits)
-            density, how = best[2], f"HU range of catalog {cat.name}" + (f" ({best[0]:.0f} HU outside it)" if best[0] else "")
-    if density is None:
-        delta = mean - organ_mean if not math.isnan(organ_mean) else 0.0
-        density = "hypodense" if delta < -DENSITY_DELTA_HU else "hyperdense" if delta > DENSITY_DELTA_HU else "isodense"
-    derived["density"] = {"value": density, "lesion_mean_hu": round(mean, 1),
-                          "organ_mean_hu": None if math.isnan(organ_mean) else round(organ_mean, 1), "rule": how}
-    std = float(hu[interior].std())
-    variations = "heterogeneous" if std > HETEROGENEOUS_STD_HU else "homogeneous"
-    derived["density_variations"] = {"value": variations, "lesion_std_hu": round(std, 1)}
+    shape = _derive_shape(les, spacing, size_mm, derived)
+    (organ, organ_type, classes, catalog), host = _derive_host_organ(les, labels, organs, lesion_type, derived)
+    location = _derive_location(les, host, organs, classes, organ_type, spacing, derived)
+    relationship = _derive_relationship(les, labels, host, organs, classes, spacing, derived)
+    own = _own_catalog(lesion_type)
+    density, variations = _derive_density(les, hu, host, spacing, own, enhancement, derived)
     derived["enhancement"] = {"value": enhancement, "rule": "dataset setting"}
 
     if own is not None and shape not in own.domain("shape") and organ_type == "hollow organ":
@@ -287,6 +183,135 @@ def derive_report(ct: np.ndarray, lesion: np.ndarray, organs: Any, *, enhancemen
     return report, derived
 
 
+def _derive_shape(les: np.ndarray, spacing: np.ndarray, size_mm: Sequence[float], derived: dict[str, Any]) -> str:
+    sph, cvx = shape_metrics(les, spacing)
+    aspect = min(size_mm) / max(size_mm)
+    shape = ("irregular" if cvx < IRREGULAR_CONVEXITY else "lobulated" if cvx < LOBULATED_CONVEXITY
+             else "oval" if aspect < OVAL_ASPECT else "round-like")
+    derived["shape"] = {"value": shape, "convexity": round(cvx, 3), "sphericity": round(sph, 3),
+                        "extent_ratio": round(aspect, 3)}
+    return shape
+
+
+def _derive_host_organ(les: np.ndarray, labels: np.ndarray, organs: Any, lesion_type: str | None,
+                       derived: dict[str, Any]) -> tuple[tuple[str, str, list[str], Any], np.ndarray]:
+    """The host organ's catalog row (organ, organ_type, class names, catalog) and its mask on the crop."""
+    # host organ: the class holding most lesion voxels, else the one touching it most
+    inside = labels[les]
+    counts = np.bincount(inside[inside > 0]) if (inside > 0).any() else None
+    if counts is None:
+        ring = ndimage.binary_dilation(les, iterations=2) & ~les
+        touch = labels[ring]
+        counts = np.bincount(touch[touch > 0]) if (touch > 0).any() else None
+    if counts is None:
+        raise LesionDiffusionError("the lesion neither overlaps nor touches any organ of the organ map; "
+                                   "derivation needs the organ it lies in (run TotalSegmentator on this CT, or "
+                                   "pass a label map holding that organ with --mapping).")
+    by_id = {v: k for k, v in organs.names.items()}
+    table = _organ_table(lesion_type)
+    # the class holding most lesion voxels among those a catalog maps: a sarcoma of a tissue map lies in
+    # muscle and partly in fat, and only muscle is a catalog organ
+    ranked = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
+    host_id = next((i for i in ranked if any(by_id.get(i) in row[2] for row in table)), ranked[0])
+    host_class = by_id.get(host_id, f"label {host_id}")
+    match = next((row for row in table if host_class in row[2]), None)
+    if match is None:
+        raise LesionDiffusionError(
+            f"the lesion lies in {host_class!r} (label {host_id}), which no catalog maps to an organ; declare it "
+            "under `organs:` of a catalog (docs/catalogs.md, 'Any organ') and derive again.")
+    organ, organ_type, classes, catalog = match
+    host = np.isin(labels, organs.ids(classes))
+    derived["organ"] = {"value": organ, "host_class": host_class, "catalog": catalog.name}
+    derived["organ_type"] = {"value": organ_type, "catalog": catalog.name}
+    return match, host
+
+
+def _derive_location(les: np.ndarray, host: np.ndarray, organs: Any, classes: list[str], organ_type: str,
+                     spacing: np.ndarray, derived: dict[str, Any]) -> str:
+    frac = float((les & host).sum()) / float(les.sum())
+    depth = ndimage.distance_transform_edt(host, sampling=spacing)
+    if organ_type == "hollow organ":
+        d = float(depth[les & host].max()) if (les & host).any() else 0.0
+        # the whole organ's depth, not the crop's: the lumen rule of placement, read backwards
+        full = organs.mask(classes)
+        whole = float(ndimage.distance_transform_edt(full[_crop(full, 1)], sampling=spacing).max())
+        threshold = lumen_depth_threshold(whole, max(WALL_DEPTH_MM, float(spacing.max())))
+        location = "within the lumen of a hollow organ" if d >= threshold else "wall thickening"
+        derived["lesion_location"] = {"value": location, "inside_fraction": round(frac, 3), "depth_mm": round(d, 2),
+                                      "lumen_threshold_mm": round(threshold, 2)}
+    else:
+        location = "within the parenchymal organ" if frac >= INSIDE_WITHIN else "protruding from the parenchymal organ"
+        derived["lesion_location"] = {"value": location, "inside_fraction": round(frac, 3)}
+    return location
+
+
+def _derive_relationship(les: np.ndarray, labels: np.ndarray, host: np.ndarray, organs: Any, classes: list[str],
+                         spacing: np.ndarray, derived: dict[str, Any]) -> str:
+    tissue = organs.ids(NON_ORGAN_CLASSES)
+    others = (labels > 0) & ~host & ~np.isin(labels, tissue)
+    overlap = float((les & others).sum()) / float(les.sum())
+    dist = float(ndimage.distance_transform_edt(~others, sampling=spacing)[les].min()) if others.any() else math.inf
+    relationship = ("invasion of adjacent organs" if overlap > INVASION_OVERLAP
+                    else "close relationship with adjacent organs" if dist <= CLOSE_MM
+                    else "no close relationship with surrounding organs")
+    derived["relationship"] = {"value": relationship, "other_organ_fraction": round(overlap, 3),
+                               "distance_mm": None if math.isinf(dist) else round(dist, 2)}
+    ignored = sorted(n for n in NON_ORGAN_CLASSES if organs.has(n) and n not in classes)
+    if ignored:
+        derived["relationship"]["not_organs"] = ignored
+    return relationship
+
+
+def _own_catalog(lesion_type: str | None) -> Any:
+    """The catalog of ``lesion_type`` (a name on the catalog path or a catalog file), or None."""
+    if lesion_type is None:
+        return None
+    path = catalog_files().get(lesion_type)
+    return load_catalog(path if path is not None else lesion_type) if (path is not None or
+                                                                       str(lesion_type).endswith((".yaml", ".yml"))) else None
+
+
+def _derive_density(les: np.ndarray, hu: np.ndarray, host: np.ndarray, spacing: np.ndarray, own: Any,
+                    enhancement: str, derived: dict[str, Any]) -> tuple[str, str]:
+    """(density, density_variations) from the lesion interior's HU: against the lesion type's catalog HU
+    ranges when there is one, else against the surrounding organ."""
+    away = ndimage.distance_transform_edt(~les, sampling=spacing)
+    shell = host & ~les & (away >= ORGAN_SHELL_MM[0]) & (away <= ORGAN_SHELL_MM[1])
+    interior = ndimage.binary_erosion(les) if les.sum() > 27 else les
+    if not interior.any():
+        interior = les
+    mean = float(hu[interior].mean())  # the interior: partial volume at the edge pulls towards the organ
+    organ_mean = float(hu[shell].mean()) if shell.any() else math.nan
+    density, how = None, "contrast to the surrounding organ"
+    if own is not None:
+        cat = own
+        fits = []
+        heterogeneous = float(hu[interior].std()) > HETEROGENEOUS_STD_HU
+        for dens in cat.domain("density"):
+            if dens == "mixed-density" and not heterogeneous and len(cat.domain("density")) > 1:
+                # mixed density is a spread of values, not a mean: its wide HU range held the mean of most
+                # uniform sarcomas (28 HU in [5, 50] beat hypodense [5, 35] on the nearest centre)
+                continue
+            try:
+                lo, hi = cat.hu_range(dens, enhancement)
+            except LesionDiffusionError:
+                continue
+            outside = max(lo - mean, mean - hi, 0.0)
+            fits.append((outside, abs(mean - (lo + hi) / 2), dens))
+        if fits:
+            best = min(fits)
+            density, how = best[2], f"HU range of catalog {cat.name}" + (f" ({best[0]:.0f} HU outside it)" if best[0] else "")
+    if density is None:
+        delta = mean - organ_mean if not math.isnan(organ_mean) else 0.0
+        density = "hypodense" if delta < -DENSITY_DELTA_HU else "hyperdense" if delta > DENSITY_DELTA_HU else "isodense"
+    derived["density"] = {"value": density, "lesion_mean_hu": round(mean, 1),
+                          "organ_mean_hu": None if math.isnan(organ_mean) else round(organ_mean, 1), "rule": how}
+    std = float(hu[interior].std())
+    variations = "heterogeneous" if std > HETEROGENEOUS_STD_HU else "homogeneous"
+    derived["density_variations"] = {"value": variations, "lesion_std_hu": round(std, 1)}
+    return density, variations
+
+
 def _nearest_allowed(attribute: str, value: str, allowed: dict[str, float]) -> str:
     """The allowed value nearest ``value`` along ``ORDINAL`` (ties: the more likely), else the most likely."""
     order = _HOLLOW_LOCATIONS if value in _HOLLOW_LOCATIONS else ORDINAL.get(attribute, ())
@@ -303,9 +328,6 @@ def fit_to_catalog(report: dict[str, Any], derived: dict[str, Any], catalog: Any
     range is scaled into it (shape kept), a broken rule's consequences are set. Changes ``report`` and
     ``derived`` in place; returns one note per change saying what and why. The organ is never changed: a
     lesion whose organ the catalog lacks is an error naming the fix."""
-    from .catalog import SAMPLED_ATTRIBUTES
-    from .report import ATTRIBUTES, LesionReport, size_category
-
     notes: list[str] = []
 
     def change(attribute: str, new: str, why: str) -> None:
@@ -361,8 +383,6 @@ def derive_reports(ct: np.ndarray, lesion_labels: np.ndarray, organs: Any, *, la
                    label_types: dict[int, str] | None = None) -> list[dict[str, Any]]:
     """A ``reportsTr`` entry ``{label, component, report, derived}`` per connected component of each
     lesion label (or of ``label`` only); components numbered largest first, as pretraining reads them."""
-    from .report import LesionReport
-
     ct = np.asarray(ct)
     lesion_labels = np.rint(np.asarray(lesion_labels)).astype(np.int32)
     if ct.shape != lesion_labels.shape or ct.shape != organs.labels.shape:
