@@ -13,7 +13,9 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..errors import LesionDiffusionError, OrganMapError, ReportError
 from ._args import finite_float
+from .report import load_reports, parse_fixed
 
 log = logging.getLogger(__name__)
 
@@ -66,16 +68,41 @@ def _sample_dir(out: Path, i: int) -> Path:
 
 
 def _synthesize(args: argparse.Namespace) -> int:
-    import numpy as np
-    from tqdm import tqdm
-
     from ..catalog import load_catalog
-    from ..errors import LesionDiffusionError, OrganMapError, ReportError
-    from ..io import (claim_folder, ensure_output_dir, hu_problem, load_nifti, non_finite_fix, refuse_overwrite_input,
-                      remove_stale_temporaries)
-    from ..organs import load_organ_map, looks_like_label_map
+    from ..io import claim_folder, ensure_output_dir, remove_stale_temporaries, write_yaml
     from ..pipeline import LesionSynthesizer
-    from .report import load_reports, parse_fixed
+
+    _check_args(args)
+    out: Path = args.output
+    catalog = load_catalog(args.catalog)
+    fixed = parse_fixed(args.fixed)
+    reports = _reports(args, catalog, fixed)
+    ct, affine, header, organs = _load_ct_and_organs(args)
+    synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **_pipeline_options(args))
+
+    ensure_output_dir(out, "-o")
+    # claimed before anything is written: the existence check above ran before the model loaded, and a
+    # second run into the same folder would otherwise interleave its samples with ours
+    with claim_folder(out, "synthesize"):
+        existing = [_sample_dir(out, i) for i in range(args.n) if _sample_dir(out, i).exists()]
+        if existing and not args.overwrite:
+            raise LesionDiffusionError(f"{existing[0]} already exists ({len(existing)} sample folder(s) in {out}); "
+                                       "choose another -o or pass --overwrite.")
+        remove_stale_temporaries(out, _TMP_PATTERN)
+        written, failed, tries = _run_samples(args, synth, catalog, reports, fixed, (ct, affine, header, organs))
+        if failed:
+            write_yaml(out / "failures.yaml", [{"sample": i, "tries": tries[i], "reason": r} for i, r in failed])
+        what = "report and placement" if args.report is None else "placement"
+        print("tries per sample (a try draws a new " + what + "): "
+              + ", ".join(f"{i:03d}: {tries[i]}" for i in sorted(tries)))
+        print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed after {args.max_tries} tries "
+                                                     f"(see {out / 'failures.yaml'})" if failed else ""))
+        return 0 if not failed else 1
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad numbers, --report with --set, an output that holds an input, existing samples."""
+    from ..io import refuse_overwrite_input
 
     if args.n < 1:
         raise LesionDiffusionError(f"-n {args.n}: the number of samples must be >= 1.")
@@ -104,20 +131,29 @@ def _synthesize(args: argparse.Namespace) -> int:
             f"{existing[0]} already exists ({len(existing)} sample folder(s) in {out}); choose another -o or pass --overwrite."
         )
 
-    catalog = load_catalog(args.catalog)
-    fixed = parse_fixed(args.fixed)
-    if args.report is not None:
-        given = load_reports(args.report)
-        for where, report in given:
-            problems = catalog.check_report(report)
-            if problems:
-                raise ReportError(f"--report {where} does not fit --catalog {args.catalog} ({catalog.path}):\n  "
-                                  + "\n  ".join(problems))
-        if len(given) > 1:
-            print(f"--report {args.report} holds {len(given)} lesions: sample i uses lesion i modulo {len(given)}")
-        reports = [given[i % len(given)][1] for i in range(args.n)]
-    else:
-        reports = [catalog.sample(args.seed + i, fixed or None) for i in range(args.n)]
+
+def _reports(args: argparse.Namespace, catalog, fixed):  # noqa: ANN001, ANN202 - one report per sample
+    """The given reports (each checked against the catalog; sample i takes lesion i modulo their number),
+    or reports sampled from the catalog."""
+    if args.report is None:
+        return [catalog.sample(args.seed + i, fixed or None) for i in range(args.n)]
+    given = load_reports(args.report)
+    for where, report in given:
+        problems = catalog.check_report(report)
+        if problems:
+            raise ReportError(f"--report {where} does not fit --catalog {args.catalog} ({catalog.path}):\n  "
+                              + "\n  ".join(problems))
+    if len(given) > 1:
+        print(f"--report {args.report} holds {len(given)} lesions: sample i uses lesion i modulo {len(given)}")
+    return [given[i % len(given)][1] for i in range(args.n)]
+
+
+def _load_ct_and_organs(args: argparse.Namespace):  # noqa: ANN202 - (ct, affine, header, organ map)
+    """The CT (in HU, finite) and its organ map on the same grid, or an error naming the fix."""
+    import numpy as np
+
+    from ..io import hu_problem, load_nifti, non_finite_fix
+    from ..organs import load_organ_map, looks_like_label_map
 
     ct, affine, header = load_nifti(args.ct)
     try:
@@ -155,6 +191,10 @@ def _synthesize(args: argparse.Namespace) -> int:
             f"--organs {args.organs} and --ct {args.ct} have different affines; they must share one voxel grid "
             "(resample the label map to the CT with nearest-neighbour interpolation)."
         )
+    return ct, affine, header, organs
+
+
+def _pipeline_options(args: argparse.Namespace) -> dict:
     overrides = {"batch_size": args.batch_size, "hu_correction": args.hu_correction}
     if args.ddim_steps is not None:
         overrides["ddim_steps"] = args.ddim_steps
@@ -164,65 +204,55 @@ def _synthesize(args: argparse.Namespace) -> int:
         overrides["sampler"] = args.sampler
     if args.min_mask_in_organ is not None:
         overrides["min_mask_in_organ"] = args.min_mask_in_organ
-    synth = LesionSynthesizer.from_bundle(args.bundle, device=args.device, **overrides)
+    return overrides
 
-    ensure_output_dir(out, "-o")
-    # claimed before anything is written: the existence check above ran before the model loaded, and a
-    # second run into the same folder would otherwise interleave its samples with ours
-    with claim_folder(out, "synthesize"):
-        existing = [_sample_dir(out, i) for i in range(args.n) if _sample_dir(out, i).exists()]
-        if existing and not args.overwrite:
-            raise LesionDiffusionError(f"{existing[0]} already exists ({len(existing)} sample folder(s) in {out}); "
-                                       "choose another -o or pass --overwrite.")
-        remove_stale_temporaries(out, _TMP_PATTERN)
-        sampled = args.report is None
 
-        def redraw(i: int, attempt: int):  # noqa: ANN202 - the report of sample i at try `attempt` (0-based)
-            if not sampled or attempt == 0:
-                return reports[i]
-            # a sampled report that cannot be synthesised (e.g. too large for a thin organ) is replaced,
-            # seeded by (seed, sample, try) so reruns give the same samples
-            return catalog.sample(np.random.default_rng([args.seed, i, attempt]), fixed or None)
+def _run_samples(args: argparse.Namespace, synth, catalog, reports, fixed, inputs):  # noqa: ANN001, ANN202
+    """Synthesise and write every sample, ``--batch-size`` at a time, a failed one drawn again up to
+    ``--max-tries`` times; returns (samples written, [(sample, last failure)], tries per sample)."""
+    import numpy as np
+    from tqdm import tqdm
 
-        written, failed, tries = 0, [], {}
-        with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
-            for start in range(0, args.n, args.batch_size):
-                pending = list(range(start, min(start + args.batch_size, args.n)))
-                for attempt in range(args.max_tries):
-                    chunk = [redraw(i, attempt) for i in pending]
-                    # try 0 keeps the seed of a plain run; later tries get new placements and noise
-                    seed = args.seed + start if attempt == 0 else int(
-                        np.random.SeedSequence([args.seed, start, attempt]).generate_state(1)[0])
-                    results = synth(ct, organs, chunk, catalog, seed=seed)
-                    retry = []
-                    for i, result in zip(pending, results):
-                        tries[i] = attempt + 1
-                        if result.ok:
-                            result.info["tries"] = attempt + 1
-                            _say_hu_correction(i, result)
-                            _write_sample(out, i, ct, affine, header, organs.spacing, result, args)
-                            written += 1
-                            bar.update(1)
-                        elif attempt + 1 < args.max_tries:
-                            log.info("sample %03d try %d failed (%s); drawing again", i, attempt + 1, result.failure)
-                            retry.append(i)
-                        else:
-                            failed.append((i, result.failure))
-                            log.warning("sample %03d failed after %d tries: %s", i, attempt + 1, result.failure)
-                            bar.update(1)
-                    pending = retry
-                    if not pending:
-                        break
-        if failed:
-            from ..io import write_yaml
+    ct, affine, header, organs = inputs
+    sampled = args.report is None
 
-            write_yaml(out / "failures.yaml", [{"sample": i, "tries": tries[i], "reason": r} for i, r in failed])
-        what = "report and placement" if sampled else "placement"
-        print("tries per sample (a try draws a new " + what + "): "
-              + ", ".join(f"{i:03d}: {tries[i]}" for i in sorted(tries)))
-        print(f"wrote {written} sample(s) to {out}" + (f"; {len(failed)} failed after {args.max_tries} tries "
-                                                     f"(see {out / 'failures.yaml'})" if failed else ""))
-        return 0 if not failed else 1
+    def redraw(i: int, attempt: int):  # noqa: ANN202 - the report of sample i at try `attempt` (0-based)
+        if not sampled or attempt == 0:
+            return reports[i]
+        # a sampled report that cannot be synthesised (e.g. too large for a thin organ) is replaced,
+        # seeded by (seed, sample, try) so reruns give the same samples
+        return catalog.sample(np.random.default_rng([args.seed, i, attempt]), fixed or None)
+
+    written, failed, tries = 0, [], {}
+    with tqdm(total=args.n, desc="synthesize", unit="lesion", disable=None) as bar:
+        for start in range(0, args.n, args.batch_size):
+            pending = list(range(start, min(start + args.batch_size, args.n)))
+            for attempt in range(args.max_tries):
+                chunk = [redraw(i, attempt) for i in pending]
+                # try 0 keeps the seed of a plain run; later tries get new placements and noise
+                seed = args.seed + start if attempt == 0 else int(
+                    np.random.SeedSequence([args.seed, start, attempt]).generate_state(1)[0])
+                results = synth(ct, organs, chunk, catalog, seed=seed)
+                retry = []
+                for i, result in zip(pending, results):
+                    tries[i] = attempt + 1
+                    if result.ok:
+                        result.info["tries"] = attempt + 1
+                        _say_hu_correction(i, result)
+                        _write_sample(args.output, i, ct, affine, header, organs.spacing, result, args)
+                        written += 1
+                        bar.update(1)
+                    elif attempt + 1 < args.max_tries:
+                        log.info("sample %03d try %d failed (%s); drawing again", i, attempt + 1, result.failure)
+                        retry.append(i)
+                    else:
+                        failed.append((i, result.failure))
+                        log.warning("sample %03d failed after %d tries: %s", i, attempt + 1, result.failure)
+                        bar.update(1)
+                pending = retry
+                if not pending:
+                    break
+    return written, failed, tries
 
 
 def _say_hu_correction(i: int, result) -> None:  # noqa: ANN001
