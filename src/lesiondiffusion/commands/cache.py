@@ -10,25 +10,60 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from dataclasses import asdict
 from pathlib import Path
 
 from ..errors import ConfigError, LesionDiffusionError
 
 
 def _build(args: argparse.Namespace) -> int:
-    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
-
     from ..nnunet_integration.config import check_device, load_config
     from ..nnunet_integration.data import FactorySpec
-    from ..nnunet_integration.trainers import cache_identity, default_cache_dir
-    from ..io import refuse_overwrite_input
+    from ..nnunet_integration.trainers import cache_identity
     from ..store import OfflineCache, Shard
 
     shard = Shard.parse(args.shard) if args.shard else Shard.from_env()
     if args.n < 1:
         raise LesionDiffusionError(f"-n {args.n}: give the number of synthetic cases to build (>= 1).")
+    name, pre, plans_file, pm, dataset_json = _plans(args)
+    cm = pm.get_configuration(args.configuration)
+    cfg = load_config(args.config)
+    device = args.device or cfg.generator.device_for_rank(_local_rank(shard))
+    if args.device:  # before any work: a producer on a missing GPU would fail after loading everything
+        check_device(device, "command line", key="--device", fix="pass --device cpu")
+    else:
+        check_device(device, cfg.source)
+    if cfg.generator.backend == "lesiondiffusion" and cfg.mode == "offline" and not cfg.generator.bundle:
+        raise ConfigError(f"{cfg.source}: key 'generator.bundle' is not set; building a cache with the LesionDiffusion "
+                          "backend needs a model bundle (or set generator.backend: rule_based).")
+    data_folder = pre / cm.data_identifier
+    if not data_folder.is_dir():
+        raise LesionDiffusionError(f"{data_folder} not found: preprocess configuration {args.configuration} first.")
+    out = _output_folder(args, cfg, name, pre, pm, plans_file, data_folder)
+    identifiers = _template_identifiers(args, pre, data_folder)
+    spec = FactorySpec.for_dataset(cfg, pm, args.configuration, dataset_json, str(data_folder), identifiers,
+                                   device=device)
+    identity = cache_identity(pm, args.configuration, spec.crop_size)
+    identity.update(generator_identity(cfg))
+    identity["fold"] = args.fold
+    manifest = OfflineCache(out, identity).build(spec.build, args.n, seed=cfg.seed, lazy=True,
+                                                 progress=not args.quiet, shard=shard)
+    if manifest is None:
+        print(f"shard {shard}: done ({shard.quota(args.n) if shard else args.n} cases); other shards are still "
+              f"building {out}; the last one to finish writes the manifest ('lesiondiffusion cache verify {out}' "
+              "writes it from whatever is there)")
+        return 0
+    print(f"{manifest['n_cases']} synthetic cases in {out} ({len(manifest['failures'])} failed syntheses skipped); "
+          f"train with 'mode: offline' in {cfg.source}")
+    return 0
+
+
+def _plans(args: argparse.Namespace):  # noqa: ANN202 - (dataset name, preprocessed folder, plans file, PlansManager, dataset.json)
+    """The dataset's nnU-Net plans (with --configuration in them) and preprocessed dataset.json."""
+    from nnunetv2.paths import nnUNet_preprocessed
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+    from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
+
     if not nnUNet_preprocessed.is_set():
         raise LesionDiffusionError("nnUNet_preprocessed is not set; export it (and nnUNet_raw) as for nnU-Net training.")
     try:
@@ -46,19 +81,18 @@ def _build(args: argparse.Namespace) -> int:
     if args.configuration not in pm.available_configurations:
         raise LesionDiffusionError(f"--configuration {args.configuration} is not in {plans_file} "
                                    f"(available: {', '.join(pm.available_configurations)}).")
-    cm = pm.get_configuration(args.configuration)
-    cfg = load_config(args.config)
-    device = args.device or cfg.generator.device_for_rank(_local_rank(shard))
-    if args.device:  # before any work: a producer on a missing GPU would fail after loading everything
-        check_device(device, "command line", key="--device", fix="pass --device cpu")
-    else:
-        check_device(device, cfg.source)
-    if cfg.generator.backend == "lesiondiffusion" and cfg.mode == "offline" and not cfg.generator.bundle:
-        raise ConfigError(f"{cfg.source}: key 'generator.bundle' is not set; building a cache with the LesionDiffusion "
-                          "backend needs a model bundle (or set generator.backend: rule_based).")
-    data_folder = pre / cm.data_identifier
-    if not data_folder.is_dir():
-        raise LesionDiffusionError(f"{data_folder} not found: preprocess configuration {args.configuration} first.")
+    return name, pre, plans_file, pm, dataset_json
+
+
+def _output_folder(args: argparse.Namespace, cfg, name: str, pre: Path, pm, plans_file: Path,  # noqa: ANN001
+                   data_folder: Path) -> Path:
+    """-o, else offline.cache_dir, else the default under the preprocessed dataset; refused when it holds
+    one of the build's inputs."""
+    from nnunetv2.paths import nnUNet_raw
+
+    from ..io import refuse_overwrite_input
+    from ..nnunet_integration.trainers import default_cache_dir
+
     out = Path(args.output) if args.output else (
         Path(cfg.offline.cache_dir) if cfg.offline.cache_dir else default_cache_dir(str(pre), pm.plans_name, args.configuration))
     inputs: dict[str, str | os.PathLike | None] = {"--config": args.config, "generator.bundle": cfg.generator.bundle,
@@ -71,6 +105,11 @@ def _build(args: argparse.Namespace) -> int:
         if Path(e.name).suffix in (".yaml", ".yml"):
             inputs[f"catalog {e.name}"] = e.name
     refuse_overwrite_input(out, names=inputs)
+    return out
+
+
+def _template_identifiers(args: argparse.Namespace, pre: Path, data_folder: Path) -> list[str]:
+    """The preprocessed cases used as templates: --fold's training split, or every case (--fold all)."""
     if args.fold == "all":
         identifiers = None
     else:
@@ -90,29 +129,13 @@ def _build(args: argparse.Namespace) -> int:
     if not identifiers:
         raise LesionDiffusionError(f"{data_folder}: no preprocessed cases to use as templates. Run "
                                    f"'nnUNetv2_plan_and_preprocess -d {args.dataset} -c {args.configuration}' first.")
-    spec = FactorySpec.for_dataset(cfg, pm, args.configuration, dataset_json, str(data_folder), identifiers,
-                                   device=device)
-    identity = cache_identity(pm, args.configuration, spec.crop_size)
-    identity.update(generator_identity(cfg))
-    identity["fold"] = args.fold
-    manifest = OfflineCache(out, identity).build(spec.build, args.n, seed=cfg.seed, lazy=True,
-                                                 progress=not args.quiet, shard=shard)
-    if manifest is None:
-        print(f"shard {shard}: done ({shard.quota(args.n) if shard else args.n} cases); other shards are still "
-              f"building {out}; the last one to finish writes the manifest ('lesiondiffusion cache verify {out}' "
-              "writes it from whatever is there)")
-        return 0
-    print(f"{manifest['n_cases']} synthetic cases in {out} ({len(manifest['failures'])} failed syntheses skipped); "
-          f"train with 'mode: offline' in {cfg.source}")
-    return 0
+    return identifiers
 
 
 def generator_identity(cfg) -> dict:  # noqa: ANN001 - LesionDiffusionConfig
     """Everything that decides what a cached case holds: the bundle by content (a re-initialised or
     re-trained bundle at the same path differs), every generator option, the catalogs by content, the
     templates and the seed. The device is left out: shards on different GPUs build one cache."""
-    from dataclasses import asdict
-
     from ..catalog import load_catalog
     from ..store import file_digest, folder_digest
 
