@@ -7,6 +7,8 @@ import argparse
 import json
 from pathlib import Path
 
+from ..errors import BundleError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     # no heavy imports here: every `lesiondiffusion` command builds this parser, and importing
@@ -35,7 +37,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _init(args: argparse.Namespace) -> int:
     from ..bundle import CONFIG_FILE, Bundle
-    from ..errors import BundleError
 
     out: Path = args.output
     if (out / CONFIG_FILE).exists() and not args.force:
@@ -70,7 +71,6 @@ def _info(args: argparse.Namespace) -> int:
 def _embed(args: argparse.Namespace) -> int:
     from ..bundle import EMBEDDINGS_DIR, Bundle
     from ..catalog import load_catalog
-    from ..errors import BundleError
 
     bundle = Bundle.load(args.bundle)
     bundle.attach_encoder(args.encoder)

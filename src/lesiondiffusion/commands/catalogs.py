@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from ..errors import CatalogError
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("catalogs", help="list, validate and inspect lesion attribute catalogs")
@@ -26,7 +28,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def _list(args: argparse.Namespace) -> int:
     from ..catalog import catalog_files, load_catalog
-    from ..errors import CatalogError
 
     files = catalog_files()
     width = max(len(n) for n in files) if files else 10
@@ -56,7 +57,6 @@ def _list(args: argparse.Namespace) -> int:
 
 def _validate(args: argparse.Namespace) -> int:
     from ..catalog import validate_catalog_file
-    from ..errors import CatalogError
 
     failed = []
     for f in args.files:
@@ -66,9 +66,7 @@ def _validate(args: argparse.Namespace) -> int:
         except CatalogError as exc:
             failed.append(str(exc))
     if failed:
-        from ..errors import CatalogError as _E
-
-        raise _E("\n".join(failed))
+        raise CatalogError("\n".join(failed))
     return 0
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lesiondiffusion.errors import LesionDiffusionError
 from lesiondiffusion.generator import BACKENDS
 
 
@@ -91,7 +92,6 @@ def run_alignment(args: argparse.Namespace) -> int:
     import numpy as np
 
     from lesiondiffusion.catalog import load_catalog
-    from lesiondiffusion.errors import LesionDiffusionError
     from lesiondiffusion.evaluation.alignment import format_alignment_table, run_alignment as study, write_alignment
     from lesiondiffusion.generators import build_generator
     from lesiondiffusion.io import load_nifti

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
+
+from ..errors import LesionDiffusionError, ReportError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -21,10 +24,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _place(args: argparse.Namespace) -> int:
-    import time
-
     from ..catalog import load_catalog
-    from ..errors import LesionDiffusionError, ReportError
     from ..io import refuse_overwrite_input, save_nifti, write_json
     from ..organs import load_organ_map
     from ..geometry import place_canonical

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 from .. import presets
+from ..errors import DataCheckError
 from ._args import finite_float
 
 
@@ -24,7 +25,6 @@ def _catalog_path(args: argparse.Namespace) -> None:
 
 
 def _check(args: argparse.Namespace) -> int:
-    from ..errors import DataCheckError
     from ..pretrain.check import check_dataset, find_cases
 
     _catalog_path(args)
@@ -43,7 +43,6 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _prepare(args: argparse.Namespace) -> int:
-    from ..errors import DataCheckError
     from ..pretrain.check import derive_missing_reports
 
     if not args.derive_reports:

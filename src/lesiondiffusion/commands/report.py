@@ -4,8 +4,12 @@ from free-text radiology wording (``report parse``)."""
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from pathlib import Path
+
+from ..errors import CatalogError, LesionDiffusionError, ReportError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,8 +35,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def parse_fixed(items: list[str]) -> dict[str, str]:
-    from ..errors import CatalogError
-
     fixed: dict[str, str] = {}
     for item in items:
         key, sep, value = item.partition("=")
@@ -73,9 +75,6 @@ def load_reports(path: Path) -> list[tuple[str, "LesionReport"]]:  # noqa: F821 
     """The reports of a report file, each with where it sits: one report (a mapping of the attributes, or
     ``{report: {...}}`` as a sample's report.yaml), or several under ``lesions:`` (``- report: {...}``, with
     optional label/component/derived/notes), the file `report derive` and pretraining's reportsTr use."""
-    import json
-
-    from ..errors import ReportError
     from ..io import read_text_input
     from ..report import LesionReport
     from ..safeyaml import read_yaml
@@ -109,7 +108,6 @@ def load_reports(path: Path) -> list[tuple[str, "LesionReport"]]:  # noqa: F821 
 
 def _check(args: argparse.Namespace) -> int:
     from ..catalog import load_catalog
-    from ..errors import ReportError
 
     for where, report in load_reports(args.file):
         catalog = load_catalog(args.catalog or report.lesion_type)
@@ -143,12 +141,9 @@ def _register_parse(sub: argparse._SubParsersAction) -> None:
 
 
 def _parse(args: argparse.Namespace) -> int:
-    import os
-
     import yaml
 
     from ..catalog import load_catalog
-    from ..errors import ReportError
     from ..report_text import UNSPECIFIED, parse_text, parse_with_llm
 
     if (args.text is None) == (args.file is None):
@@ -201,7 +196,6 @@ def _derive(args: argparse.Namespace) -> int:
     import yaml
 
     from ..derive import derive_reports
-    from ..errors import LesionDiffusionError
     from ..io import load_nifti, refuse_overwrite_input, write_yaml
     from ..organs import load_organ_map
 
