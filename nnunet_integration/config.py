@@ -9,14 +9,17 @@ into its training log and saves it next to its checkpoints.
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from lesiondiffusion.errors import ConfigError
+from lesiondiffusion.errors import ConfigError, LesionDiffusionError
 from lesiondiffusion.generator import BACKENDS
+from lesiondiffusion.io import read_text_input
+from lesiondiffusion.rule_based import RuleBasedGenerator
+from lesiondiffusion.safeyaml import compose_yaml, duplicate_keys
 
 CONFIG_ENV = "LESIONDIFFUSION_CONFIG"
 CONFIG_FILENAME = "lesiondiffusion.yaml"
@@ -228,11 +231,9 @@ _OPTION_SET_ELSEWHERE = {"hu_correction": "generator.hu_correction", "text_condi
 
 
 def _backend_fields(backend: str) -> dict[str, Any]:
-    from dataclasses import fields
-
     if backend == "rule_based":
-        from lesiondiffusion.rule_based import RuleBasedGenerator as cls
-    else:
+        cls = RuleBasedGenerator
+    else:  # the pipeline brings torch and the networks: imported only for that backend
         from lesiondiffusion.pipeline import SynthesisConfig as cls
     return {f.name: f.type for f in fields(cls)}
 
@@ -256,7 +257,6 @@ def _check_options(path: str, backend: str, options: dict) -> None:
             if lo_hi is not None:
                 _number(path, key, v, lo_hi[0], lo_hi[1], integer="int" in str(allowed[k]).split("|")[0])
     if backend == "lesiondiffusion":
-        from lesiondiffusion.errors import LesionDiffusionError
         from lesiondiffusion.pipeline import SynthesisConfig
 
         try:  # the pipeline's own checks (e.g. on_failure) with the file named
@@ -408,9 +408,6 @@ def load_config(path: str | os.PathLike) -> LesionDiffusionConfig:
     if not path.is_file():
         raise ConfigError(f"Configuration file not found: {path}. Create it (example below) or set "
                           f"{CONFIG_ENV}.\n{EXAMPLE}")
-    from lesiondiffusion.io import read_text_input
-    from lesiondiffusion.safeyaml import compose_yaml, duplicate_keys
-
     text = read_text_input(path, "configuration", ConfigError)
     try:
         node, raw = compose_yaml(text, path, ConfigError)

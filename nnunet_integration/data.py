@@ -38,8 +38,10 @@ from typing import Any, Sequence
 import numpy as np
 
 from lesiondiffusion.blending import hu_correction_record
+from lesiondiffusion.catalog import load_catalog
 from lesiondiffusion.errors import ConfigError, LesionDiffusionError
 from lesiondiffusion.generators import build_generator as generator_from_name
+from lesiondiffusion.organs import OrganMap, organ_map_from_array
 from lesiondiffusion.store import SyntheticCase
 
 from .config import LesionDiffusionConfig, resolve_label
@@ -94,8 +96,6 @@ def preprocess_template(image_file: str, organ_file: str, label_file: str | None
     """Read a CT (HU) + organ map (+ labels) and bring them to the plans' geometry, staying in HU."""
     from nnunetv2.preprocessing.cropping.cropping import crop_to_nonzero
     from nnunetv2.preprocessing.resampling.default_resampling import compute_new_shape, resample_data_or_seg_to_shape
-
-    from lesiondiffusion.organs import organ_map_from_array
 
     for f in (image_file, organ_file) + ((label_file,) if label_file else ()):
         if not Path(f).is_file():
@@ -156,7 +156,6 @@ def _crop_template(t: Template, organ_names: Sequence[str], context: Sequence[in
     lo = np.maximum(idx.min(0) - np.asarray(context), 0)
     hi = np.minimum(idx.max(0) + 1 + np.asarray(context), t.hu.shape)
     sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
-    from lesiondiffusion.organs import OrganMap
 
     aff = t.organs.affine.copy()
     aff[:3, 3] += aff[:3, :3] @ lo.astype(np.float64)
@@ -206,8 +205,6 @@ def lesion_labels(config: LesionDiffusionConfig, catalogs: Sequence[Any], datase
 
 
 def load_catalogs(config: LesionDiffusionConfig) -> list[Any]:
-    from lesiondiffusion.catalog import load_catalog
-
     return [load_catalog(e.name) for e in config.catalogs]
 
 

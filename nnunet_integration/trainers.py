@@ -13,6 +13,8 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import tempfile
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -211,8 +213,6 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         """nnU-Net's loop; a LesionDiffusion fault (producer crash, damaged cache, bad configuration) ends it in
         one line naming the cause and the fix, with the full traceback in the training log (or here, with
         LESIONDIFFUSION_DEBUG=1). nnU-Net's own errors and Ctrl-C pass through unchanged."""
-        import tempfile
-
         fault = Path(tempfile.gettempdir()) / f"lesiondiffusion_fault_{os.getpid()}.txt"
         fault.unlink(missing_ok=True)
         os.environ[FAULT_ENV] = str(fault)  # data-loading workers inherit it (see store.record_fault)
@@ -222,7 +222,6 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
             line = self._ld_fault_line(exc, fault)
             if line is None or os.environ.get(DEBUG_ENV):
                 raise
-            import traceback
 
             try:
                 self.print_to_log_file("LesionDiffusion: training stopped; full traceback:\n" + traceback.format_exc(),

@@ -12,6 +12,7 @@ import datetime
 import logging
 import math
 import os
+import pickle
 import random
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -189,8 +190,6 @@ class Task(abc.ABC):
 def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     """A run's checkpoint as plain data. ``weights_only=True``: tensors, numbers, strings, lists and dicts
     only, so a checkpoint someone else wrote (or replaced) can never run code when it is loaded."""
-    import pickle
-
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

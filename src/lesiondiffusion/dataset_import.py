@@ -27,8 +27,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from .catalog import load_catalog, use_catalog_dirs
 from .errors import DataCheckError
-from .io import atomic_path, load_nifti, save_nifti, write_json
+from .io import atomic_path, load_nifti, save_nifti, voxel_spacing, write_json
+from .tissue import TISSUE_LABELS, tissue_map
 
 log = logging.getLogger(__name__)
 
@@ -79,10 +81,6 @@ def import_mask_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, l
     """Write the dataset (layout in the module docstring). ``organs`` None: build tissue maps from HU.
 
     A case whose mask is missing, on another grid, or empty is reported and skipped, never guessed."""
-    from .catalog import load_catalog
-    from .tissue import TISSUE_LABELS, tissue_map
-    from .io import voxel_spacing
-
     source, out = Path(source), Path(out_dir)
     catalog = load_catalog(lesion_type)  # a clear error now, not after 26 cases
     pairs = find_pairs(source, image, mask, organs)
@@ -147,8 +145,6 @@ def import_mask_dataset(source: str | os.PathLike, out_dir: str | os.PathLike, l
 
 def dataset_catalog_path(data_dir: str | os.PathLike) -> list[Path]:
     """Register a dataset.json's ``catalog_path`` folders (relative to the dataset) for this process."""
-    from .catalog import use_catalog_dirs
-
     path = Path(data_dir) / "dataset.json"
     if not path.is_file():
         return []

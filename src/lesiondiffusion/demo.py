@@ -7,6 +7,7 @@ step calls the project's own modules or nnU-Net's commands and is skipped when i
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import os
@@ -18,10 +19,15 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .blending import hu_correction_note, hu_correction_record, hu_correction_summary
+from .catalog import load_catalog
 from .demo_assets import DEMO_NOTICE, packaged_bundle_dir
 from .errors import LesionDiffusionError
+from .fewshot import FewShotData, FewShotStudy, write_fewshot_dataset
 from .io import atomic_path, load_nifti, save_nifti, write_json, write_yaml
 from .nnunet_integration.discovery import with_ext_trainer
+from .organs import load_organ_map
+from .preview import save_preview
 
 log = logging.getLogger(__name__)
 
@@ -206,16 +212,12 @@ class Demo:
 
     # ---- step 1: phantom dataset -----------------------------------------------------------
     def fewshot_data(self) -> "FewShotData":
-        from .fewshot import FewShotData
-
         s = self.settings
         return FewShotData(lesion_types=tuple(s.lesion_types), k_real=s.cases_per_type, n_healthy=s.n_healthy,
                            n_test_per_type=s.n_test_per_type, shape=tuple(s.shape), spacing=tuple(s.spacing),
                            seed=s.seed, dataset_id=s.dataset_id, name=s.dataset_name)
 
     def step_data(self, results: dict[str, Any]) -> dict[str, Any]:
-        from .fewshot import write_fewshot_dataset
-
         s = self.settings
         ds = write_fewshot_dataset(self.paths.raw, self.fewshot_data(), progress=self.progress)
         n_train = len(list((ds / "imagesTr").glob("*_0000.nii.gz")))
@@ -292,10 +294,7 @@ class Demo:
     def step_synthesis(self, results: dict[str, Any]) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
-        from .catalog import load_catalog
-        from .organs import load_organ_map
-        from .pipeline import LesionSynthesizer, hu_correction_note, hu_correction_record
-        from .preview import save_preview
+        from .pipeline import LesionSynthesizer
 
         s = self.settings
         synth = LesionSynthesizer.from_bundle(self.paths.bundle, device=self.device, ddim_steps=s.ddim_steps)
@@ -360,8 +359,6 @@ class Demo:
 
     def study(self) -> "FewShotStudy":
         """Real only vs LesionDiffusion (synthetic pretraining then real fine-tuning), one recipe, one seed."""
-        from .fewshot import FewShotStudy
-
         s = self.settings
         return FewShotStudy(
             workdir=self.paths.segmentation, dataset_dir=self.dataset_dir, bundle=self.paths.bundle,
@@ -387,8 +384,6 @@ class Demo:
 
     # ---- step 5: summary -------------------------------------------------------------------
     def step_summary(self, results: dict[str, Any]) -> dict[str, Any]:
-        from .pipeline import hu_correction_summary
-
         write_summary_png(self, results, self.paths.summary_png)
         nn = results["nnunet"]
         summary = {
@@ -452,8 +447,6 @@ def training_curve(fold_dir: str | Path) -> dict[str, list[float]]:
 def _read_metric_csv(path: str | Path) -> dict[str, tuple[list[float], list[float]]]:
     """Scalars of a pretraining run: ``{name: (steps, values)}`` from its long-format metrics.csv
     (columns step,name,value) or a wide one (step plus one column per scalar)."""
-    import csv
-
     out: dict[str, tuple[list[float], list[float]]] = {}
     with open(path, encoding="utf-8") as f:
         reader = csv.DictReader(f)

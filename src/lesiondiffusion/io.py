@@ -7,10 +7,12 @@ an interrupted run never leaves a half-written file under the final name.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import json
 import os
 import re
+import shlex
 import shutil
 import socket
 import tempfile
@@ -202,8 +204,6 @@ def write_yaml(path: str | os.PathLike, obj: Any) -> None:
 
 def write_csv(path: str | os.PathLike, rows: list[dict[str, Any]], float_format: str = ".4g") -> None:
     """Rows (dicts with the same keys) as a CSV with a header, atomically; floats as ``float_format``."""
-    import csv
-
     if not rows:
         atomic_write_text(path, "")
         return
@@ -331,8 +331,6 @@ def hu_problem(ct: np.ndarray) -> str | None:
 def non_finite_fix(path: str | os.PathLike) -> tuple[str, Path]:
     """A shell command that writes a copy of the CT at ``path`` with NaN/inf voxels set to air (-1024 HU)
     and upper ones to 3071 HU, and the copy's path: the fix an error about a non-finite CT prints."""
-    import shlex
-
     path = Path(path)
     name = path.name[:-7] if path.name.endswith(".nii.gz") else path.stem
     out = path.with_name(f"{name}_finite.nii.gz")

@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from .errors import LesionDiffusionError
+from .io import read_text_input
 
 # Catalogs, reports and configs are a few hundred nodes; 100k leaves room for any hand-written file while a
 # bomb (millions to billions of nodes once expanded) is refused in microseconds.
@@ -136,8 +137,6 @@ def load_yaml(text: str, where: str | Path, error: type[LesionDiffusionError]) -
 def read_yaml(path: str | Path, what: str, error: type[LesionDiffusionError]) -> Any:
     """Read a small YAML file (size and encoding checked by ``io.read_text_input``) and load it bounded; a
     syntax error names the file, line and column."""
-    from .io import read_text_input
-
     text = read_text_input(path, what, error)
     try:
         return load_yaml(text, path, error)

@@ -8,6 +8,7 @@ store every embedding once (``EmbeddingCache``) and synthesis/training need no t
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import logging
 import re
@@ -17,7 +18,7 @@ from typing import Iterable, Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 
-from .errors import TextEncodingError
+from .errors import BundleError, TextEncodingError
 from .io import atomic_path, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -106,8 +107,6 @@ class OpenCLIPEncoder:
                 )
             text_cfg = (config.get("model_cfg") or {}).get("text_cfg") or {}
             if text_cfg.get("hf_model_name") or text_cfg.get("hf_tokenizer_name"):
-                import importlib.util
-
                 if importlib.util.find_spec("transformers") is None:
                     raise TextEncodingError(
                         f"{folder}/open_clip_config.json uses the Hugging Face text model "
@@ -287,8 +286,6 @@ class EmbeddingCache:
     @classmethod
     def load(cls, folder: str | Path, encoder: TextEncoder | None = None) -> "EmbeddingCache":
         from safetensors.torch import load_file
-
-        from .errors import BundleError
 
         folder = Path(folder)
         index_path, tensor_path = folder / "phrases.json", folder / "embeddings.safetensors"

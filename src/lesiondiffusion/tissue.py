@@ -29,6 +29,7 @@ import numpy as np
 from scipy import ndimage
 
 from .errors import LesionDiffusionError
+from .io import load_nifti, save_nifti, voxel_spacing, write_json
 
 # label id -> class name; the names are the organ-map classes a catalog lists under ``names:``
 TISSUE_LABELS: dict[str, int] = {"muscle": 1, "fat": 2, "bone": 3, "air": 4}
@@ -91,8 +92,6 @@ def write_tissue_map(ct_path: str | Path, out_path: str | Path, rules: TissueRul
 
     Returns a summary (volume share per class). The mapping is written beside the map as
     ``tissue_labels.json`` unless ``mapping_path`` says otherwise."""
-    from .io import load_nifti, save_nifti, voxel_spacing, write_json
-
     ct_path, out_path = Path(ct_path), Path(out_path)
     if out_path.resolve() == ct_path.resolve():
         raise LesionDiffusionError(f"tissue map: output {out_path} is the input CT; choose another file name.")

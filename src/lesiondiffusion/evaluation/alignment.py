@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
+from ..errors import CatalogError, LesionDiffusionError
 from ..io import atomic_path, write_csv
 from .metrics import convexity, hu_stats, sphericity
 
@@ -71,9 +74,6 @@ def prompt_values(catalog: "Catalog", attribute: str) -> list[str]:
 def uncorrected(generator: "LesionGenerator") -> "LesionGenerator":
     """``generator`` with its HU correction off: a shallow copy (same networks) when its ``config`` has a
     ``hu_correction`` other than ``off``, else ``generator`` itself."""
-    import copy
-    import dataclasses
-
     cfg = getattr(generator, "config", None)
     if cfg is None or getattr(cfg, "hu_correction", "off") == "off" or not dataclasses.is_dataclass(cfg):
         return generator
@@ -100,8 +100,6 @@ def run_alignment(
     here with it off (a correction moves every lesion into the prompt's HU range and would measure the
     catalog), and a result that says it was HU-corrected anyway is an error, never a figure."""
     from tqdm.auto import tqdm
-
-    from ..errors import CatalogError, LesionDiffusionError
 
     generator = uncorrected(generator)
 

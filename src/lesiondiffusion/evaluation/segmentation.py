@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LesionDiffusionError
 from ..io import atomic_path, atomic_write_text, write_csv, write_json, write_yaml
+from ..safeyaml import read_yaml
 from . import nnunet_runner as runner
 from .metrics import dice_on_folders
 
@@ -218,7 +219,6 @@ class SegmentationProtocol:
             path = Path(self.config)
             if not path.is_file():
                 raise LesionDiffusionError(f"Config file {path} does not exist; pass the lesiondiffusion.yaml path.")
-            from ..safeyaml import read_yaml
 
             raw = read_yaml(path, "configuration", LesionDiffusionError) or {}
             if not isinstance(raw, dict):
