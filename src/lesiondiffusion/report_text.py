@@ -22,8 +22,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from .errors import ReportError
-from .report import ATTRIBUTES, VOCABULARY, LesionReport, normalize_value, size_category
+from .errors import CatalogError, ReportError
+from .report import ATTRIBUTES, VOCABULARY, LesionReport, declared_organs, normalize_value, size_category
 
 UNSPECIFIED = "unspecified"
 
@@ -183,7 +183,6 @@ def _catalog_organ_patterns() -> list[tuple[str, str, str, re.Pattern[str]]]:
     """Patterns of the organs declared by the catalogs on the catalog path (display names and synonyms),
     built per call: the catalog path may change between calls."""
     from .catalog import declare_catalog_organs
-    from .report import declared_organs
 
     declare_catalog_organs()
     out = []
@@ -266,7 +265,6 @@ def _infer_type(text: str, organ: str) -> tuple[str, str | None]:
         # an organ no catalog name spells (declared by a catalog: "adrenal gland", "muscle"): the catalogs
         # that target it, the one whose name has the lesion word first
         from .catalog import load_catalog
-        from .errors import CatalogError
 
         targets = []
         for name in names:
