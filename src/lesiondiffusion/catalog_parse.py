@@ -17,7 +17,7 @@ from .errors import CatalogError, ReportError
 from .io import read_text_input
 from .organs import TOTALSEG_V1, TOTALSEG_V2
 from .report import ATTRIBUTES, SIZE_CATEGORIES, declare_organ, normalize_value
-from .safeyaml import compose_yaml
+from .safeyaml import compose_yaml, syntax_error
 
 TOP_KEYS = ("name", "label_name", "description", "organ_type", "organs", "attributes", "size_mm", "hu",
             "constraints", "free_text", "placement")
@@ -107,10 +107,7 @@ def _compose(path: Path) -> tuple[yaml.Node | None, Any]:
     try:
         return compose_yaml(text, path, CatalogError)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise CatalogError(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line.") from None
+        raise syntax_error(exc, path, CatalogError) from None
 
 
 # ---------------------------------------------------------------------------------------------

@@ -141,7 +141,12 @@ def read_yaml(path: str | Path, what: str, error: type[LesionDiffusionError]) ->
     try:
         return load_yaml(text, path, error)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise error(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line.") from None
+        raise syntax_error(exc, path, error) from None
+
+
+def syntax_error(exc: yaml.YAMLError, path: str | Path, error: type[LesionDiffusionError]) -> LesionDiffusionError:
+    """A YAML syntax error as ``error``, naming the file, line and column."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+    problem = getattr(exc, "problem", None) or str(exc)
+    return error(f"{where}: YAML syntax error: {problem}. Fix the YAML at that line.")
