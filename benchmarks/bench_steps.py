@@ -29,20 +29,26 @@ SHARED_CT = REPO.parent / "shared" / "data" / "ct" / "totalsegmentator_example"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 
-def scenes(n: int, seed: int, real: bool) -> list[tuple[str, list]]:
-    """(name, [(ct, organs, spacing)] * n): one unseen phantom per pair, and the real CT for every pair."""
+def phantom_scene(n: int, seed: int) -> list:
+    """[(ct, organs)] * n: one healthy phantom of the demo bundle's recipe per pair, at seeds it never saw."""
     from demo_bundle import RECIPE
 
-    from lesiondiffusion.io import load_nifti
-    from lesiondiffusion.organs import TOTALSEG_V2, OrganMap, load_organ_map
+    from lesiondiffusion.organs import TOTALSEG_V2, OrganMap
     from lesiondiffusion.phantoms import make_phantom
 
     out = []
-    ph = []
     for i in range(n):
-        p = make_phantom(RECIPE["shape"], RECIPE["spacing"], seed=seed + 1000 * i)  # healthy, never trained on
-        ph.append((p.ct, OrganMap(labels=p.organs, affine=p.affine, names=dict(TOTALSEG_V2))))
-    out.append(("phantoms", ph))
+        p = make_phantom(RECIPE["shape"], RECIPE["spacing"], seed=seed + 1000 * i)
+        out.append((p.ct, OrganMap(labels=p.organs, affine=p.affine, names=dict(TOTALSEG_V2))))
+    return out
+
+
+def scenes(n: int, seed: int, real: bool) -> list[tuple[str, list]]:
+    """(name, [(ct, organs)] * n): one unseen phantom per pair, and the real CT for every pair."""
+    from lesiondiffusion.io import load_nifti
+    from lesiondiffusion.organs import load_organ_map
+
+    out = [("phantoms", phantom_scene(n, seed))]
     if real and (SHARED_CT / "example_ct_sm.nii.gz").is_file():
         ct, _, _ = load_nifti(SHARED_CT / "example_ct_sm.nii.gz", np.float32)
         organs = load_organ_map(SHARED_CT / "example_seg.nii.gz", "v2")
@@ -51,12 +57,15 @@ def scenes(n: int, seed: int, real: bool) -> list[tuple[str, list]]:
 
 
 def paired(synth, scene: list, catalog, seed: int) -> dict:
-    """Paired shape and density figures of one setting on one scene, and the seconds per lesion."""
+    """Paired shape and density figures of one setting on one scene, and the seconds per lesion. Per pair:
+    round-like minus irregular sphericity and convexity; hyperdense and hypodense lesion-minus-organ HU and
+    their difference (also benchmarks/demo_bundle.py's alignment of the shipped bundle)."""
     from lesiondiffusion.errors import LesionDiffusionError
-    from lesiondiffusion.evaluation import hu_stats, sphericity
+    from lesiondiffusion.evaluation import convexity, hu_stats, sphericity
     from lesiondiffusion.report import LesionReport
 
-    shape, hyper, hypo, contrast, failed, seconds, lesions, reasons = [], [], [], [], 0, 0.0, 0, []
+    shape, convex, hyper, hypo, contrast = [], [], [], [], []
+    failed, seconds, lesions, reasons = 0, 0.0, 0, []
     for i, (ct, organs) in enumerate(scene):
         for attr, (a, b) in (("shape", ("round-like", "irregular")), ("density", ("hyperdense", "hypodense"))):
             try:  # the pair differs in this one attribute only
@@ -76,13 +85,14 @@ def paired(synth, scene: list, catalog, seed: int) -> dict:
             masks = [np.asarray(x.lesion_mask) > 0 for x in res]
             if attr == "shape":
                 shape.append(sphericity(masks[0], organs.spacing) - sphericity(masks[1], organs.spacing))
+                convex.append(convexity(masks[0], organs.spacing) - convexity(masks[1], organs.spacing))
             else:
                 d = [hu_stats(x.image, m, organs.mask(x.box.organ_names)) for x, m in zip(res, masks)]
                 c = [s.lesion_mean - s.organ_mean for s in d]
                 hyper.append(c[0])
                 hypo.append(c[1])
                 contrast.append(c[0] - c[1])
-    return {"shape": shape, "hyper": hyper, "hypo": hypo, "contrast": contrast, "failed": failed,
+    return {"shape": shape, "convexity": convex, "hyper": hyper, "hypo": hypo, "contrast": contrast, "failed": failed,
             "s_per_lesion": seconds / max(1, lesions), "reasons": reasons}
 
 

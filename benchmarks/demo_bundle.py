@@ -86,7 +86,7 @@ def _no_hu_correction() -> dict:
 
 
 def paired_alignment(bundle: Path, lesion_types: list[str], n: int = 12, seed: int = 77,
-                     ddim_steps: int = 10, progress: bool = False) -> dict:
+                     ddim_steps: int = 10) -> dict:
     """Prompt alignment of a bundle on held-out healthy phantoms, HU correction off, as paired differences.
 
     For each of ``n`` sampled reports per lesion type, the same report, placement seed and noise seed are
@@ -95,46 +95,19 @@ def paired_alignment(bundle: Path, lesion_types: list[str], n: int = 12, seed: i
     organ's). A pair counts when both lesions pass the pipeline's checks.
     """
     import numpy as np
-    from tqdm.auto import tqdm
 
+    from bench_steps import paired, phantom_scene
     from lesiondiffusion.catalog import load_catalog
-    from lesiondiffusion.errors import LesionDiffusionError
-    from lesiondiffusion.evaluation import convexity, hu_stats, sphericity
-    from lesiondiffusion.organs import TOTALSEG_V2, OrganMap
-    from lesiondiffusion.phantoms import make_phantom
     from lesiondiffusion.pipeline import LesionSynthesizer
-    from lesiondiffusion.report import LesionReport
 
     synth = LesionSynthesizer.from_bundle(bundle, device="cpu", ddim_steps=ddim_steps, **_no_hu_correction())
-    rec = RECIPE
+    scene = phantom_scene(n, seed)  # healthy, unseen seeds
     out: dict = {}
     for t in lesion_types:
-        catalog = load_catalog(t)
-        pairs: dict[str, list] = {"shape": [], "density": []}
-        failures = 0
-        for i in tqdm(range(n), desc=f"alignment {t}", disable=not progress):
-            ph = make_phantom(rec["shape"], rec["spacing"], seed=seed + 1000 * i)   # healthy, unseen seeds
-            organs = OrganMap(labels=ph.organs, affine=ph.affine, names=dict(TOTALSEG_V2))
-            for attr, (a, b) in (("shape", ("round-like", "irregular")), ("density", ("hyperdense", "hypodense"))):
-                try:  # the pair differs in this one attribute only (catalog rules are not re-applied)
-                    ra = catalog.sample(seed + i, fixed={attr: a})
-                    rb = LesionReport.from_dict({**ra.to_dict(), attr: b})
-                except LesionDiffusionError:
-                    failures += 1
-                    continue
-                res = [synth(ph.ct, organs, [r], catalog, seed=seed + i)[0] for r in (ra, rb)]
-                if not all(x.ok for x in res):
-                    failures += 1
-                    continue
-                vals = []
-                for x in res:
-                    m = np.asarray(x.lesion_mask) > 0
-                    if attr == "shape":
-                        vals.append((sphericity(m, ph.spacing), convexity(m, ph.spacing)))
-                    else:
-                        st = hu_stats(x.image, m, organs.mask(x.box.organ_names))
-                        vals.append((st.lesion_mean - st.organ_mean,))
-                pairs[attr].append(np.asarray(vals[0]) - np.asarray(vals[1]))
+        r = paired(synth, scene, load_catalog(t), seed)
+        failures = r["failed"]
+        pairs = {"shape": [np.array(v) for v in zip(r["shape"], r["convexity"])],
+                 "density": [np.array([v]) for v in r["contrast"]]}
         res_t = {"failed_pairs": failures}
         if pairs["shape"]:
             d = np.asarray(pairs["shape"])

@@ -188,7 +188,7 @@ class ThrottleController:
         k = (float(np.mean(t[busy])) - plain) / b
         # the budget is a limit, not a target: the duty is set from k plus one standard error of the
         # difference of means, so on a noisy machine the producer stays under the budget instead of
-        # around it (on an idle 2-core VM single fits of one producer's k ranged +14 % .. +55 %)
+        # around it (on an idle 2-core VM single fits of one producer's k ranged +14 % .. +60 %)
         se = float(np.sqrt(np.var(t[busy]) / busy.sum() + np.var(t[idle]) / idle.sum())) / b
         self.plain, self.cost = plain, min(0.999, max(0.0, k))
         self.cost_bound = min(0.999, max(0.0, k + se))
