@@ -11,7 +11,9 @@ For each K (real labelled cases, the first K of the segmentation pool) a dataset
 imports theirs (``lesiondiffusion dataset import``: tissue maps from HU as organ maps) with the 8 test cases
 as imagesTs/labelsTs, and nnU-Net is trained with the CPU recipe (``*_fewshotcpu``, 2d) in the settings
 real only; synthetic only; synthetic then real (one flag, ``nnUNetTrainerLesionDiffusion``), each synthetic
-setting with the real-CT generator (``lesiondiffusion``, HU correction off) and ``rule_based``. Synthetic
+setting with the real-CT generator (``lesiondiffusion``, HU correction off) and ``rule_based``, and, with
+``--generators ...,no_lesion``, the control: the same schedule and the same template crops as ``rule_based``
+with no lesion inpainted (what the extra crops alone give). Synthetic
 lesions go into the training cases' own CT (``templates.dataset_lesion_cases``: muscle at least 10 mm away
 from the real tumour, which stays labelled), so every run sees exactly the same real tumours.
 ``--reference`` adds real only on the generator pool + the segmentation pool (18 cases).
@@ -63,11 +65,21 @@ def write_dataset(raw: Path, dataset_id: int, name: str, train: list[str], test:
 
 def paired_table(workdir: Path, ks: list[int]) -> str:
     """Per K: Dice of each setting per seed and its difference to real only with the same seed, read from
-    every finished run's result.json (so runs from several invocations and partial studies all count)."""
+    every finished run's result.json (so runs from several invocations and partial studies all count).
+    When the no_lesion control ran, each synthetic row also gets its difference to the control with the
+    same setting and seed: what the synthetic lesions add beyond the extra template crops."""
     import numpy as np
 
-    lines = ["| K | setting | generator | seeds | Dice per seed (%) | mean ± sd (%) | Δ vs real, same seed | higher |",
-             "| --- | --- | --- | --- | --- | ---: | --- | ---: |"]
+    lines = ["| K | setting | generator | seeds | Dice per seed (%) | mean ± sd (%) | Δ vs real, same seed | higher "
+             "| Δ vs no_lesion control, same seed | higher |",
+             "| --- | --- | --- | --- | --- | ---: | --- | ---: | --- | ---: |"]
+
+    def deltas(by_seed: dict[int, float], ref: dict[int, float]) -> tuple[str, str]:
+        d = [by_seed[s] - ref[s] for s in sorted(by_seed) if s in ref]
+        if not d:
+            return "", ""
+        return ", ".join(f"{100 * v:+.1f}" for v in d), f"{sum(v > 0 for v in d)}/{len(d)}"
+
     for k in ks:
         table: dict[tuple[str, str], dict[int, float]] = {}
         for path in sorted((workdir / f"K{k}" / "runs").glob("*/result.json")):
@@ -77,17 +89,18 @@ def paired_table(workdir: Path, ks: list[int]) -> str:
             value = float(np.mean(list(r["dice"].values())))
             table.setdefault((r["setting"], r.get("generator") or "-"), {})[int(r["seed"])] = value
         real = table.get(("real", "-"), {})
-        order = sorted(table, key=lambda t: (t[0] != "real", t[0], t[1]))
+        order = sorted(table, key=lambda t: (t[0] != "real", t[0], t[1] != "no_lesion", t[1]))
         for setting, gen in order:
             by_seed = table[(setting, gen)]
             seeds = sorted(by_seed)
             got = [by_seed[s] for s in seeds]
-            diffs = [by_seed[s] - real[s] for s in seeds if s in real]
             sd = 100 * np.std(got, ddof=1) if len(got) > 1 else float("nan")
+            vs_real = deltas(by_seed, real) if setting != "real" else ("", "")
+            control = table.get((setting, "no_lesion"), {})
+            vs_control = deltas(by_seed, control) if setting != "real" and gen != "no_lesion" else ("", "")
             lines.append(f"| {k} | {setting} | {gen} | {','.join(map(str, seeds))} | "
                          + ", ".join(f"{100 * v:.1f}" for v in got) + f" | {100 * np.mean(got):.1f} ± {sd:.1f} | "
-                         + ("" if setting == "real" else ", ".join(f"{100 * d:+.1f}" for d in diffs)) + " | "
-                         + ("" if setting == "real" else f"{sum(d > 0 for d in diffs)}/{len(diffs)}") + " |")
+                         + " | ".join(vs_real + vs_control) + " |")
     return "\n".join(lines)
 
 
@@ -114,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     a = p.parse_args(argv)
     seeds = tuple(int(s) for s in a.seeds.split(","))
     gens = tuple(g for g in a.generators.split(",") if g)
-    if "lesiondiffusion" in gens and a.bundle is None:
+    if "lesiondiffusion" in gens and a.bundle is None and not a.table_only:
         p.error("--bundle is needed for the lesiondiffusion generator (or --generators rule_based)")
 
     t0 = time.time()

@@ -33,7 +33,7 @@ HU_CORRECTIONS = ("off", "shift", "clip")  # the pipeline's SynthesisConfig.hu_c
 EXAMPLE = """\
 # lesiondiffusion.yaml (beside the dataset's preprocessed folder, or $LESIONDIFFUSION_CONFIG)
 generator:
-  backend: lesiondiffusion        # lesiondiffusion (default) | rule_based (baseline, no weights)
+  backend: lesiondiffusion        # lesiondiffusion (default) | rule_based (baseline, no weights) | no_lesion (control: same crops, nothing inpainted)
   bundle: /path/to/bundle         # model bundle folder (lesiondiffusion backend)
   device: cuda                    # where the generator runs: cpu | cuda | cuda:N
   hu_correction: off              # off: the model's own intensities; shift | clip: move the lesion mean into the catalog's HU range
@@ -227,11 +227,12 @@ _OPTION_RANGES: dict[str, dict[str, tuple[float, float]]] = {
     "rule_based": {"edge_sigma_mm": (0.0, 100.0), "blend_margin_vox": (0, 64), "lobulation": (0.0, 1.0),
                    "homogeneous_std_hu": (0.0, 1000.0), "heterogeneous_std_frac": (0.0, 10.0)},
 }
+_OPTION_RANGES["no_lesion"] = _OPTION_RANGES["rule_based"]  # the control takes the baseline's options
 _OPTION_SET_ELSEWHERE = {"hu_correction": "generator.hu_correction", "text_conditioning": "generator.text_conditioning"}
 
 
 def _backend_fields(backend: str) -> dict[str, Any]:
-    if backend == "rule_based":
+    if backend in ("rule_based", "no_lesion"):
         cls = RuleBasedGenerator
     else:  # the pipeline brings torch and the networks: imported only for that backend
         from lesiondiffusion.pipeline import SynthesisConfig as cls

@@ -371,7 +371,8 @@ class SyntheticCaseFactory:
         hi = np.minimum(idx.max(0) + 1 + np.asarray(self.context), mask.shape)
         sl = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
         seg = t.seg[sl].astype(np.int16, copy=True)
-        seg[mask[sl]] = label
+        if result.info.get("inpainted", True):  # the no_lesion control crops the same region, adds no label
+            seg[mask[sl]] = label
         data = np.array(result.image[sl], dtype=np.float32)[None]
         data[0] = self.normalizer.run(data[0], seg)
         seg = seg[None]
@@ -385,6 +386,8 @@ class SyntheticCaseFactory:
                 "report": result.report.to_dict(), "crop_lo": [int(v) for v in lo],
                 "box": result.box.to_dict() if result.box is not None and hasattr(result.box, "to_dict") else None,
                 "backend": self.spec.config.generator.backend}
+        if not result.info.get("inpainted", True):
+            meta["inpainted"] = False
         hu = hu_correction_record(getattr(result, "info", None) or {})
         if hu:  # how far a correction moved this lesion (nothing when the generator corrects nothing)
             meta["hu"] = hu

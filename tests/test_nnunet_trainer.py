@@ -337,6 +337,25 @@ def test_batches_hold_synthetic_samples_with_aligned_labels_and_nnunet_ds_target
     assert stats.fresh >= 1 and stats.fresh + stats.reused >= n_synth
 
 
+def test_no_lesion_control_trains_on_unlabelled_template_crops(trainer_factory):
+    """generator.backend no_lesion (the study's control): synthetic draws are template crops around where
+    rule_based would put a lesion, with the template's own labels only (healthy templates: none)."""
+    tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, synthetic_probability=1.0,
+                         generator={"backend": "no_lesion"}, store={"worker": "thread", "warmup": 2, "reuse": 1})
+    tr.on_train_start()
+    dataset = tr.dataloader_train.data_loader._data
+    n_synth = 0
+    for _ in range(2):
+        batch = next(tr.dataloader_train)
+        for j, (kind, _name) in enumerate(dataset.history[-tr.batch_size:]):
+            if kind == "synthetic":
+                n_synth += 1
+                assert not (batch["target"][0][j] == 1).any()  # nothing inpainted, nothing labelled
+    assert n_synth >= 2
+    case = dataset.last_case
+    assert case is not None and case.meta["backend"] == "no_lesion" and (case.seg <= 0).all()
+
+
 def test_schedule_switches_at_configured_epoch(trainer_factory):
     tr = trainer_factory("nnUNetTrainerLesionDiffusion_tinynet_2epochs_3iters", 4, schedule={"pretrain_fraction": 0.3},
                          synthetic_probability=0.6)

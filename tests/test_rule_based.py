@@ -93,3 +93,40 @@ def test_shape_mismatch_raises(phantom):
     cat = load_catalog("kidney_tumor")
     with pytest.raises(SynthesisError, match="differs from organ map shape"):
         RuleBasedGenerator()(ph.ct[:-1], om, [cat.sample(0)], cat, seed=0)
+
+
+def test_no_lesion_control_places_like_rule_based_and_writes_nothing(phantom):
+    """The control backend draws the same box and mask as rule_based for a seed (so a trainer crops the same
+    region), returns the CT unchanged and says nothing was inpainted."""
+    from lesiondiffusion.generators import build_generator
+    from lesiondiffusion.rule_based import NoLesionGenerator
+
+    ph, om = phantom
+    cat = load_catalog("kidney_tumor")
+    control = build_generator("no_lesion")
+    assert isinstance(control, NoLesionGenerator) and isinstance(control, LesionGenerator)
+    compared = 0
+    for seed in range(4):
+        rep = cat.sample(seed)
+        lesion = RuleBasedGenerator()(ph.ct, om, [rep], cat, seed=seed)[0]
+        empty = control(ph.ct, om, [rep], cat, seed=seed)[0]
+        assert lesion.ok == empty.ok
+        if not lesion.ok:
+            continue
+        compared += 1
+        np.testing.assert_array_equal(empty.lesion_mask, lesion.lesion_mask)
+        assert empty.box.lo == lesion.box.lo and empty.box.hi == lesion.box.hi
+        np.testing.assert_array_equal(empty.image, ph.ct)  # nothing inpainted ...
+        assert not np.array_equal(lesion.image, ph.ct)  # ... where rule_based did paint a lesion
+        assert empty.info["inpainted"] is False and empty.info["backend"] == "no_lesion"
+    assert compared >= 2
+
+
+def test_no_lesion_control_is_not_offered_where_lesions_are_evaluated():
+    from lesiondiffusion.generator import BACKENDS, LESION_BACKENDS
+
+    assert "no_lesion" in BACKENDS and "no_lesion" not in LESION_BACKENDS
+    with pytest.raises(Exception, match="text-conditioned"):
+        from lesiondiffusion.generators import build_generator
+
+        build_generator("no_lesion", text_conditioning=False)

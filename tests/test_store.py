@@ -19,6 +19,7 @@ from lesiondiffusion.store import (
     SyntheticCase,
     load_case,
     save_case,
+    validate_case,
 )
 
 
@@ -353,3 +354,13 @@ def test_pause_takes_effect_between_denoising_steps():
         stop.set()
         t.join()
     assert len(steps_done) == 200
+
+
+def test_an_empty_label_is_a_fault_unless_the_case_is_a_no_lesion_control():
+    case = _case(1)
+    case.seg[:] = 0
+    assert validate_case(case) == "no lesion voxels in the synthetic label"
+    case.meta["inpainted"] = False  # written by the trainer's factory for the no_lesion control only
+    assert validate_case(case) is None
+    case.data[0, 0, 0, 0] = np.nan
+    assert validate_case(case) is not None  # the control's cases are checked like any other

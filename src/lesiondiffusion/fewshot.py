@@ -17,7 +17,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .errors import LesionDiffusionError
-from .evaluation.segmentation import GENERATORS, SETTINGS, SegmentationProtocol, StudyResult
+from .evaluation.segmentation import DEFAULT_GENERATORS, GENERATORS, SETTINGS, SegmentationProtocol, StudyResult
 from .io import save_nifti
 from .phantoms import make_phantom, write_phantom_dataset
 
@@ -93,7 +93,7 @@ class FewShotStudy:
     workdir: Path
     dataset_dir: Path                       # $nnUNet_raw/Dataset<ID>_<Name> with imagesTs/labelsTs
     bundle: Path | None = None
-    generators: tuple[str, ...] = tuple(GENERATORS)
+    generators: tuple[str, ...] = DEFAULT_GENERATORS
     settings: tuple[str, ...] = tuple(SETTINGS)
     seeds: tuple[int, ...] = (0, 1, 2)
     configuration: str = "2d"

@@ -57,4 +57,7 @@ class LesionGenerator(Protocol):
     ) -> list[SynthesisResult]: ...
 
 
-BACKENDS = ("lesiondiffusion", "rule_based")  # built by ``generators.build_generator``
+# built by ``generators.build_generator``; ``no_lesion`` is a training control (nothing inpainted), not a
+# lesion generator, so commands that evaluate lesions offer ``LESION_BACKENDS`` only
+LESION_BACKENDS = ("lesiondiffusion", "rule_based")
+BACKENDS = (*LESION_BACKENDS, "no_lesion")

@@ -11,7 +11,7 @@ from typing import Any
 
 from .errors import LesionDiffusionError
 from .generator import BACKENDS, LesionGenerator
-from .rule_based import RuleBasedGenerator
+from .rule_based import NoLesionGenerator, RuleBasedGenerator
 
 __all__ = ["BACKENDS", "build_generator"]
 
@@ -20,19 +20,19 @@ def build_generator(backend: str = "lesiondiffusion", *, bundle: str | None = No
                     options: dict[str, Any] | None = None, text_conditioning: bool = True,
                     hu_correction: str | None = None, source: str = "") -> LesionGenerator:
     """The one place a backend name becomes a generator (the trainer's producer, ``cache build`` and
-    ``evaluate alignment`` all come here). LesionDiffusion is the default and is never silently
+    ``evaluate alignment`` all come here). ``no_lesion`` is the training control: placed like
+    ``rule_based``, nothing inpainted (``rule_based.NoLesionGenerator``). LesionDiffusion is the default and is never silently
     replaced by the baseline. ``options`` are the backend's keyword arguments (for LesionDiffusion:
     ``SynthesisConfig`` fields such as ``ddim_steps``); ``text_conditioning=False`` gives LesionDiffusion
     null prompts for both networks (the text ablation); ``hu_correction`` (off | shift | clip; None: the
     pipeline's default) applies to LesionDiffusion only; ``source`` names the config file for errors."""
     where = f" in {source}" if source else ""
     options = dict(options or {})
-    if backend == "rule_based":
+    if backend in ("rule_based", "no_lesion"):
         if not text_conditioning:
             raise LesionDiffusionError(f"text_conditioning=False{where}: only the lesiondiffusion backend is "
-                                       "text-conditioned; the rule_based baseline reads the report directly.")
-
-        return RuleBasedGenerator(**options)
+                                       f"text-conditioned; the {backend} backend reads the report directly.")
+        return (RuleBasedGenerator if backend == "rule_based" else NoLesionGenerator)(**options)
     if backend != "lesiondiffusion":
         raise LesionDiffusionError(f"Unknown generator backend {backend!r}{where}; use one of: {', '.join(BACKENDS)}.")
     if not bundle:

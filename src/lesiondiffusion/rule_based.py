@@ -148,6 +148,27 @@ class RuleBasedGenerator:
         return SynthesisResult(image, mask, report, box, info=info)
 
 
+@dataclass
+class NoLesionGenerator(RuleBasedGenerator):
+    """The no-new-lesion control (backend ``no_lesion``): every draw is placed and shaped exactly as
+    ``RuleBasedGenerator`` places it for the same seed, then nothing is written. The CT comes back
+    unchanged, ``lesion_mask`` marks where the lesion would have gone (so a consumer crops the same
+    region) and ``info["inpainted"]`` is False, so the trainer leaves that region unlabelled.
+
+    Why it exists: a synthetic-then-real schedule is also extra training on the templates under new
+    crops. Training with this backend on the same schedule measures that part alone; the difference to
+    ``rule_based`` or ``lesiondiffusion`` is what the synthetic lesions themselves add.
+    """
+
+    def _one(self, ct: np.ndarray, organs: "OrganMap", report: "LesionReport", catalog: "Catalog",
+             rng: np.random.Generator) -> SynthesisResult:
+        placed = super()._one(ct, organs, report, catalog, rng)  # same rng draws -> same box as rule_based
+        if not placed.ok:
+            return placed
+        info = {"backend": "no_lesion", "inpainted": False, "voxels": int(placed.lesion_mask.sum())}
+        return SynthesisResult(ct.copy(), placed.lesion_mask, placed.report, placed.box, info=info)
+
+
 def _catalog_for(report: "LesionReport", catalogs: "Sequence[Catalog] | Catalog") -> "Catalog":
     if hasattr(catalogs, "hu_range"):
         return catalogs  # a single catalog serves every report

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from lesiondiffusion.errors import LesionDiffusionError
-from lesiondiffusion.generator import BACKENDS
+from lesiondiffusion.generator import LESION_BACKENDS
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -34,7 +34,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="prompt groups to evaluate: shape, density or both (default shape,density)")
     a.add_argument("--ddim-steps", type=int, help="DDIM steps (default: the bundle's schedule)")
     a.add_argument("--device", default="cpu")
-    a.add_argument("--backend", choices=BACKENDS, default="lesiondiffusion",
+    a.add_argument("--backend", choices=LESION_BACKENDS, default="lesiondiffusion",
                    help="generator to evaluate (rule_based: the weight-free baseline)")
     a.add_argument("-o", "--out", type=Path, default=Path("alignment"), help="output folder (default ./alignment)")
     a.add_argument("--no-progress", action="store_true")
@@ -62,7 +62,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--settings", default="real,synthetic,synthetic_real",
                    help="comma-separated subset of real,synthetic,synthetic_real")
     s.add_argument("--generators", default="lesiondiffusion,rule_based,lesiondiffusion_notext",
-                   help="comma-separated subset of lesiondiffusion,rule_based,lesiondiffusion_notext (synthetic settings)")
+                   help="comma-separated subset of lesiondiffusion,rule_based,lesiondiffusion_notext,no_lesion (synthetic "
+                        "settings; no_lesion: the control, same crops with nothing inpainted)")
     s.add_argument("--synthetic-source", default="offline,online",
                    help="offline (a cache of --synthetic-cases cases per generator), online (on-the-fly) or both")
     s.add_argument("--synthetic-cases", type=int, default=1000, help="cases in each offline cache (default 1000, "

@@ -2,7 +2,8 @@
 
 Settings: real only, synthetic only, synthetic pretraining then real fine-tuning. Each synthetic
 setting runs per generator (``lesiondiffusion``, ``rule_based``, ``lesiondiffusion_notext`` = null
-prompts for both networks) and per source (an offline cache of N synthetic cases, or on-the-fly),
+prompts for both networks; ``no_lesion``, asked for by name, is the control whose synthetic cases carry no
+new lesion) and per source (an offline cache of N synthetic cases, or on-the-fly),
 and every run per seed. A run is nnU-Net's own train and predict commands in its own results folder
 (so runs sharing a trainer class stay independent, also when ``parallel`` of them run at once), scored
 per case with nnU-Net's Dice; the table gives mean ± sd over seeds per lesion type. Finished runs are
@@ -45,7 +46,11 @@ GENERATORS: dict[str, dict[str, Any]] = {
     "lesiondiffusion": {"backend": "lesiondiffusion"},
     "rule_based": {"backend": "rule_based"},
     "lesiondiffusion_notext": {"backend": "lesiondiffusion", "text_conditioning": False},
+    # the control: same schedule and crops as rule_based, nothing inpainted (what the lesions themselves add)
+    "no_lesion": {"backend": "no_lesion"},
 }
+# what a study runs when it is not told: the generators of the method's tables (the control is opt-in)
+DEFAULT_GENERATORS = ("lesiondiffusion", "rule_based", "lesiondiffusion_notext")
 SOURCES = ("offline", "online")   # offline: a cache of ``synthetic_cases`` built once per generator
 
 
@@ -136,7 +141,7 @@ class SegmentationProtocol:
     dataset: str
     out_dir: Path
     settings: Sequence[str] = tuple(SETTINGS)
-    generators: Sequence[str] = tuple(GENERATORS)
+    generators: Sequence[str] = DEFAULT_GENERATORS
     sources: Sequence[str] = SOURCES
     synthetic_cases: int = 1000
     seeds: Sequence[int] = (0, 1, 2)
@@ -235,7 +240,7 @@ class SegmentationProtocol:
     def generator_config(self, base: dict[str, Any], generator: str, seed: int) -> dict[str, Any]:
         cfg = json.loads(json.dumps(base))
         g = {k: v for k, v in cfg["generator"].items() if k not in ("backend", "text_conditioning")}
-        if GENERATORS[generator]["backend"] == "rule_based":
+        if GENERATORS[generator]["backend"] in ("rule_based", "no_lesion"):
             g = {"device": g.get("device", self.device)}  # bundle and diffusion options do not apply
         elif not g.get("bundle"):
             raise LesionDiffusionError(

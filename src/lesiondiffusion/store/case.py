@@ -40,12 +40,14 @@ class CaseFactory(Protocol):
 
 
 def validate_case(case: SyntheticCase) -> str | None:
-    """Reason to drop ``case`` (NaN/inf data, shape mismatch, no lesion voxels), or None when usable."""
+    """Reason to drop ``case`` (NaN/inf data, shape mismatch, no lesion voxels unless the case is a
+    no-lesion control), or None when usable."""
     if case.data.ndim != 4 or case.seg.ndim != 4 or case.data.shape[1:] != case.seg.shape[1:]:
         return f"shape mismatch data {case.data.shape} vs seg {case.seg.shape}"
     if not np.isfinite(case.data).all():
         return "non-finite values in the synthetic image"
-    if not (case.seg > 0).any():
+    # the no_lesion control's cases are empty on purpose (its meta says so); any other empty label is a fault
+    if not (case.seg > 0).any() and case.meta.get("inpainted", True):
         return "no lesion voxels in the synthetic label"
     return None
 
