@@ -193,10 +193,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        # torch's message opens with advice to re-run torch.load with weights_only=False, the one thing never to
+        # do with a checkpoint you do not trust; keep only its line that names what was refused
+        lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+        reason = next((ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue",
+                                                                "Check the documentation"))), type(exc).__name__)
         raise LesionDiffusionError(
             f"{path} is not a plain-data checkpoint: it holds pickled Python objects that could run code when "
-            f"loaded ({first[:200]}), so it was not loaded. Only resume from checkpoints written by this version "
+            f"loaded ({reason[:200]}), so it was not loaded. Only resume from checkpoints written by this version "
             "of `lesiondiffusion pretrain` that you trust, or start a new run with another -o folder.") from None
     except (RuntimeError, OSError, EOFError, ValueError) as exc:
         raise LesionDiffusionError(
