@@ -16,7 +16,6 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
-import yaml
 from scipy import ndimage
 
 from lesiondiffusion.catalog import catalog_files, load_catalog
@@ -25,6 +24,7 @@ from lesiondiffusion.errors import CatalogError, DataCheckError, LesionDiffusion
 from lesiondiffusion.io import load_nifti, read_text_input, write_yaml
 from lesiondiffusion.organs import load_organ_map, organ_map_from_array
 from lesiondiffusion.report import LesionReport
+from lesiondiffusion.safeyaml import load_yaml
 
 REPORT_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -112,13 +112,17 @@ def read_report_file(path: Path) -> Any:
     text = read_text_input(path, "report")
     if path.suffix == ".json":
         return json.loads(text)
-    return yaml.safe_load(text)
+    # the bounded loader: an alias bomb in one report hung `pretrain check` (every value is walked)
+    return load_yaml(text, path, DataCheckError)
 
 
 def parse_report_entries(path: Path, valid_labels: dict[int, str], problems: list[str]) -> list[LesionEntry]:
     """Parse reportsTr/{case}.yaml; every problem is appended (with file, key, value, fix), none raised."""
     try:
         doc = read_report_file(path)
+    except LesionDiffusionError as exc:  # refused before parsing (size, encoding, alias bomb): says why and the fix
+        problems.append(str(exc))
+        return []
     except Exception as exc:  # yaml/json raise several types; all mean "unparsable"
         problems.append(f"{path}: cannot parse ({type(exc).__name__}: {exc}). Fix the YAML/JSON syntax.")
         return []

@@ -298,6 +298,36 @@ def test_yaml_bombs_in_reports_and_configs_are_refused(name, tmp_path):
         load_config(cfg)
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name", ["billion_laughs", "recursive"])
+def test_yaml_bombs_in_a_bundle_config_and_a_pretraining_report_are_refused(name, world, tmp_path, capsys):
+    """Bundles and pretraining datasets are shared too: before, a bomb appended to a bundle's config.yaml hung
+    `bundle info` (the non-finite check walks every value) and one in reportsTr/ hung `pretrain check`."""
+    import time
+
+    from toydata import write_toy_dataset
+
+    text, words = BOMBS[name]
+    anchors = text.replace("name: x\norgans: ", "bomb: ")  # the bomb's aliases under a top-level key
+    bundle = tmp_path / "bundle"
+    bundle.mkdir()
+    (bundle / "config.yaml").write_text((world["bundle"] / "config.yaml").read_text() + anchors)
+    t0 = time.monotonic()
+    assert main(["bundle", "info", str(bundle)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(bundle / "config.yaml") in err and "Traceback" not in err
+    data = write_toy_dataset(tmp_path / "data", n_lesion=1, n_healthy=1, shape=(20, 20, 12), seed=2)
+    report = sorted((data / "reportsTr").glob("*.yaml"))[0]
+    last = ("*a10" if name == "billion_laughs" else "&r [1, *r]")  # used inside the lesion's report
+    body = report.read_text().replace("specific_features: none", f"specific_features: {last}")
+    assert body != report.read_text()
+    report.write_text((text if name == "billion_laughs" else "") + body)
+    assert main(["pretrain", "check", str(data)]) == 2
+    err = capsys.readouterr().err
+    assert words in err and str(report) in err and "Traceback" not in err
+    assert time.monotonic() - t0 < 30
+
+
 def test_aliases_within_limits_still_load(tmp_path):
     from lesiondiffusion.safeyaml import load_yaml
 

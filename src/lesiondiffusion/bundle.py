@@ -19,13 +19,14 @@ from safetensors.torch import save_file
 
 from . import presets
 from .errors import BundleError
-from .io import atomic_path, write_yaml
+from .io import atomic_path, read_text_input, write_yaml
 from .models import linet as linet_mod
 from .models import lmnet as lmnet_mod
 from .models import vqgan as vqgan_mod
 from .catalog import list_catalogs, load_catalog
 from .report import (ATTRIBUTES, IMAGE_ATTRIBUTES, LEGACY_IMAGE_ATTRIBUTES, LEGACY_MASK_ATTRIBUTES, MASK_ATTRIBUTES,
                      vocabulary_phrases)
+from .safeyaml import load_yaml
 from .sampling import ScheduleConfig
 from .errors import TextEncodingError
 from .text import BIOMEDCLIP_HUB_ID, EmbeddingCache, TextEncoder, make_encoder
@@ -426,7 +427,9 @@ class Bundle:
         if not cfg_path.is_file():
             raise BundleError(f"{cfg_path} is missing; {path} is not a complete bundle. Re-create it with `lesiondiffusion bundle init`.")
         try:
-            data = yaml.safe_load(cfg_path.read_text(encoding="utf-8"))
+            # bounded like every other YAML input: bundles are shared, and a 1 KB alias bomb here hung
+            # `bundle info` (the non-finite check walks every value) and a recursive alias ended in a traceback
+            data = load_yaml(read_text_input(cfg_path, "bundle config", BundleError), cfg_path, BundleError)
         except yaml.YAMLError as exc:
             raise BundleError(f"{cfg_path} is not valid YAML ({exc}); fix the syntax or re-create the bundle.") from exc
         return BundleConfig.from_dict(data, str(cfg_path))
