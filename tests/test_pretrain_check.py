@@ -41,7 +41,9 @@ def _write_reports(ds: Path, case: str, doc: dict) -> None:
 def test_clean_dataset_passes(clean, capsys):
     assert pdata.check_dataset(clean) == []
     assert main(["pretrain", "check", str(clean)]) == 0
-    assert "OK (4 cases)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    # 3 toy lesions: OK to train on, with the one warning that they cannot teach the catalog's prompts
+    assert "OK (4 cases, 1 warning(s) above)" in out and "kidney_tumor prompts in the training reports: shape:" in out
 
 
 def test_check_lists_every_defect_at_once(clean, tmp_path, capsys):
@@ -178,7 +180,28 @@ def test_check_warns_on_unknown_type_absent_organ_and_wrong_size(clean, tmp_path
     assert pdata.check_dataset_warnings(clean) == []  # consistent reports: no warning
     assert main(["pretrain", "check", str(ds)]) == 0
     out = capsys.readouterr().out
-    assert out.count("warning: ") == 3 and "3 warning(s) above" in out
+    # the three above, and the toy set's too few examples per prompt value (its own test is below)
+    assert out.count("warning: ") == 4 and "4 warning(s) above" in out
+
+
+def test_check_counts_prompt_values_and_warns_on_values_the_data_cannot_teach(clean, tmp_path):
+    from lesiondiffusion.catalog import load_catalog
+    from lesiondiffusion.pretrain.check import prompt_coverage
+
+    ds = _copy(clean, tmp_path)
+    counts, warnings = prompt_coverage(ds)
+    shapes = counts["kidney_tumor"]["shape"]
+    assert sum(shapes.values()) == 3  # one count per lesion report
+    assert len(warnings) == 1 and "kidney_tumor: of 3 training lesion(s), fewer than 5" in warnings[0]
+    asked = [v for v, w in load_catalog("kidney_tumor").domain("shape").items() if w > 0]
+    assert all(f"shape '{v}' ({shapes.get(v, 0)})" in warnings[0] for v in asked)
+    # enough examples of every value a catalog samples: no warning for that attribute
+    _, few = prompt_coverage(ds, attributes=("shape",), min_examples=0)
+    assert few == []
+    # a value the data shows often enough drops out of the warning, the rest stay
+    top = max(shapes, key=shapes.get)
+    _, one = prompt_coverage(ds, attributes=("shape",), min_examples=shapes[top])
+    assert f"shape '{top}'" not in one[0] and len(one) == 1
 
 
 def test_measured_extent_follows_the_affine():

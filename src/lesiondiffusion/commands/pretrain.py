@@ -32,9 +32,15 @@ def _check(args: argparse.Namespace) -> int:
     if problems:
         lines = "\n".join(f"  - {p}" for p in problems)
         raise DataCheckError(f"dataset {args.data} has {len(problems)} problem(s):\n{lines}")
-    from ..pretrain.check import check_dataset_warnings
+    from ..pretrain.check import check_dataset_warnings, prompt_coverage
 
     warnings = check_dataset_warnings(args.data, mapping=getattr(args, "mapping", None))
+    counts, coverage = prompt_coverage(args.data)
+    for lesion_type, per_attribute in sorted(counts.items()):
+        shown = "; ".join(f"{a}: " + ", ".join(f"{v} {n}" for v, n in sorted(c.items(), key=lambda t: -t[1]))
+                          for a, c in per_attribute.items() if c)
+        print(f"{lesion_type} prompts in the training reports: {shown}")
+    warnings += coverage
     for w in warnings:
         print(f"warning: {w}")
     print(f"{args.data}: OK ({len(find_cases(Path(args.data)))} cases"
