@@ -709,6 +709,55 @@ def test_killed_producer_ends_training_in_one_line_that_does_not_just_blame_memo
         store.close()
 
 
+def _alive(pid: int) -> bool:
+    """A process exists and is not a zombie (an orphan's exit may wait for a reaper that never comes)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+_TRAINING = """import sys, time
+sys.path.insert(0, sys.argv[1])
+from test_store import FakeFactory
+from lesiondiffusion.store import SampleStore
+store = SampleStore(FakeFactory().build, size=2, reuse=1, worker="process", spool_dir=sys.argv[2]).start()
+store.wait_for(2, 120)  # the queue is full: the producer now waits to put its next case
+print(store._runner.pid, store.spool, flush=True)
+time.sleep(600)
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").is_file(), reason="reads process states from /proc")
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGKILL"])
+def test_a_training_ended_by_a_signal_leaves_no_producer_and_no_spool(sig, tmp_path):
+    """`kill PID` or a batch scheduler's time limit ends nnUNetv2_train without any clean-up: before, its
+    producer lived on (about 1 GB on CPU, waiting on the full queue) and its spool stayed in /dev/shm."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-c", _TRAINING, str(Path(__file__).parent), str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        pid, spool = proc.stdout.readline().split()
+        assert _alive(int(pid)) and Path(spool).is_dir() and any(Path(spool).iterdir())
+        proc.send_signal(getattr(signal, sig))
+        proc.wait(30)
+        deadline = time.monotonic() + 60
+        while (_alive(int(pid)) or Path(spool).exists()) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _alive(int(pid)), "the producer outlived its training process"
+        assert not Path(spool).exists(), "the spool folder was left behind"
+    finally:
+        proc.kill()
+        proc.wait()
+        if "pid" in locals() and _alive(int(pid)):
+            os.kill(int(pid), signal.SIGKILL)
+
+
 class _SlowFactory:
     """Picklable builder of a factory that never finishes a case (the producer just sits there)."""
 

@@ -8,7 +8,9 @@ import logging
 import multiprocessing as mp
 import os
 import queue as queue_mod
+import shutil
 import sys
+import time
 import traceback
 from pathlib import Path
 from typing import Any, Callable
@@ -30,12 +32,16 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
     (``batch`` > 1: ``factory.batch(seeds)`` makes that many cases in one generator call). ``ready`` is
     set once the factory is built; ``threads`` caps the process's torch/OpenMP threads."""
     factory = None
+    orphan: _StopWhenParentDies | None = None
     try:
         if mp.current_process().name == "lesion-producer":  # own process: its priority and threads only
             if nice:
                 os.nice(nice)  # on a shared CPU the training loop keeps priority; the producer uses idle time
             if threads:
                 _limit_threads(int(threads))
+            parent = mp.parent_process()
+            if parent is not None:
+                stop = orphan = _StopWhenParentDies(stop, parent.pid)
         factory = factory_builder()
         if ready is not None:
             ready.set()
@@ -85,6 +91,10 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
                         break
                     except queue_mod.Full:
                         continue
+        if orphan is not None and orphan.parent_gone():
+            # nobody will read the queued cases or delete them: free the spool (RAM in /dev/shm) ourselves
+            shutil.rmtree(spool, ignore_errors=True)
+            return
         done.set()
     except BaseException:  # the consumer side re-raises this traceback in the training loop
         err_q.put(traceback.format_exc())
@@ -92,6 +102,34 @@ def _producer_loop(factory_builder: Callable[[], CaseFactory], out_q: Any, stop:
     finally:
         factory = None  # frees the generator (and its GPU memory) as soon as production ends
         _free_accelerator_memory()
+
+
+class _StopWhenParentDies:
+    """The stop event as the producer process sees it: also set once the training process is gone.
+
+    A training ended by SIGTERM (``kill``, a batch scheduler's time limit) or SIGKILL runs no clean-up, and
+    a daemon child outlives such a parent: the producer kept its generator's memory (about 1 GB on CPU)
+    and waited forever on the full queue, and the spool folder stayed in /dev/shm. The parent is gone
+    when this process was handed to another parent (``os.getppid`` changed)."""
+
+    def __init__(self, stop: Any, parent_pid: int) -> None:
+        self._stop, self._parent = stop, parent_pid
+
+    def parent_gone(self) -> bool:
+        return os.getppid() != self._parent
+
+    def is_set(self) -> bool:
+        return self._stop.is_set() or self.parent_gone()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        # in slices of a second, so a parent that dies during a long throttle rest is noticed soon
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self.is_set():
+            left = 1.0 if deadline is None else min(1.0, deadline - time.monotonic())
+            if left <= 0:
+                break
+            self._stop.wait(left)
+        return self.is_set()
 
 
 def _limit_threads(n: int) -> None:
