@@ -172,7 +172,7 @@ class nnUNetTrainerLesionDiffusion(nnUNetTrainer):
         case_bytes = int(np.prod([2 * c for c in context])) * 6
         check_spool_space(spool_base(cfg.store.spool_dir), (cfg.store.size + cfg.store.batch) * case_bytes,
                           f"store.size {cfg.store.size} + store.batch {cfg.store.batch} cases of about "
-                          f"{case_bytes / 2**20:.1f} MiB")
+                          f"{case_bytes / 2**20:.1f} MiB", cfg.source)
         base = cfg.seed + 1000003 * self.current_epoch
         self.ld_store = SampleStore(spec.build, size=cfg.store.size, reuse=cfg.store.reuse,
                                     refresh=cfg.store.refresh, worker=cfg.store.worker, nice=cfg.store.nice,

@@ -623,8 +623,8 @@ def test_spool_preflight_names_the_key_and_setting_it_works(tmp_path, monkeypatc
     monkeypatch.setattr(store.sample_store.shutil, "disk_usage",  # the module that checks the space
                         lambda p: real(p)._replace(free=12 * 2**20) if str(p) == str(small) else real(p))
     with pytest.raises(LesionDiffusionError) as info:
-        store.check_spool_space(store.spool_base(str(small)), 400 * 2**20, "32 cases of 12.5 MiB")
-    assert "only 12 MiB are free" in str(info.value) and "store.spool_dir" in str(info.value)
+        store.check_spool_space(store.spool_base(str(small)), 400 * 2**20, "32 cases of 12.5 MiB", "/cfg/ld.yaml")
+    assert "only 12 MiB are free" in str(info.value) and "Set store.spool_dir in /cfg/ld.yaml" in str(info.value)
     store.check_spool_space(store.spool_base(str(tmp_path)), 1 * 2**20, "1 case")  # a roomier folder passes
     s = store.SampleStore(lambda: None, worker="thread", spool_dir=str(tmp_path))
     try:

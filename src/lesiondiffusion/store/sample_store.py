@@ -35,14 +35,15 @@ def spool_base(spool_dir: str | os.PathLike | None = None) -> str:
     return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else tempfile.gettempdir()
 
 
-def check_spool_space(base: str, need_bytes: int, what: str) -> None:
+def check_spool_space(base: str, need_bytes: int, what: str, source: str = "lesiondiffusion.yaml") -> None:
     """Refuse to start when the spool folder cannot hold the queued cases (a full /dev/shm otherwise kills
-    the producer mid-epoch)."""
+    the producer mid-epoch). ``source``: the configuration file to name in the fix (it may be anywhere,
+    e.g. $LESIONDIFFUSION_CONFIG)."""
     free = shutil.disk_usage(base).free
     if free < need_bytes:
         raise LesionDiffusionError(
             f"The sample store needs about {need_bytes / 2**20:.0f} MiB in its spool folder {base} ({what}) but only "
-            f"{free / 2**20:.0f} MiB are free. Set store.spool_dir in lesiondiffusion.yaml to a folder with more "
+            f"{free / 2**20:.0f} MiB are free. Set store.spool_dir in {source} to a folder with more "
             "space (e.g. a local disk), or lower store.size.")
 
 
