@@ -42,6 +42,7 @@ from lesiondiffusion.catalog import load_catalog
 from lesiondiffusion.errors import ConfigError, LesionDiffusionError
 from lesiondiffusion.generators import build_generator as generator_from_name
 from lesiondiffusion.organs import OrganMap, organ_map_from_array
+from lesiondiffusion.safepickle import load_plain_pickle
 from lesiondiffusion.store import SyntheticCase
 
 from .config import LesionDiffusionConfig, resolve_label
@@ -209,12 +210,11 @@ def load_catalogs(config: LesionDiffusionConfig) -> list[Any]:
 
 
 def find_healthy_cases(preprocessed_folder: str, identifiers: Sequence[str], labels: Sequence[int]) -> list[str]:
-    """Training cases without any voxel of the lesion labels, from the preprocessed properties."""
-    from batchgenerators.utilities.file_and_folder_operations import load_pickle
-
+    """Training cases without any voxel of the lesion labels, from the preprocessed properties (read as
+    plain data: a swapped .pkl must not run code here)."""
     healthy = []
     for ident in identifiers:
-        props = load_pickle(os.path.join(preprocessed_folder, ident + ".pkl"))
+        props = load_plain_pickle(os.path.join(preprocessed_folder, ident + ".pkl"))
         locs = props.get("class_locations", {})
         if all(len(locs.get(lab, [])) == 0 for lab in labels):
             healthy.append(ident)

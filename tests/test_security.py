@@ -816,3 +816,42 @@ def test_full_spool_during_training_ends_in_one_line_naming_store_spool_dir(tmp_
     line = str(info.value.code)
     assert "\n" not in line and "spool folder /dev/shm/lesiondiffusion_store_x is full" in line
     assert "store.spool_dir" in line and "another disk" not in line
+
+
+# ------------------------------------------------------------------ nnU-Net's preprocessed .pkl files
+
+class _RunsCode:
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):  # unpickling this calls os.mkdir(marker)
+        return (os.mkdir, (self.marker,))
+
+
+def test_a_swapped_nnunet_pkl_does_not_run_code_when_templates_are_searched(tmp_path):
+    """find_healthy_cases (cache build, the trainer's templates) reads nnU-Net's CASE.pkl as plain data: a
+    hostile one is refused with its file named, a real one (numpy arrays, dtypes, scalars) still loads."""
+    import pickle
+    from collections import OrderedDict
+
+    from lesiondiffusion.errors import LesionDiffusionError
+    from lesiondiffusion.nnunet_integration.data import find_healthy_cases
+    from lesiondiffusion.safepickle import load_plain_pickle
+
+    real = {"spacing": [3.0, 1.0, 1.0], "shape_before_cropping": (12, 40, 40), "bbox_used_for_cropping": [[0, 12]],
+            "class_locations": OrderedDict({1: np.zeros((0, 4), np.int64), 2: np.arange(8).reshape(2, 4)}),
+            "mean": np.float32(3.5), "dtype": np.dtype("float32")}
+    (tmp_path / "healthy.pkl").write_bytes(pickle.dumps({**real, "class_locations": {1: np.zeros((0, 4), np.int64)}}))
+    (tmp_path / "lesion.pkl").write_bytes(pickle.dumps(real))
+    back = load_plain_pickle(tmp_path / "lesion.pkl")
+    assert back["mean"] == np.float32(3.5) and np.array_equal(back["class_locations"][2], real["class_locations"][2])
+    assert find_healthy_cases(str(tmp_path), ["healthy", "lesion"], [2]) == ["healthy"]
+
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.pkl").write_bytes(pickle.dumps({"class_locations": {}, "x": _RunsCode(str(marker))}))
+    with pytest.raises(LesionDiffusionError, match=r"evil\.pkl: refused to read it \(global posix\.mkdir"):
+        find_healthy_cases(str(tmp_path), ["healthy", "evil"], [2])
+    assert not marker.exists()
+    (tmp_path / "cut.pkl").write_bytes(pickle.dumps(real)[:40])  # a truncated file: the same clear error
+    with pytest.raises(LesionDiffusionError, match=r"cut\.pkl: refused.*nnUNetv2_plan_and_preprocess"):
+        load_plain_pickle(tmp_path / "cut.pkl")
