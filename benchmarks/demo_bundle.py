@@ -126,6 +126,32 @@ def paired_alignment(bundle: Path, lesion_types: list[str], n: int = 12, seed: i
     return out
 
 
+def training_set_shapes(data: Path) -> list[tuple[str, str, int, float, float]]:
+    """Per (lesion type, shape prompt): lesions, mean and sd of the mask's sphericity in the training set,
+    measured like the alignment (``shape_metrics``; largest component). What LMNet can learn to tell apart
+    is bounded by how far apart the training masks are and how many of each it sees."""
+    import nibabel as nib
+    import numpy as np
+    from scipy import ndimage
+
+    from lesiondiffusion.evaluation.metrics import shape_metrics
+    from lesiondiffusion.errors import DataCheckError
+    from lesiondiffusion.safeyaml import read_yaml
+
+    groups: dict[tuple[str, str], list[float]] = {}
+    for report_file in sorted((data / "reportsTr").glob("*.yaml")):
+        img = nib.load(str(data / "labelsTr" / (report_file.stem + ".nii.gz")))
+        labels = np.asarray(img.dataobj)
+        for lesion in read_yaml(report_file, "report", DataCheckError).get("lesions") or []:
+            comps, n = ndimage.label(labels == lesion["label"])
+            if n == 0:
+                continue
+            largest = 1 + int(np.argmax(ndimage.sum(comps > 0, comps, range(1, n + 1))))
+            sph, _ = shape_metrics(comps == largest, img.header.get_zooms()[:3])
+            groups.setdefault((lesion["report"]["lesion_type"], lesion["report"]["shape"]), []).append(sph)
+    return [(t, shape, len(v), float(np.mean(v)), float(np.std(v))) for (t, shape), v in sorted(groups.items())]
+
+
 def install(bundle: Path, target: Path | None = None) -> Path:
     """Copy a trained bundle (weights, config, embeddings) into the package, atomically."""
     target = target or packaged_bundle_dir()
@@ -150,10 +176,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--install", action="store_true", help="copy OUT/bundle into the package when done")
     p.add_argument("--evaluate-only", action="store_true", help="only the paired prompt alignment of OUT/bundle")
     p.add_argument("--pairs", type=int, default=12, help="paired reports per lesion type in the evaluation")
+    p.add_argument("--training-shapes", action="store_true",
+                   help="only write the recipe's training phantoms and print their sphericity per shape prompt")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(message)s")
     torch.set_num_threads(a.threads)
     t0 = time.time()
+    if a.training_shapes:
+        from lesiondiffusion.phantoms import write_phantom_dataset
+
+        r = RECIPE
+        data = write_phantom_dataset(a.out / "data", n_healthy=r["n_healthy"], lesion_types=r["lesion_types"],
+                                     shape=r["shape"], spacing=r["spacing"], seed=r["data_seed"], dataset_id=990,
+                                     name="LDGenerator", cases_per_type=r["cases_per_type"], progress=False)
+        print("| lesion type | shape prompt | training lesions | sphericity mean ± sd |\n| --- | --- | ---: | --- |")
+        for t, shape, n, mean, sd in training_set_shapes(data):
+            print(f"| {t} | {shape} | {n} | {mean:.3f} ± {sd:.3f} |")
+        return 0
     if a.evaluate_only:
         res = paired_alignment(a.out / "bundle", RECIPE["lesion_types"], n=a.pairs)
         print(json.dumps(res, indent=1))
