@@ -34,6 +34,9 @@ from pathlib import Path
 SARCOMA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "ct" / "ibsi_sts_sarcoma"
 
 
+DATASET_IDS = {2: 960, 9: 961}  # other K: 970 + K; the reference (generator + segmentation pool): 969
+
+
 def split_cases(source: Path = SARCOMA) -> dict[str, list[str]]:
     """The fixed split: sorted case ids, i % 3 -> generator pool / segmentation pool / test set."""
     ids = sorted(p.name for p in source.iterdir() if p.is_dir() and (p / "ct.nii.gz").is_file())
@@ -135,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     print("split:", json.dumps(split), flush=True)
     raw = a.workdir / "nnUNet_raw"
     ks = [int(k) for k in a.k.split(",")]
-    jobs = [(k, split["segmentation"][:k], 960 + i) for i, k in enumerate(ks)]
+    # one nnU-Net id per K, whatever else is asked for: two invocations with different --k share nnUNet_raw,
+    # and an id given to two dataset names makes every nnU-Net command on either of them fail
+    jobs = [(k, split["segmentation"][:k], DATASET_IDS.get(k, 970 + k)) for k in ks]
     if a.reference:
         jobs.append((len(split["generator"]) + len(split["segmentation"]), split["generator"] + split["segmentation"], 969))
     if a.table_only:  # the table from whatever runs have finished
