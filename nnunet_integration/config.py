@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lesiondiffusion.errors import ConfigError, LesionDiffusionError
-from lesiondiffusion.generator import BACKENDS
+from lesiondiffusion.generator import BACKENDS, WEIGHT_FREE_BACKENDS
 from lesiondiffusion.io import read_text_input
 from lesiondiffusion.rule_based import RuleBasedGenerator
 from lesiondiffusion.safeyaml import compose_yaml, duplicate_keys
@@ -232,7 +232,7 @@ _OPTION_SET_ELSEWHERE = {"hu_correction": "generator.hu_correction", "text_condi
 
 
 def _backend_fields(backend: str) -> dict[str, Any]:
-    if backend in ("rule_based", "no_lesion"):
+    if backend in WEIGHT_FREE_BACKENDS:
         cls = RuleBasedGenerator
     else:  # the pipeline brings torch and the networks: imported only for that backend
         from lesiondiffusion.pipeline import SynthesisConfig as cls

@@ -61,3 +61,5 @@ class LesionGenerator(Protocol):
 # lesion generator, so commands that evaluate lesions offer ``LESION_BACKENDS`` only
 LESION_BACKENDS = ("lesiondiffusion", "rule_based")
 BACKENDS = (*LESION_BACKENDS, "no_lesion")
+# need no bundle and take ``RuleBasedGenerator``'s options (the control is a RuleBasedGenerator subclass)
+WEIGHT_FREE_BACKENDS = ("rule_based", "no_lesion")

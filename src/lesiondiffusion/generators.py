@@ -10,7 +10,7 @@ import os
 from typing import Any
 
 from .errors import LesionDiffusionError
-from .generator import BACKENDS, LesionGenerator
+from .generator import BACKENDS, WEIGHT_FREE_BACKENDS, LesionGenerator
 from .rule_based import NoLesionGenerator, RuleBasedGenerator
 
 __all__ = ["BACKENDS", "build_generator"]
@@ -28,7 +28,7 @@ def build_generator(backend: str = "lesiondiffusion", *, bundle: str | None = No
     pipeline's default) applies to LesionDiffusion only; ``source`` names the config file for errors."""
     where = f" in {source}" if source else ""
     options = dict(options or {})
-    if backend in ("rule_based", "no_lesion"):
+    if backend in WEIGHT_FREE_BACKENDS:
         if not text_conditioning:
             raise LesionDiffusionError(f"text_conditioning=False{where}: only the lesiondiffusion backend is "
                                        f"text-conditioned; the {backend} backend reads the report directly.")

@@ -26,6 +26,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ..errors import LesionDiffusionError
+from ..generator import WEIGHT_FREE_BACKENDS
 from ..io import atomic_path, atomic_write_text, write_csv, write_json, write_yaml
 from ..safeyaml import read_yaml
 from . import nnunet_runner as runner
@@ -240,7 +241,7 @@ class SegmentationProtocol:
     def generator_config(self, base: dict[str, Any], generator: str, seed: int) -> dict[str, Any]:
         cfg = json.loads(json.dumps(base))
         g = {k: v for k, v in cfg["generator"].items() if k not in ("backend", "text_conditioning")}
-        if GENERATORS[generator]["backend"] in ("rule_based", "no_lesion"):
+        if GENERATORS[generator]["backend"] in WEIGHT_FREE_BACKENDS:
             g = {"device": g.get("device", self.device)}  # bundle and diffusion options do not apply
         elif not g.get("bundle"):
             raise LesionDiffusionError(
